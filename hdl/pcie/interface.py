@@ -1,0 +1,141 @@
+"""Vendor-neutral PCIe function interfaces.
+
+A hard-IP shim (``usp_shim.py`` for the Xilinx UltraScale+ PCIE4 block) turns the vendor's
+ports into these; everything behind the shim sees only these signatures, so another hard
+IP needs only a new shim (the layering of verilog-pcie's ``pcie_us_if``).
+
+Directions are given from the shim's side: the shim drives ``Out`` members, the device
+connects to the flipped signature.
+"""
+
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+
+class ReqKind(enum.Enum, shape=2):
+    MEM_READ = 0
+    MEM_WRITE = 1
+    #: Anything else that needs a completion (I/O, atomics, ...): answer with UR.
+    UNSUPPORTED_NP = 2
+    #: Anything else that is posted (messages, ...): drop.
+    UNSUPPORTED_P = 3
+
+
+class CplStatus(enum.Enum, shape=3):
+    SC = 0      # successful completion
+    UR = 1      # unsupported request
+    CRS = 2     # configuration request retry
+    CA = 4      # completer abort
+
+
+class CompleterRequest(data.Struct):
+    """One request to the function's BARs, as the completer sees it."""
+    kind: ReqKind
+    bar: 3
+    #: Byte offset of the first dword inside the BAR (address modulo the BAR aperture;
+    #: bits 1..0 are zero, the byte enables say which bytes are meant).
+    offset: 32
+    #: Length in dwords, 1..1024.
+    dwords: 11
+    first_be: 4
+    last_be: 4
+    requester_id: 16
+    tag: 8
+    tc: 3
+    attr: 3
+
+
+class CompleterCompletion(data.Struct):
+    """One completion TLP the function sends; ``dwords`` payload beats follow it on
+    ``cpl_data`` (none when ``dwords`` is 0)."""
+    requester_id: 16
+    tag: 8
+    tc: 3
+    attr: 3
+    status: CplStatus
+    #: Bytes left to transfer including this completion's (PCIe byte count, 1..4096).
+    byte_count: 13
+    #: Address bits 6..0 of the first byte this completion returns.
+    lower_address: 7
+    dwords: 11
+
+
+class DwordBeat(data.Struct):
+    """One payload dword of a request or completion; ``last`` marks the final one."""
+    data: 32
+    last: 1
+
+
+class CompleterSignature(wiring.Signature):
+    """Requests to the BARs and their completions.
+
+    ``req`` carries one header per TLP; a ``MEM_WRITE`` header is followed by exactly
+    ``dwords`` beats on ``req_data`` (the last one with ``last`` set); other kinds carry
+    no beats. A completion header on ``cpl`` is followed by ``dwords`` beats on
+    ``cpl_data``.
+    """
+    def __init__(self):
+        super().__init__({
+            "req": Out(stream.Signature(CompleterRequest)),
+            "req_data": Out(stream.Signature(DwordBeat)),
+            "cpl": In(stream.Signature(CompleterCompletion)),
+            "cpl_data": In(stream.Signature(DwordBeat)),
+        })
+
+
+class ConfigExtSignature(wiring.Signature):
+    """Configuration reads and writes of the part of configuration space the hard IP
+    hands to user logic (the legacy window, see README "PG213 finding").
+
+    One access at a time: ``read_received`` or ``write_received`` pulses for one cycle
+    with ``register_number`` (dword index in configuration space); a read is answered by
+    one cycle of ``read_data_valid`` with ``read_data``; a write needs no answer.
+    """
+    def __init__(self):
+        super().__init__({
+            "read_received": Out(1),
+            "write_received": Out(1),
+            "register_number": Out(10),
+            "function_number": Out(8),
+            "write_data": Out(32),
+            "write_byte_enable": Out(4),
+            "read_data": In(32),
+            "read_data_valid": In(1),
+        })
+
+
+class MsixSignature(wiring.Signature):
+    """MSI-X messages with the table held by the function (external table).
+
+    The device holds ``address``/``data`` and raises ``valid`` for one message; the hard IP
+    answers with a one-cycle ``sent`` or ``fail``; only then may the next message start.
+    ``enable`` and ``function_mask`` mirror the MSI-X capability's Message Control.
+    """
+    def __init__(self):
+        super().__init__({
+            "enable": Out(1),
+            "function_mask": Out(1),
+            "valid": In(1),
+            "address": In(64),
+            "data": In(32),
+            "sent": Out(1),
+            "fail": Out(1),
+        })
+
+
+class FunctionStatusSignature(wiring.Signature):
+    """Command-register and device-control state of the function, and its resets.
+
+    ``max_payload`` and ``max_read_request`` use the PCIe encoding (0 = 128 B .. 5 = 4096 B).
+    ``flr`` is high while a function-level reset is in progress; the device raises
+    ``flr_done`` for one cycle once its own reset (C9) has completed.
+    """
+    def __init__(self):
+        super().__init__({
+            "memory_enable": Out(1),
+            "bus_master_enable": Out(1),
+            "max_payload": Out(3),
+            "max_read_request": Out(3),
+            "flr": Out(1),
+            "flr_done": In(1),
+        })
