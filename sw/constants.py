@@ -236,3 +236,26 @@ VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES = GuestCmd.GIVE_PAGES.value
 VIRTIO_MEMBALLOON_GCMD_EXCHANGE_PAGES = GuestCmd.EXCHANGE_PAGES.value
 VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON = HostCmd.MIN_BALLOON.value
 FROMDEVQ_MIN_BUFFER = 16                    # C6: two le64
+
+
+# --- Host management port (C10): AXI4-Lite register offsets ------------------------------
+# Never visible through the virtio function's BARs: a separate AXI4-Lite slave on the top
+# level, for the hypervisor or board manager.
+
+MGMT_ID = 0x000                             # reads MGMT_ID_VALUE
+MGMT_VERSION = 0x004                        # major << 16 | minor
+MGMT_DEVICE_STATUS = 0x008                  # the driver's device_status, read-only
+MGMT_CONTROL = 0x00C                        # write 1s to act, see MGMT_CONTROL_*
+MGMT_DRIVER_FEATURES_LO = 0x010             # accepted features, valid with FEATURES_OK
+MGMT_DRIVER_FEATURES_HI = 0x014
+MGMT_NOTIFY_COUNT_Q0 = 0x018                # doorbells received per queue (wrap at 2**32)
+MGMT_NOTIFY_COUNT_Q1 = 0x01C
+MGMT_MSIX_SENT = 0x020                      # MSI-X messages the hard IP sent
+MGMT_MSIX_FAILED = 0x024                    # ... and reported as failed
+MGMT_ADDR_WIDTH = 12
+
+MGMT_ID_VALUE = 0x4D424C4E                  # "MBLN"
+MGMT_VERSION_VALUE = 0x00010000
+#: Host asks the driver to reset the device: sets DEVICE_NEEDS_RESET and raises the
+#: configuration-change interrupt, the same path a C7 ring fault takes.
+MGMT_CONTROL_REQUEST_RESET = 0x1

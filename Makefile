@@ -1,0 +1,63 @@
+# memballoon: every entry point creates what it needs (Debian packages, the virtual
+# environment with pinned Python packages) on first use; see README.md.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SETUP_STAMP := $(VENV)/.setup-done
+WIDTH ?= 512
+JOBS ?= 2
+# Debian packages, each with a command that proves it is there.
+#   pciutils: lspci decodes the simulated configuration space (tests).
+#   g++, make, perl: Verilator compiles its C++ model with them.
+#   python3-venv: the virtual environment.
+SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup sim test test-fast lint verilog bench clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml
+	@missing=""; \
+	for dep in $(SYSTEM_DEPS); do \
+		command -v "$${dep%%:*}" >/dev/null 2>&1 || missing="$$missing $${dep##*:}"; \
+	done; \
+	$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# The main simulation: enumerate, negotiate, set up both queues, print a summary.
+# WIDTH=256 for the Gen3 x8 interface, WAVES=1 to write an FST waveform.
+sim: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.tb.sim --width $(WIDTH)
+
+# Every test: Amaranth unit tests per block and cocotb tests over the PCIe model.
+test: $(SETUP_STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) tests tb
+
+# Only the Amaranth unit tests (seconds).
+test-fast: $(SETUP_STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) tests
+
+verilog: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.hdl.top --width 512 -o build/verilog-512
+	$(BIN)/python -m memballoon.hdl.top --width 256 -o build/verilog-256
+
+# Verilator -Wall on the generated Verilog of both widths.
+lint: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.tb.lint
+
+bench: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.tb.bench
+
+clean:
+	rm -rf build sim_build .pytest_cache
