@@ -31,10 +31,10 @@ class MemballoonUsp(wiring.Component):
         self._device = MemballoonDevice(params)
         hard_ip_ports = {name: member for name, member in self._shim.signature.members.items()
                          if name not in _NEUTRAL_SIDE}
+        # The device's view of its AXI4-Lite slave port, which is the top level's view too.
         mgmt_ports = {MGMT_PREFIX + name: member
                       for name, member in self._device.signature.members["mgmt"]
                                                   .signature.members.items()}
-        mgmt_ports = {name: member.flip() for name, member in mgmt_ports.items()}
         super().__init__({"user_clk": In(1), "user_reset": In(1),
                           **hard_ip_ports, **mgmt_ports})
 
