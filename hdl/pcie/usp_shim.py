@@ -1,0 +1,395 @@
+"""Xilinx UltraScale+ PCIE4 shim: the only vendor-specific block.
+
+On one side the user-logic ports of the PCIE4 integrated block (AMD PG213), with the
+exact flat names a user design sees, so the top level re-exports them 1:1 and
+cocotbext-pcie's ``UltraScalePlusPcieDevice`` connects by name; on the other side the
+vendor-neutral interfaces of ``interface.py`` for physical function 0. The IP is used in
+DWORD-aligned mode without straddling, so every TLP starts in lane 0 of a beat and its
+payload follows the descriptor in the next lane.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Signal
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from .interface import (CompleterRequest, CompleterSignature, ConfigExtSignature,
+                        FunctionStatusSignature, MsixSignature, ReqKind)
+
+#: tuser widths per data width (PG213 port tables; cocotbext-pcie ``interface.py``).
+_TUSER_WIDTHS = {
+    512: dict(cq=183, cc=81, rq=137, rc=161),
+    256: dict(cq=88, cc=33, rq=62, rc=75),
+}
+
+
+class CqDescriptor(data.Struct):
+    """The 128-bit completer request descriptor in lanes 0..3 of a CQ TLP's first beat."""
+    address_type: 2
+    address: 62                 # byte address bits 63..2
+    dword_count: 11
+    request_type: 4
+    _reserved0: 1
+    requester_id: 16
+    tag: 8
+    target_function: 8
+    bar_id: 3
+    bar_aperture: 6             # log2 of the BAR size in bytes
+    tc: 3
+    attr: 3
+    _reserved1: 1
+
+
+class CcDescriptor(data.Struct):
+    """The 96-bit completer completion descriptor in lanes 0..2 of a CC TLP's first beat."""
+    lower_address: 7
+    _reserved0: 1
+    address_type: 2
+    _reserved1: 6
+    byte_count: 13
+    locked_read_completion: 1
+    _reserved2: 2
+    dword_count: 11
+    status: 3
+    poisoned: 1
+    _reserved3: 1
+    requester_id: 16
+    tag: 8
+    completer_id: 16
+    completer_id_enable: 1
+    tc: 3
+    attr: 3
+    force_ecrc: 1
+
+
+class UspShim(wiring.Component):
+    """PCIE4 CQ/CC, configuration and interrupt ports to the neutral PF0 interfaces.
+
+    - CQ: the descriptor becomes one :class:`CompleterRequest` (offset = address modulo
+      the BAR aperture); a memory write is followed by one :class:`DwordBeat` per payload
+      dword, one per cycle; the payload of any other request is discarded.
+    - CC: a :class:`CompleterCompletion` and its ``cpl_data`` dwords become the completion
+      descriptor and payload beats, with tkeep, tlast, odd byte parity and (512 bits)
+      is_sop/is_eop in tuser.
+    - cfg_ext, MSI-X (external table), command/status and FLR map 1:1 for PF0.
+    - RQ/RC are tied off until the DMA engine arrives (see :meth:`_tie_off_requester`).
+
+    Attributes
+    ----------
+    completer : Out(CompleterSignature())
+    cfg_ext : Out(ConfigExtSignature())
+    msix : Out(MsixSignature())
+    status : Out(FunctionStatusSignature())
+    s_axis_cq_* ... cfg_flr_done
+        PCIE4 user-logic ports, named and sized as in PG213.
+    """
+
+    def __init__(self, data_width):
+        if data_width not in _TUSER_WIDTHS:
+            raise ValueError(f"data_width must be 256 or 512, not {data_width}")
+        self._data_width = data_width
+        lanes = data_width // 32
+        tuser = _TUSER_WIDTHS[data_width]
+        super().__init__({
+            # Completer request (from the IP)
+            "s_axis_cq_tdata": In(data_width),
+            "s_axis_cq_tkeep": In(lanes),
+            "s_axis_cq_tlast": In(1),
+            "s_axis_cq_tready": Out(1),
+            "s_axis_cq_tuser": In(tuser["cq"]),
+            "s_axis_cq_tvalid": In(1),
+            "pcie_cq_np_req": Out(2),
+            "pcie_cq_np_req_count": In(6),
+            # Completer completion (to the IP)
+            "m_axis_cc_tdata": Out(data_width),
+            "m_axis_cc_tkeep": Out(lanes),
+            "m_axis_cc_tlast": Out(1),
+            "m_axis_cc_tready": In(1),
+            "m_axis_cc_tuser": Out(tuser["cc"]),
+            "m_axis_cc_tvalid": Out(1),
+            # Requester request and completion (DMA, next milestone)
+            "m_axis_rq_tdata": Out(data_width),
+            "m_axis_rq_tkeep": Out(lanes),
+            "m_axis_rq_tlast": Out(1),
+            "m_axis_rq_tready": In(1),
+            "m_axis_rq_tuser": Out(tuser["rq"]),
+            "m_axis_rq_tvalid": Out(1),
+            "s_axis_rc_tdata": In(data_width),
+            "s_axis_rc_tkeep": In(lanes),
+            "s_axis_rc_tlast": In(1),
+            "s_axis_rc_tready": Out(1),
+            "s_axis_rc_tuser": In(tuser["rc"]),
+            "s_axis_rc_tvalid": In(1),
+            # Configuration extend interface
+            "cfg_ext_read_received": In(1),
+            "cfg_ext_write_received": In(1),
+            "cfg_ext_register_number": In(10),
+            "cfg_ext_function_number": In(8),
+            "cfg_ext_write_data": In(32),
+            "cfg_ext_write_byte_enable": In(4),
+            "cfg_ext_read_data": Out(32),
+            "cfg_ext_read_data_valid": Out(1),
+            # MSI-X, external table
+            "cfg_interrupt_msix_enable": In(4),
+            "cfg_interrupt_msix_mask": In(4),
+            "cfg_interrupt_msix_address": Out(64),
+            "cfg_interrupt_msix_data": Out(32),
+            "cfg_interrupt_msix_int": Out(1),
+            "cfg_interrupt_msix_sent": In(1),
+            "cfg_interrupt_msix_fail": In(1),
+            "cfg_interrupt_msi_function_number": Out(8),
+            # Function status and FLR
+            "cfg_max_payload": In(2),
+            "cfg_max_read_req": In(3),
+            "cfg_function_status": In(16),
+            "cfg_flr_in_process": In(4),
+            "cfg_flr_done": Out(4),
+            # Neutral side, physical function 0
+            "completer": Out(CompleterSignature()),
+            "cfg_ext": Out(ConfigExtSignature()),
+            "msix": Out(MsixSignature()),
+            "status": Out(FunctionStatusSignature()),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        self._completer_request(m)
+        self._completer_completion(m)
+        self._tie_off_requester(m)
+        self._config_and_interrupts(m)
+        return m
+
+    def _completer_request(self, m):
+        """CQ beats to request headers and write-payload dwords."""
+        width = self._data_width
+        req, req_data = self.completer.req, self.completer.req_data
+        descriptor = CqDescriptor(self.s_axis_cq_tdata[:128])
+        tuser = self.s_axis_cq_tuser
+        # First/last byte enables: tuser[3:0]/[7:4] at 256 bits, [3:0]/[11:8] at 512 bits
+        # (the 512-bit bus has a second set for a straddled TLP, unused here).
+        first_be = tuser[0:4]
+        last_be = tuser[8:12] if width == 512 else tuser[4:8]
+
+        # pcie_cq_np_req: the IP only delivers a non-posted request while its NP credit
+        # count is non-zero, and adds one credit per cycle in which this input is non-zero
+        # (PG213 "Selective Flow Control for Non-Posted Requests"; usp_model.py
+        # _run_cq_logic). Holding it at 0b01 keeps credit available at all times: no
+        # selective back pressure, NP requests flow in link order and s_axis_cq_tready
+        # alone paces the stream.
+        m.d.comb += self.pcie_cq_np_req.eq(0b01)
+
+        header = Signal(CompleterRequest)
+        held = Signal(width)                # not-yet-forwarded dwords of the held beat,
+        held_keep = Signal(width // 32)     # next one in lane 0
+        beat_is_last = Signal()
+
+        kind = Signal(ReqKind)
+        with m.Switch(descriptor.request_type):
+            with m.Case(0b0000, 0b0111):                # memory read, locked read
+                m.d.comb += kind.eq(ReqKind.MEM_READ)
+            with m.Case(0b0001):                        # memory write
+                m.d.comb += kind.eq(ReqKind.MEM_WRITE)
+            with m.Case("0---", "10--"):                # I/O, atomics, configuration
+                m.d.comb += kind.eq(ReqKind.UNSUPPORTED_NP)
+            with m.Default():                           # messages
+                m.d.comb += kind.eq(ReqKind.UNSUPPORTED_P)
+
+        address = descriptor.address[:30] << 2
+        outside_aperture = (Const(0xFFFF_FFFF, 32) << descriptor.bar_aperture)[:32]
+        m.d.comb += req.payload.eq(header)
+
+        with m.FSM():
+            with m.State("Descriptor"):
+                m.d.comb += self.s_axis_cq_tready.eq(1)
+                with m.If(self.s_axis_cq_tvalid):
+                    m.d.sync += [
+                        header.kind.eq(kind),
+                        header.bar.eq(descriptor.bar_id),
+                        header.offset.eq(address & ~outside_aperture),
+                        header.dwords.eq(descriptor.dword_count),
+                        header.first_be.eq(first_be),
+                        header.last_be.eq(last_be),
+                        header.requester_id.eq(descriptor.requester_id),
+                        header.tag.eq(descriptor.tag),
+                        header.tc.eq(descriptor.tc),
+                        header.attr.eq(descriptor.attr),
+                        held.eq(self.s_axis_cq_tdata[128:]),
+                        held_keep.eq(self.s_axis_cq_tkeep[4:]),
+                        beat_is_last.eq(self.s_axis_cq_tlast),
+                    ]
+                    m.next = "Request"
+
+            with m.State("Request"):
+                m.d.comb += req.valid.eq(1)
+                with m.If(req.ready):
+                    with m.If(header.kind == ReqKind.MEM_WRITE):
+                        m.next = "Write-Payload"
+                    with m.Elif(beat_is_last):
+                        m.next = "Descriptor"
+                    with m.Else():
+                        m.next = "Discard"
+
+            with m.State("Write-Payload"):
+                # Forward lane 0 of the held beat and shift the next lane down; when the
+                # beat is used up, take the next one, or end with the TLP. tkeep is
+                # contiguous, so the TLP's last dword is the last kept lane of the last beat.
+                m.d.comb += [
+                    req_data.valid.eq(held_keep[0]),
+                    req_data.payload.data.eq(held[:32]),
+                    req_data.payload.last.eq(beat_is_last & ~held_keep[1]),
+                ]
+                with m.If(held_keep[0]):
+                    with m.If(req_data.ready):
+                        m.d.sync += [
+                            held.eq(held >> 32),
+                            held_keep.eq(held_keep >> 1),
+                        ]
+                with m.Elif(beat_is_last):
+                    m.next = "Descriptor"
+                with m.Else():
+                    m.d.comb += self.s_axis_cq_tready.eq(1)
+                    with m.If(self.s_axis_cq_tvalid):
+                        m.d.sync += [
+                            held.eq(self.s_axis_cq_tdata),
+                            held_keep.eq(self.s_axis_cq_tkeep),
+                            beat_is_last.eq(self.s_axis_cq_tlast),
+                        ]
+
+            with m.State("Discard"):
+                m.d.comb += self.s_axis_cq_tready.eq(1)
+                with m.If(self.s_axis_cq_tvalid & self.s_axis_cq_tlast):
+                    m.next = "Descriptor"
+
+    def _completer_completion(self, m):
+        """Completion headers and their dwords to CC beats."""
+        width = self._data_width
+        lanes = width // 32
+        cpl, cpl_data = self.completer.cpl, self.completer.cpl_data
+
+        beat = Signal(width)
+        keep = Signal(lanes)
+        next_lane = Signal(range(lanes + 1))
+        first_beat = Signal()
+        last_beat = Signal()
+
+        # Completer ID enable stays 0: the IP inserts its own bus and device number, and
+        # the function number field (bits 7..0) stays 0 for PF0.
+        descriptor = Signal(CcDescriptor)
+        m.d.comb += [
+            descriptor.lower_address.eq(cpl.payload.lower_address),
+            descriptor.byte_count.eq(cpl.payload.byte_count),
+            descriptor.dword_count.eq(cpl.payload.dwords),
+            descriptor.status.eq(cpl.payload.status),
+            descriptor.requester_id.eq(cpl.payload.requester_id),
+            descriptor.tag.eq(cpl.payload.tag),
+            descriptor.tc.eq(cpl.payload.tc),
+            descriptor.attr.eq(cpl.payload.attr),
+        ]
+
+        # Odd parity per byte (PG213 CC tuser parity, cocotbext-pcie dword_parity ^ 0xF).
+        parity = Cat(~beat[8 * i:8 * i + 8].xor() for i in range(width // 8))
+        if width == 512:
+            # is_sop[0], is_sop0_ptr = 0, is_eop[0], is_eop0_ptr, discontinue 0, parity
+            tuser = Cat(first_beat, Const(0, 1), Const(0, 4), last_beat, Const(0, 1),
+                        (next_lane - 1)[:4], Const(0, 4), Const(0, 1), parity)
+        else:
+            tuser = Cat(Const(0, 1), parity)    # discontinue 0, parity
+        m.d.comb += [
+            self.m_axis_cc_tdata.eq(beat),
+            self.m_axis_cc_tkeep.eq(keep),
+            self.m_axis_cc_tlast.eq(last_beat),
+            self.m_axis_cc_tuser.eq(tuser),
+        ]
+
+        with m.FSM():
+            with m.State("Descriptor"):
+                m.d.comb += cpl.ready.eq(1)
+                with m.If(cpl.valid):
+                    m.d.sync += [
+                        beat[:96].eq(descriptor),
+                        keep.eq(0b111),
+                        next_lane.eq(3),
+                        first_beat.eq(1),
+                        last_beat.eq(cpl.payload.dwords == 0),
+                    ]
+                    with m.If(cpl.payload.dwords == 0):
+                        m.next = "Send"
+                    with m.Else():
+                        m.next = "Fill"
+
+            with m.State("Fill"):
+                m.d.comb += cpl_data.ready.eq(1)
+                with m.If(cpl_data.valid):
+                    m.d.sync += [
+                        beat.word_select(next_lane, 32).eq(cpl_data.payload.data),
+                        keep.eq(keep | (1 << next_lane)),
+                        next_lane.eq(next_lane + 1),
+                        last_beat.eq(cpl_data.payload.last),
+                    ]
+                    with m.If(cpl_data.payload.last | (next_lane == lanes - 1)):
+                        m.next = "Send"
+
+            with m.State("Send"):
+                m.d.comb += self.m_axis_cc_tvalid.eq(1)
+                with m.If(self.m_axis_cc_tready):
+                    m.d.sync += [
+                        keep.eq(0),
+                        next_lane.eq(0),
+                        first_beat.eq(0),
+                    ]
+                    with m.If(last_beat):
+                        m.next = "Descriptor"
+                    with m.Else():
+                        m.next = "Fill"
+
+    def _tie_off_requester(self, m):
+        """RQ/RC tie-off, the one place the next milestone replaces with the DMA
+        requester interface: nothing is requested, and any completion is accepted."""
+        m.d.comb += [
+            self.m_axis_rq_tvalid.eq(0),
+            self.m_axis_rq_tdata.eq(0),
+            self.m_axis_rq_tkeep.eq(0),
+            self.m_axis_rq_tlast.eq(0),
+            self.m_axis_rq_tuser.eq(0),
+            self.s_axis_rc_tready.eq(1),
+        ]
+
+    def _config_and_interrupts(self, m):
+        """cfg_ext, MSI-X and function status for PF0."""
+        cfg_ext, msix, status = self.cfg_ext, self.msix, self.status
+        m.d.comb += [
+            cfg_ext.read_received.eq(self.cfg_ext_read_received),
+            cfg_ext.write_received.eq(self.cfg_ext_write_received),
+            cfg_ext.register_number.eq(self.cfg_ext_register_number),
+            cfg_ext.function_number.eq(self.cfg_ext_function_number),
+            cfg_ext.write_data.eq(self.cfg_ext_write_data),
+            cfg_ext.write_byte_enable.eq(self.cfg_ext_write_byte_enable),
+            self.cfg_ext_read_data.eq(cfg_ext.read_data),
+            self.cfg_ext_read_data_valid.eq(cfg_ext.read_data_valid),
+
+            # cfg_function_status per PF: bit 0 I/O enable, 1 memory enable, 2 bus master
+            # enable (no DMA while it is clear, C12); FLR resets the device (C9).
+            status.memory_enable.eq(self.cfg_function_status[1]),
+            status.bus_master_enable.eq(self.cfg_function_status[2]),
+            status.max_payload.eq(self.cfg_max_payload),
+            status.max_read_request.eq(self.cfg_max_read_req),
+            status.flr.eq(self.cfg_flr_in_process[0]),
+            self.cfg_flr_done.eq(status.flr_done),
+
+            msix.enable.eq(self.cfg_interrupt_msix_enable[0]),
+            msix.function_mask.eq(self.cfg_interrupt_msix_mask[0]),
+            msix.sent.eq(self.cfg_interrupt_msix_sent),
+            msix.fail.eq(self.cfg_interrupt_msix_fail),
+            self.cfg_interrupt_msix_address.eq(msix.address),
+            self.cfg_interrupt_msix_data.eq(msix.data),
+            self.cfg_interrupt_msi_function_number.eq(0),
+        ]
+
+        # MSI-X with the table in the function's BAR (C2, C11). The IP sends one message
+        # per cycle of cfg_interrupt_msix_int, so the held msix.valid becomes a one-cycle
+        # pulse; the next message may start after the IP's sent/fail answer.
+        awaiting_answer = Signal()
+        m.d.comb += self.cfg_interrupt_msix_int.eq(msix.valid & ~awaiting_answer)
+        with m.If(self.cfg_interrupt_msix_sent | self.cfg_interrupt_msix_fail):
+            m.d.sync += awaiting_answer.eq(0)
+        with m.Elif(self.cfg_interrupt_msix_int):
+            m.d.sync += awaiting_answer.eq(1)
