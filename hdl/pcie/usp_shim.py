@@ -184,11 +184,13 @@ class UspShim(wiring.Component):
 
         kind = Signal(ReqKind)
         with m.Switch(descriptor.request_type):
-            with m.Case(0b0000, 0b0111):                # memory read, locked read
+            with m.Case(0b0000):                        # memory read
                 m.d.comb += kind.eq(ReqKind.MEM_READ)
             with m.Case(0b0001):                        # memory write
                 m.d.comb += kind.eq(ReqKind.MEM_WRITE)
-            with m.Case("0---", "10--"):                # I/O, atomics, configuration
+            # I/O, atomics, configuration, and locked reads: PCIe lets only legacy
+            # endpoints take part in locking, others answer MRdLk with UR.
+            with m.Case("0---", "10--"):
                 m.d.comb += kind.eq(ReqKind.UNSUPPORTED_NP)
             with m.Default():                           # messages
                 m.d.comb += kind.eq(ReqKind.UNSUPPORTED_P)
