@@ -240,7 +240,9 @@ FROMDEVQ_MIN_BUFFER = 16                    # C6: two le64
 
 # --- Host management port (C10): AXI4-Lite register offsets ------------------------------
 # Never visible through the virtio function's BARs: a separate AXI4-Lite slave on the top
-# level, for the hypervisor or board manager.
+# level, for the hypervisor or board manager. All registers are 32 bits; counters wrap.
+
+MGMT_ADDR_WIDTH = 12
 
 MGMT_ID = 0x000                             # reads MGMT_ID_VALUE
 MGMT_VERSION = 0x004                        # major << 16 | minor
@@ -248,14 +250,59 @@ MGMT_DEVICE_STATUS = 0x008                  # the driver's device_status, read-o
 MGMT_CONTROL = 0x00C                        # write 1s to act, see MGMT_CONTROL_*
 MGMT_DRIVER_FEATURES_LO = 0x010             # accepted features, valid with FEATURES_OK
 MGMT_DRIVER_FEATURES_HI = 0x014
-MGMT_NOTIFY_COUNT_Q0 = 0x018                # doorbells received per queue (wrap at 2**32)
+MGMT_NOTIFY_COUNT_Q0 = 0x018                # doorbells received per queue
 MGMT_NOTIFY_COUNT_Q1 = 0x01C
 MGMT_MSIX_SENT = 0x020                      # MSI-X messages the hard IP sent
 MGMT_MSIX_FAILED = 0x024                    # ... and reported as failed
-MGMT_ADDR_WIDTH = 12
+
+# Balloon state (C8)
+MGMT_BALLOON_PAGES = 0x040                  # signed: +1 per page entering, -1 leaving
+MGMT_BITMAP_PAGES = 0x044                   # pages the bitmap tracks (build parameter)
+MGMT_PAGE_SHIFT = 0x048                     # log2 of the negotiated page size, 0 before
+MGMT_WINDOW_BASE_LO = 0x050                 # tracked window base address (bytes); writes
+MGMT_WINDOW_BASE_HI = 0x054                 # only take effect while DRIVER_OK is clear
+# Host controls (C6, C10)
+MGMT_MIN_BALLOON_LO = 0x060                 # signed bytes; writing HI commits the value
+MGMT_MIN_BALLOON_HI = 0x064                 # and sends it on fromdevq (C6)
+MGMT_RETURN_BUDGET = 0x068                  # pages GET may still grant; all-ones = unlimited
+MGMT_EXTRA_FIRST_PAGE = 0x070               # extra-memory range (C8), page index in the
+MGMT_EXTRA_PAGES = 0x074                    # window; writing EXTRA_PAGES commits the range
+MGMT_BITMAP_INDEX = 0x080                   # bitmap read: 32-bit word index ...
+MGMT_BITMAP_DATA = 0x084                    # ... its bits (bit i = page 32 * index + i)
+MGMT_BUSY = 0x088                           # 1 while a bitmap clear/fill is running
+# Counters (C5, C6, C7)
+MGMT_CMD_GIVE = 0x100                       # well-formed commands completed, per kind
+MGMT_CMD_GET = 0x104
+MGMT_CMD_EXCHANGE = 0x108
+MGMT_CMD_MALFORMED = 0x10C                  # todevq commands rejected as malformed (C5)
+MGMT_VIOLATION_MISALIGNED = 0x110           # addresses not aligned to the page size
+MGMT_VIOLATION_OUT_OF_WINDOW = 0x114        # addresses outside the tracked window
+MGMT_VIOLATION_DOUBLE_GIVE = 0x118          # pages given that were already in the balloon
+MGMT_VIOLATION_NOT_IN_BALLOON = 0x11C       # EXCHANGE wanted pages the balloon did not hold
+MGMT_GET_SHORT = 0x120                      # GET commands granted fewer pages than asked
+MGMT_PAGES_ENTERED = 0x124
+MGMT_PAGES_LEFT = 0x128
+MGMT_FROMDEVQ_MALFORMED = 0x130             # fromdevq buffers rejected (C6)
+MGMT_MIN_SENT = 0x134                       # MIN_BALLOON messages written
+MGMT_MIN_DROPPED = 0x138                    # values replaced before they could be sent
+MGMT_RING_FAULTS = 0x140                    # C7 faults
+MGMT_FAULT_INFO = 0x144                     # last fault: queue << 8 | RingFault
 
 MGMT_ID_VALUE = 0x4D424C4E                  # "MBLN"
 MGMT_VERSION_VALUE = 0x00010000
 #: Host asks the driver to reset the device: sets DEVICE_NEEDS_RESET and raises the
 #: configuration-change interrupt, the same path a C7 ring fault takes.
 MGMT_CONTROL_REQUEST_RESET = 0x1
+MGMT_UNLIMITED_BUDGET = 0xFFFF_FFFF
+
+
+class RingFault(enum.Enum, shape=4):
+    """Kinds of C7 ring faults, as MGMT_FAULT_INFO reports them."""
+    NONE = 0
+    DESC_INDEX = 1          # descriptor index >= queue size
+    CHAIN_LOOP = 2          # chain longer than the queue size
+    NESTED_INDIRECT = 3     # indirect descriptor inside an indirect table
+    INDIRECT_LENGTH = 4     # indirect table length 0 or not a multiple of 16
+    AVAIL_AHEAD = 5         # avail index more than queue size ahead
+    DMA_READ = 6            # a read failed: UR, CA, completion timeout
+    DMA_WRITE = 7           # a write could not be issued

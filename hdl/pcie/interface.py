@@ -139,3 +139,56 @@ class FunctionStatusSignature(wiring.Signature):
             "flr": Out(1),
             "flr_done": In(1),
         })
+
+
+# --- DMA (bus-master) side: what DMA clients (the virtqueue engines) see ---------------------
+
+class DmaReadCommand(data.Struct):
+    """Read ``length`` bytes (1 .. 2**20 - 1) from ``address`` (any byte alignment)."""
+    address: 64
+    length: 20
+
+
+class DmaReadBeat(data.Struct):
+    """Read data, in command order, byte-packed: byte 0 of a read is byte 0 (bits 7..0) of
+    its first beat; every beat holds 8 bytes except the last, which holds ``count``.
+
+    A failed read (error completion, completion timeout, bus mastering off; C7, C12) ends
+    early with one beat that has ``last`` and ``error`` set; its data is meaningless and
+    the beats before it may be partial data of the read.
+    """
+    data: 64
+    count: 4
+    last: 1
+    error: 1
+
+
+class DmaWriteCommand(data.Struct):
+    """Write ``length`` bytes (1 .. 2**20 - 1) at ``address``; the bytes follow as
+    ``DmaWriteBeat``s packed like read data (8 per beat, the last one partial)."""
+    address: 64
+    length: 20
+
+
+class DmaWriteBeat(data.Struct):
+    data: 64
+    last: 1
+
+
+class DmaWriteDone(data.Struct):
+    """One per write command, once all of its TLPs are handed to the hard IP (posted
+    writes: PCIe keeps them in order, so a later write is seen after this one).
+    ``error``: nothing or not all was written (bus mastering off, C12)."""
+    error: 1
+
+
+class DmaSignature(wiring.Signature):
+    """A DMA client port, seen from the client (the client drives the commands)."""
+    def __init__(self):
+        super().__init__({
+            "read_cmd": Out(stream.Signature(DmaReadCommand)),
+            "read_data": In(stream.Signature(DmaReadBeat)),
+            "write_cmd": Out(stream.Signature(DmaWriteCommand)),
+            "write_data": Out(stream.Signature(DmaWriteBeat)),
+            "write_done": In(stream.Signature(DmaWriteDone)),
+        })

@@ -1,0 +1,49 @@
+"""Between a virtqueue engine and the device function that executes its buffers.
+
+The engine owns the ring (avail, descriptors, indirect tables, used, event index, C7
+faults); the function sees one *command* per available buffer (C5: each descriptor chain
+is one command): a header with the chain's byte counts, then the chain's device-readable
+bytes as a packed stream of le64 words, and it answers with one *result* that the engine
+writes into the chain's device-writable bytes before it publishes the used element.
+"""
+
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+
+class CommandHeader(data.Struct):
+    """One available buffer: ``head`` is its descriptor chain's head index (the used
+    element's id); ``readable``/``writable`` are the chain's total device-readable and
+    device-writable byte counts."""
+    head: 16
+    readable: 32
+    writable: 32
+
+
+class CommandWord(data.Struct):
+    """Eight device-readable bytes of the current command (le64, byte 0 = bits 7..0),
+    whatever descriptor boundaries they came across (C5). ``ceil(readable / 8)`` words
+    follow each header (none when ``readable`` is 0); the last one has ``last`` set and is
+    zero-padded past the readable bytes."""
+    data: 64
+    last: 1
+
+
+class CommandResult(data.Struct):
+    """How to complete the current command: write ``write_count`` (0..16) bytes of
+    ``write_data`` (byte 0 = bits 7..0) at the start of the chain's writable bytes, then
+    publish the used element with ``used_len``. Sent after the command's last word was
+    taken (or at once when it has none)."""
+    used_len: 32
+    write_data: 128
+    write_count: 5
+
+
+class CommandSignature(wiring.Signature):
+    """Seen from the virtqueue engine."""
+    def __init__(self):
+        super().__init__({
+            "header": Out(stream.Signature(CommandHeader)),
+            "words": Out(stream.Signature(CommandWord)),
+            "result": In(stream.Signature(CommandResult)),
+        })
