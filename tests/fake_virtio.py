@@ -107,8 +107,8 @@ class FakeVirtioBackend(Backend):
             self.notifies.append((offset - self.params.bar.notify, value))
 
     async def bar_read_block(self, bar, offset, length):
-        return b"".join((await self.bar_read(bar, offset + k, 4)).to_bytes(4, "little")
-                        for k in range(0, length, 4))
+        return b"".join([(await self.bar_read(bar, offset + k, 4)).to_bytes(4, "little")
+                         for k in range(0, length, 4)])
 
     def dma_alloc(self, size):
         region = FakeDma(self.next_iova, size)

@@ -1,0 +1,240 @@
+"""Testbench of ``memballoon_usp``: root complex, UltraScale+ hard IP model, management port.
+
+Layout after verilog-pcie/Corundum testbenches: :class:`MemballoonTb` builds a
+cocotbext-pcie ``RootComplex`` and an ``UltraScalePlusPcieDevice`` configured from
+:class:`~memballoon.params.DeviceParams` (Gen3 x16 at 512 bits, Gen3 x8 at 256 bits; BAR0
+64-bit of ``params.bar.size``; MSI-X with the table and PBA in BAR0 held by the DUT; the
+cfg_ext window of ``tb/cfg_ext.py``), connects the DUT by port prefixes, and keeps idle
+and backpressure inserters running on every AXI stream and on the AXI4-Lite management
+master for the whole test. The model drives ``user_clk`` (250 MHz) and ``user_reset`` as
+the hard IP does.
+"""
+
+import itertools
+import logging
+import time
+
+from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
+from cocotb.utils import get_sim_time
+from cocotbext.axi import AxiLiteBus, AxiLiteMaster, AxiStreamBus
+from cocotbext.pcie.core import RootComplex
+from cocotbext.pcie.core.tlp import Tlp, TlpType
+from cocotbext.pcie.core.utils import PcieId
+from cocotbext.pcie.xilinx.us import UltraScalePlusPcieDevice
+from cocotbext.pcie.xilinx.us.tlp import Tlp_us
+
+from memballoon import constants as c
+from memballoon.backend_sim import SimBackend
+from memballoon.params import DeviceParams
+
+from .cfg_ext import CfgExtWindow
+
+__all__ = ["MemballoonTb", "pause_pattern"]
+
+#: Hard IP link configuration per AXI-stream width (a valid cocotbext-pcie combination).
+LINK_CONFIG = {512: (3, 16), 256: (3, 8)}
+USER_CLK_FREQUENCY = 250e6
+#: Largest payload the modelled hard IP supports (PCIe Device Capabilities).
+MAX_PAYLOAD_SIZE = 512
+
+
+def pause_pattern(period, paused):
+    """An endless pause pattern: ``paused`` cycles of pause in every ``period``."""
+    return itertools.cycle([1] * paused + [0] * (period - paused))
+
+
+#: (period, paused) per stream; periods differ so the inserters never run in lockstep.
+IDLE_PATTERNS = {"cq": (3, 1), "rc": (5, 2), "aw": (4, 1), "w": (5, 2), "ar": (3, 1)}
+BACKPRESSURE_PATTERNS = {"cc": (7, 3), "rq": (3, 1), "b": (4, 1), "r": (5, 2)}
+
+
+class MemballoonTb:
+    """One DUT instance with its PCIe host and management master."""
+
+    def __init__(self, dut, params: DeviceParams):
+        self.dut = dut
+        self.params = params
+        self.log = logging.getLogger("cocotb.tb")
+        self.log.setLevel(logging.INFO)
+
+        generation, lanes = LINK_CONFIG[params.data_width]
+        self.rc = RootComplex()
+        self.dev = UltraScalePlusPcieDevice(
+            pcie_generation=generation,
+            pcie_link_width=lanes,
+            user_clk_frequency=USER_CLK_FREQUENCY,
+            alignment="dword",
+            cq_straddle=False,
+            cc_straddle=False,
+            rq_straddle=False,
+            rc_straddle=False,
+            rc_4tlp_straddle=False,
+            pf_count=1,
+            max_payload_size=MAX_PAYLOAD_SIZE,
+            enable_client_tag=True,
+            enable_extended_tag=True,
+            enable_parity=False,
+            enable_rx_msg_interface=False,
+            enable_sriov=False,
+            enable_extended_configuration=False,
+            pf0_msi_enable=False,
+            pf0_msix_enable=True,
+            pf0_msix_table_size=params.msix_vectors - 1,     # N-1 encoding
+            pf0_msix_table_bir=0,
+            pf0_msix_table_offset=params.bar.msix_table,
+            pf0_msix_pba_bir=0,
+            pf0_msix_pba_offset=params.bar.msix_pba,
+
+            user_clk=dut.user_clk,
+            user_reset=dut.user_reset,
+            rq_bus=AxiStreamBus.from_prefix(dut, "m_axis_rq"),
+            rc_bus=AxiStreamBus.from_prefix(dut, "s_axis_rc"),
+            cq_bus=AxiStreamBus.from_prefix(dut, "s_axis_cq"),
+            pcie_cq_np_req=dut.pcie_cq_np_req,
+            pcie_cq_np_req_count=dut.pcie_cq_np_req_count,
+            cc_bus=AxiStreamBus.from_prefix(dut, "m_axis_cc"),
+            cfg_max_payload=dut.cfg_max_payload,
+            cfg_max_read_req=dut.cfg_max_read_req,
+            cfg_function_status=dut.cfg_function_status,
+            cfg_flr_in_process=dut.cfg_flr_in_process,
+            cfg_flr_done=dut.cfg_flr_done,
+            cfg_interrupt_msix_enable=dut.cfg_interrupt_msix_enable,
+            cfg_interrupt_msix_mask=dut.cfg_interrupt_msix_mask,
+            cfg_interrupt_msix_address=dut.cfg_interrupt_msix_address,
+            cfg_interrupt_msix_data=dut.cfg_interrupt_msix_data,
+            cfg_interrupt_msix_int=dut.cfg_interrupt_msix_int,
+            cfg_interrupt_msix_sent=dut.cfg_interrupt_msix_sent,
+            cfg_interrupt_msix_fail=dut.cfg_interrupt_msix_fail,
+            cfg_interrupt_msi_function_number=dut.cfg_interrupt_msi_function_number,
+            cfg_ext_read_received=dut.cfg_ext_read_received,
+            cfg_ext_write_received=dut.cfg_ext_write_received,
+            cfg_ext_register_number=dut.cfg_ext_register_number,
+            cfg_ext_function_number=dut.cfg_ext_function_number,
+            cfg_ext_write_data=dut.cfg_ext_write_data,
+            cfg_ext_write_byte_enable=dut.cfg_ext_write_byte_enable,
+            cfg_ext_read_data=dut.cfg_ext_read_data,
+            cfg_ext_read_data_valid=dut.cfg_ext_read_data_valid,
+        )
+        # The model leaves cfg_flr_in_process undriven; no FLR unless a test starts one.
+        dut.cfg_flr_in_process.value = 0
+
+        self.function = self.dev.functions[0]
+        self.function.vendor_id = c.PCI_VENDOR_ID_REDHAT_QUMRANET
+        self.function.device_id = c.MEMBALLOON_PCI_DEVICE_ID
+        self.function.revision_id = c.MEMBALLOON_PCI_REVISION_ID
+        self.function.class_code = c.PCI_CLASS_MEMORY_OTHER
+        self.function.subsystem_vendor_id = c.MEMBALLOON_PCI_SUBSYSTEM_VENDOR_ID
+        self.function.subsystem_id = c.MEMBALLOON_PCI_SUBSYSTEM_ID
+        # Non-prefetchable: common configuration and ISR have read side effects.
+        self.function.configure_bar(0, params.bar.size, ext=True, prefetch=False)
+        self.cfg_ext = CfgExtWindow(self.dev, self.function,
+                                    params.cfg_ext_base, params.cfg_ext_size)
+
+        self.rc.make_port().connect(self.dev)
+
+        self.mgmt = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axil_mgmt"),
+                                  dut.user_clk, dut.user_reset)
+
+        self._start_inserters()
+
+        self.pci_dev = None
+        self.backend = None
+        self._start_sim_ns = get_sim_time("ns")
+        self._start_wall = time.perf_counter()
+
+    def _start_inserters(self):
+        """Idle on every source, backpressure on every sink, for the whole test."""
+        wr, rd = self.mgmt.write_if, self.mgmt.read_if
+        sources = {"cq": self.dev.cq_source, "rc": self.dev.rc_source,
+                   "aw": wr.aw_channel, "w": wr.w_channel, "ar": rd.ar_channel}
+        sinks = {"cc": self.dev.cc_sink, "rq": self.dev.rq_sink,
+                 "b": wr.b_channel, "r": rd.r_channel}
+        for name, stream in sources.items():
+            stream.set_pause_generator(pause_pattern(*IDLE_PATTERNS[name]))
+        for name, stream in sinks.items():
+            stream.set_pause_generator(pause_pattern(*BACKPRESSURE_PATTERNS[name]))
+
+    async def init(self):
+        """Wait for the model's power-on reset of the user logic to end."""
+        await RisingEdge(self.dut.user_clk)
+        if not self.dut.user_reset.value:
+            await RisingEdge(self.dut.user_reset)
+        await FallingEdge(self.dut.user_reset)
+        await ClockCycles(self.dut.user_clk, 10)
+
+    async def enumerate(self):
+        """Enumerate the bus, enable memory space and bus mastering, and make the
+        driver backend for the function."""
+        await self.rc.enumerate()
+        self.pci_dev = self.rc.find_device(self.function.pcie_id)
+        await self.pci_dev.enable_device()
+        await self.pci_dev.set_master()
+        self.backend = SimBackend(self.rc, self.pci_dev)
+        return self.backend
+
+    # --- host management port (C10) ------------------------------------------------------
+
+    async def mgmt_read(self, addr):
+        resp = await self.mgmt.read(addr, 4)
+        assert resp.resp == 0, f"mgmt read {addr:#05x}: response {resp.resp!r}"
+        return int.from_bytes(resp.data, "little")
+
+    async def mgmt_write(self, addr, value):
+        resp = await self.mgmt.write(addr, value.to_bytes(4, "little"))
+        assert resp.resp == 0, f"mgmt write {addr:#05x}: response {resp.resp!r}"
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def check_errors(self, expect_ur=False):
+        """Fail on anything the hard IP model flagged: local errors (dropped TLPs, buffer
+        overflows), target/master aborts and poisoned data on the function."""
+        errors = []
+        while not self.dev.local_error.empty():
+            errors.append(f"local error {self.dev.local_error.get_nowait()!r}")
+        fn = self.function
+        for flag in ("signaled_target_abort", "received_target_abort",
+                     "master_data_parity_error", "signaled_system_error",
+                     "detected_parity_error"):
+            if getattr(fn, flag):
+                errors.append(flag)
+        if fn.received_master_abort and not expect_ur:
+            errors.append("received_master_abort")
+        assert not errors, f"hard IP model reports: {', '.join(errors)}"
+
+    async def inject_cq_request(self, fmt_type, bar_id, offset, length=1, data=None,
+                                timeout_ns=20000):
+        """Hand a request straight to the CQ interface, as the hard IP would after its
+        BAR decode, and return the completions the DUT sends to the root complex.
+
+        For requests the model itself never forwards (I/O to a memory-only function, a
+        BAR the hard IP would not decode): the DUT must still answer non-posted ones.
+        """
+        req = Tlp()
+        req.fmt_type = fmt_type
+        req.requester_id = PcieId(0, 0, 0)
+        req.completer_id = self.function.pcie_id
+        if data is None:
+            req.set_addr_be(offset, length * 4)
+        else:
+            req.set_addr_be_data(offset, data)
+        nonposted = fmt_type in {TlpType.MEM_READ, TlpType.MEM_READ_64,
+                                 TlpType.IO_READ, TlpType.IO_WRITE}
+        if nonposted:
+            req.tag = await self.rc.alloc_tag()
+        req = Tlp_us(req)
+        req.bar_id = bar_id
+        req.bar_aperture = (self.params.bar.size - 1).bit_length()
+        self.dev.cq_queue.put_nowait(req)
+        if not nonposted:
+            return []
+        cpl = await self.rc.recv_cpl(req.tag, timeout_ns, "ns")
+        self.rc.release_tag(req.tag)
+        return [cpl] if cpl else []
+
+    # --- performance ----------------------------------------------------------------------
+
+    def clock_rate(self):
+        """(user_clk cycles simulated, wall seconds, cycles per wall second) so far."""
+        cycles = (get_sim_time("ns") - self._start_sim_ns) * USER_CLK_FREQUENCY * 1e-9
+        wall = time.perf_counter() - self._start_wall
+        return cycles, wall, cycles / wall if wall else 0.0
