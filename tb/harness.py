@@ -183,6 +183,40 @@ class MemballoonTb:
         resp = await self.mgmt.write(addr, value.to_bytes(4, "little"))
         assert resp.resp == 0, f"mgmt write {addr:#05x}: response {resp.resp!r}"
 
+    # --- function-level reset ------------------------------------------------------------
+
+    async def flr_handshake(self, timeout_cycles=1000):
+        """The hard IP's side of an FLR of PF0 (PG213): ``cfg_flr_in_process[0]`` high
+        until the user logic answers with ``cfg_flr_done[0]``. The model does not reset
+        its own configuration state; the host restores it anyway (``pci_reset_function``
+        saves and restores configuration space around the FLR)."""
+        clock = RisingEdge(self.dut.user_clk)
+        await clock
+        self.dut.cfg_flr_in_process.value = 1
+        for _ in range(timeout_cycles):
+            await clock
+            if int(self.dut.cfg_flr_done.value) & 1:
+                break
+        else:
+            raise AssertionError(f"cfg_flr_done[0] not asserted within {timeout_cycles} "
+                                 "cycles of cfg_flr_in_process[0]")
+        self.dut.cfg_flr_in_process.value = 0
+        await clock
+
+    async def restore_msix_table(self):
+        """Rewrite every MSI-X table entry from the host's vectors, unmasked, as Linux's
+        ``pci_restore_msi_state`` does after a reset; a read flushes the writes."""
+        table = self.params.bar.msix_table
+        for k, vector in enumerate(self.pci_dev.msi_vectors[:self.params.msix_vectors]):
+            entry = table + k * c.PCI_MSIX_ENTRY_SIZE
+            await self.backend.bar_write(0, entry + c.PCI_MSIX_ENTRY_LOWER_ADDR,
+                                         vector.addr & 0xFFFFFFFF, 4)
+            await self.backend.bar_write(0, entry + c.PCI_MSIX_ENTRY_UPPER_ADDR,
+                                         vector.addr >> 32, 4)
+            await self.backend.bar_write(0, entry + c.PCI_MSIX_ENTRY_DATA, vector.data, 4)
+            await self.backend.bar_write(0, entry + c.PCI_MSIX_ENTRY_VECTOR_CTRL, 0, 4)
+        await self.backend.bar_read(0, table, 4)
+
     # --- checks ---------------------------------------------------------------------------
 
     def check_errors(self, expect_ur=False):

@@ -15,6 +15,7 @@ import pytest
 from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.lspci import format_dump, parse_lspci, read_config_space, run_lspci
+from memballoon.tb.cfg_ext import CfgExtTimeout
 from memballoon.tb.harness import MemballoonTb
 from memballoon.tb.runner import params_from_env, run_cocotb
 from memballoon.virtio_pci_modern import (PCI_CLASS_REVISION, PCI_DEVICE_ID, PCI_HEADER_TYPE,
@@ -45,8 +46,11 @@ async def setup(dut):
     return tb, backend, vdev
 
 
-def finish(tb):
+async def finish(tb):
+    """End of every test: no error flagged by the model, no MSI-X message refused by the
+    hard IP (C10 counter), and the simulation speed in the log."""
     tb.check_errors()
+    assert await tb.mgmt_read(c.MGMT_MSIX_FAILED) == 0, "hard IP refused MSI-X messages"
     cycles, wall, rate = tb.clock_rate()
     tb.log.info("%d user_clk cycles in %.2f s: %.0f cycles/s", cycles, wall, rate)
 
@@ -122,7 +126,7 @@ async def enumeration_identity(dut):
     assert types == [c.VIRTIO_PCI_CAP_COMMON_CFG, c.VIRTIO_PCI_CAP_NOTIFY_CFG,
                      c.VIRTIO_PCI_CAP_ISR_CFG, c.VIRTIO_PCI_CAP_PCI_CFG]   # no DEVICE_CFG
     assert tb.cfg_ext.reads > 0
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -168,7 +172,42 @@ async def lspci_decode(dut):
     assert msix.msix() == {"enable": False, "count": params.msix_vectors, "masked": False,
                            "table_bar": 0, "table_offset": bar.msix_table,
                            "pba_bar": 0, "pba_offset": bar.msix_pba}
-    finish(tb)
+    await finish(tb)
+
+
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def cfg_ext_window(dut):
+    """C2: the virtio capability bytes are read-only, the PCI_CFG fields bar/offset/length
+    are writable; a cfg_ext read the RTL does not answer (a register outside its window)
+    raises the harness's timeout error, and the window keeps working afterwards."""
+    tb, be, vdev = await setup(dut)
+    for cap in await vdev.virtio_caps():
+        before = [await be.config_read(cap.pos + off, 4) for off in range(0, cap.cap_len, 4)]
+        for off in range(0, cap.cap_len, 4):
+            if cap.cfg_type == c.VIRTIO_PCI_CAP_PCI_CFG and off >= c.VIRTIO_PCI_CAP_BAR:
+                continue                    # writable fields, checked below
+            await be.config_write(cap.pos + off, 0xFFFFFFFF, 4)
+        after = [await be.config_read(cap.pos + off, 4) for off in range(0, cap.cap_len, 4)]
+        if cap.cfg_type != c.VIRTIO_PCI_CAP_PCI_CFG:
+            assert after == before, f"capability at {cap.pos:#x} changed by writes"
+        else:
+            assert after[:1] == before[:1], "PCI_CFG header changed by a write"
+    pos = vdev.pci_cfg.pos
+    for off, width, value in ((c.VIRTIO_PCI_CAP_BAR, 1, 0), (c.VIRTIO_PCI_CAP_OFFSET, 4, 0x14),
+                              (c.VIRTIO_PCI_CAP_LENGTH, 4, 4)):
+        await be.config_write(pos + off, value, width)
+        assert await be.config_read(pos + off, width) == value
+
+    outside = tb.params.cfg_ext_base // 4 - 1
+    try:
+        await tb.cfg_ext.read(outside)
+    except CfgExtTimeout as exc:
+        tb.log.info("as expected: %s", exc)
+    else:
+        raise AssertionError(f"cfg_ext read of register {outside:#x} outside the window "
+                             "was answered")
+    assert await be.config_read(tb.params.cfg_ext_base, 1) == c.PCI_CAP_ID_VNDR
+    await finish(tb)
 
 
 # --- C4 negotiation -------------------------------------------------------------------------
@@ -195,7 +234,9 @@ async def negotiation_matrix(dut):
     assert offered == params.offered_features                          # C3
     base = offered & ~c.PAGE_SIZE_FEATURE_MASK
     page = [bits(b) for b in params.page_size_bits]
-    unoffered = next(b for b in range(64) if not offered >> b & 1)
+    unoffered = next(b for b in range(c.VIRTIO_MEMBALLOON_F_PAGE_LAST + 1, 64)
+                     if not offered >> b & 1)
+    unoffered_page = next(b for b in c.PAGE_SIZE_FEATURE_BITS if not offered >> b & 1)
 
     cases = {
         "no page size": (base, False),
@@ -203,6 +244,7 @@ async def negotiation_matrix(dut):
         "no VERSION_1": (base & ~bits(c.VIRTIO_F_VERSION_1) | page[0], False),
         f"unoffered bit {unoffered}": (base | page[0] | bits(unoffered), False),
         "unoffered ring feature": (base | page[0] | bits(c.VIRTIO_F_RING_PACKED), False),
+        "one unoffered page size": (base | bits(unoffered_page), False),
         "only VERSION_1 and a page size": (bits(c.VIRTIO_F_VERSION_1) | page[-1], True),
         **{f"all with page {c.FEATURE_NAMES[b]}": (base | bits(b), True)
            for b in params.page_size_bits},
@@ -222,7 +264,7 @@ async def negotiation_matrix(dut):
             await vdev.vp_modern_set_features(base | page[0])
             await vdev.vp_modern_add_status(c.VIRTIO_CONFIG_S_FEATURES_OK)
             assert not await vdev.vp_modern_get_status() & c.VIRTIO_CONFIG_S_FEATURES_OK, name
-    finish(tb)
+    await finish(tb)
 
 
 # --- C9 reset, common configuration --------------------------------------------------------
@@ -328,7 +370,7 @@ async def common_cfg_registers(dut):
     assert await vdev.vp_modern_queue_vector(0, params.msix_vectors) == c.VIRTIO_MSI_NO_VECTOR
     assert await vdev.vp_modern_queue_vector(1, 2) == 2
     assert await vdev.vp_modern_generation() == 0
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -358,7 +400,7 @@ async def reset_handshake(dut):
     # The device is usable again after the reset.
     await vdev.init(queue_size=16)
     assert await vdev.vp_modern_get_status() & c.VIRTIO_CONFIG_S_DRIVER_OK
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -391,7 +433,7 @@ async def queue_setup(dut):
     accepted = vdev.accepted_features
     assert await tb.mgmt_read(c.MGMT_DRIVER_FEATURES_LO) == accepted & 0xFFFFFFFF
     assert await tb.mgmt_read(c.MGMT_DRIVER_FEATURES_HI) == accepted >> 32
-    finish(tb)
+    await finish(tb)
 
 
 # --- C11 interrupts -----------------------------------------------------------------------
@@ -414,13 +456,15 @@ async def msix_config_interrupt(dut):
     assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG
     assert await vdev.vp_modern_isr() == 0
     await assert_no_irq(be, 0)
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
 async def msix_masking(dut):
-    """C11: with the function mask, then with the vector's mask bit, a message is held:
-    PBA pending set, nothing sent; unmasking delivers it and clears the pending bit."""
+    """C11: with the function mask, then the vector's mask bit, then Bus Master Enable
+    clear (C12), a message is held: PBA pending set, nothing sent (the model would fail the
+    test on a memory write without bus mastering); lifting it delivers the message and
+    clears the pending bit."""
     tb, be, vdev = await setup(dut)
     params = tb.params
     await vdev.init()
@@ -445,9 +489,67 @@ async def msix_masking(dut):
         lambda: msix_table_write(be, params, vector, ctrl, c.PCI_MSIX_ENTRY_CTRL_MASKBIT),
         lambda: msix_table_write(be, params, vector, ctrl, 0),
         "vector mask")
-    assert be.irq_count(vector) == 2
-    assert await tb.mgmt_read(c.MGMT_MSIX_SENT) == 2
-    finish(tb)
+    await masked_then_delivered(tb.pci_dev.clear_master, tb.pci_dev.set_master,
+                                "bus master enable")
+    assert be.irq_count(vector) == 3
+    assert await tb.mgmt_read(c.MGMT_MSIX_SENT) == 3
+    await finish(tb)
+
+
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def msix_table_and_pba(dut):
+    """PCIe MSI-X table: after power-on every vector is masked and nothing is pending;
+    address and data words are read/write at dword and qword width; the PBA ignores
+    writes."""
+    tb, be, vdev = await setup(dut)
+    params, bar = tb.params, tb.params.bar
+    for v in range(params.msix_vectors):
+        entry = bar.msix_table + v * c.PCI_MSIX_ENTRY_SIZE
+        ctrl = await be.bar_read(0, entry + c.PCI_MSIX_ENTRY_VECTOR_CTRL, 4)
+        assert ctrl & c.PCI_MSIX_ENTRY_CTRL_MASKBIT, f"vector {v} not masked after reset"
+        assert await msix_pending(be, params, v) == 0
+        # One 8-byte write (a single two-dword TLP), then dword reads.
+        addr = 0xFEE0_0000_0000_1000 | v << 4
+        await be.bar_write(0, entry + c.PCI_MSIX_ENTRY_LOWER_ADDR, addr, 8)
+        await be.bar_write(0, entry + c.PCI_MSIX_ENTRY_DATA, 0x4000 + v, 4)
+        assert await be.bar_read(0, entry + c.PCI_MSIX_ENTRY_LOWER_ADDR, 4) == addr & 0xFFFFFFFF
+        assert await be.bar_read(0, entry + c.PCI_MSIX_ENTRY_UPPER_ADDR, 4) == addr >> 32
+        assert await be.bar_read(0, entry + c.PCI_MSIX_ENTRY_LOWER_ADDR, 8) == addr
+        assert await be.bar_read(0, entry + c.PCI_MSIX_ENTRY_DATA, 4) == 0x4000 + v
+    await be.bar_write(0, bar.msix_pba, 0xFFFFFFFF, 4)
+    assert await be.bar_read(0, bar.msix_pba, 8) == 0
+    # Queue ring addresses as one qword write each: the upper dword lands too.
+    await vdev.vp_modern_set_queue_size(0, 16)      # selects queue 0
+    desc = 0x12_3456_7000
+    await vdev.common.iowrite(c.VIRTIO_PCI_COMMON_Q_DESCLO, desc, 8)
+    assert await vdev.common.ioread(c.VIRTIO_PCI_COMMON_Q_DESCLO, 4) == desc & 0xFFFFFFFF
+    assert await vdev.common.ioread(c.VIRTIO_PCI_COMMON_Q_DESCHI, 4) == desc >> 32
+    await finish(tb)
+
+
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def function_level_reset(dut):
+    """C9: an FLR (cfg_flr_in_process) clears the device as a virtio reset does, and also
+    the MSI-X table state (masks set, nothing pending); the device answers with
+    cfg_flr_done and works again once the host restores its MSI-X entries."""
+    tb, be, vdev = await setup(dut)
+    params = tb.params
+    await vdev.init(queue_size=16)
+    # The read also flushes the posted DRIVER_OK write, as the host's configuration write
+    # that starts the FLR would (PCIe ordering); the handshake here bypasses the link.
+    assert await vdev.vp_modern_get_status() & c.VIRTIO_CONFIG_S_DRIVER_OK
+    await tb.flr_handshake()
+    assert await vdev.vp_modern_get_status() == 0
+    await check_common_reset_values(params, vdev, "after FLR")
+    for v in range(params.msix_vectors):
+        ctrl = await be.bar_read(0, params.bar.msix_table + v * c.PCI_MSIX_ENTRY_SIZE +
+                                 c.PCI_MSIX_ENTRY_VECTOR_CTRL, 4)
+        assert ctrl & c.PCI_MSIX_ENTRY_CTRL_MASKBIT, f"vector {v} not masked after FLR"
+    await tb.restore_msix_table()
+    await vdev.init(queue_size=16)
+    await request_config_change(tb)
+    await be.wait_irq(0, IRQ_TIMEOUT)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -464,7 +566,7 @@ async def msix_no_vector(dut):
     assert await tb.mgmt_read(c.MGMT_MSIX_SENT) == 0
     assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG
     assert await vdev.vp_modern_isr() == 0
-    finish(tb)
+    await finish(tb)
 
 
 # --- C2 PCI_CFG window, ISR, notify ------------------------------------------------------
@@ -510,7 +612,7 @@ async def pci_cfg_window(dut):
     await be.wait_irq(params.msix_vectors - 1, IRQ_TIMEOUT)
     assert await vdev.vp_pci_cfg_read(0, bar.isr, 1) == c.VIRTIO_PCI_ISR_CONFIG
     assert await vdev.vp_modern_isr() == 0
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -529,7 +631,7 @@ async def isr_read_clear(dut):
     await be.wait_irq(0, IRQ_TIMEOUT)
     await vdev.vp_modern_reset()
     assert await vdev.vp_modern_isr() == 0
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -549,7 +651,7 @@ async def notify_counted(dut):
     await vdev.vp_modern_get_num_queues()
     assert await tb.mgmt_read(c.MGMT_NOTIFY_COUNT_Q0) == counts[0] + rings[0]
     assert await tb.mgmt_read(c.MGMT_NOTIFY_COUNT_Q1) == counts[1] + rings[1] + 1
-    finish(tb)
+    await finish(tb)
 
 
 # --- completer: long reads, unsupported requests ------------------------------------------
@@ -573,7 +675,7 @@ async def long_bar_reads(dut):
     for off in (bar.common_cfg + c.VIRTIO_PCI_COMMON_Q_DESCLO, bar.msix_table):
         qword = await be.bar_read(0, off, 8)
         assert qword == await be.bar_read(0, off, 4) | await be.bar_read(0, off + 4, 4) << 32
-    finish(tb)
+    await finish(tb)
 
 
 @cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
@@ -593,13 +695,13 @@ async def unsupported_requests(dut):
     await tb.inject_cq_request(TlpType.MEM_WRITE, 2, bar.common_cfg, data=b"\xff" * 4)
     assert await be.bar_read(0, bar.common_cfg + c.VIRTIO_PCI_COMMON_NUMQ, 2) == c.NUM_QUEUES
     assert await vdev.vp_modern_get_status() == 0
-    finish(tb)
+    await finish(tb)
 
 
 # --- pytest entry ---------------------------------------------------------------------------
 
 SMOKE_TESTS = ["enumeration_identity", "lspci_decode", "queue_setup", "msix_config_interrupt",
-               "long_bar_reads"]
+               "long_bar_reads", "unsupported_requests"]
 
 
 @pytest.mark.parametrize("data_width", [512, 256])
