@@ -24,7 +24,11 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   reads 1 meanwhile. Management counters survive resets.
 - C12: a doorbell for an enabled queue is remembered until the queue can be served
   (DRIVER_OK, Bus Master Enable, not stopped); a doorbell for a disabled queue is only
-  counted. MSI-X messages wait in the PBA while Bus Master Enable is clear.
+  counted, and so is one for a stopped queue. MSI-X messages wait in the PBA while Bus
+  Master Enable is clear. The device never sets ``used.flags`` (it never asks the driver
+  to skip doorbells); with EVENT_IDX it writes ``avail_event`` = its next avail index
+  after each drain. Used notifications are decided once per drain (one message for a
+  batch), from the used idx before and after it.
 - C7: a chain's descriptors are all checked before any of its data is read, and a
   command is executed only once all its readable bytes were read: a faulting command
   changes nothing (the RTL streams words, so after a DMA_READ fault *inside buffer data*
@@ -50,9 +54,9 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   granted by GET when its bit is set and it is outside the committed extra range, or
   EXTRA_MEM was negotiated. Committing an extra range sets the bits of the new range
   (clipped to the window) and leaves the others; a reset clears the bitmap and sets the
-  committed range again. The management request-reset (MGMT_CONTROL) and C7 faults
-  raise the configuration interrupt only when they set DEVICE_NEEDS_RESET (not during a
-  reset).
+  committed range again. The management request-reset (MGMT_CONTROL) and C7 faults set
+  DEVICE_NEEDS_RESET and raise the configuration interrupt each time, except during a
+  reset, when they do nothing.
 - Configuration space holds, besides the virtio chain, one MSI-X capability at
   ``MSIX_CAP_POS`` (where the PCIE4 block has it) whose next pointer is the chain.
 """
@@ -65,8 +69,8 @@ from . import constants as c
 from .params import DeviceParams
 from .virtio_pci_modern import (PCI_HEADER_TYPE, PCI_REVISION_ID, PCI_STATUS,
                                 PCI_STATUS_CAP_LIST, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID)
-from .virtio_ring import (VRING_AVAIL_IDX, VRING_AVAIL_RING, VRING_USED_IDX, VRING_USED_RING,
-                          VringDesc, vring_avail_event_offset, vring_need_event,
+from .virtio_ring import (VRING_AVAIL_FLAGS, VRING_AVAIL_IDX, VRING_AVAIL_RING, VRING_USED_IDX,
+                          VRING_USED_RING, VringDesc, vring_avail_event_offset, vring_need_event,
                           vring_used_event_offset)
 
 __all__ = ["MemballoonRef", "HostMemory", "DmaError", "Malformed", "MSIX_CAP_POS",
@@ -77,7 +81,6 @@ PCI_CLASS_PROG = 0x09
 PCI_BASE_ADDRESS_0 = 0x10
 PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x04
 PCI_CFG_SPACE_EXP_SIZE = 4096
-PCI_MSIX_CAP_SIZE = 12
 #: Where the MSI-X capability sits (the PCIE4 block's position, README "Architecture").
 MSIX_CAP_POS = 0x60
 
@@ -291,7 +294,7 @@ class MemballoonRef:
              c.VIRTIO_PCI_COMMON_CFG_SIZE, b""),
             (c.VIRTIO_PCI_CAP_NOTIFY_CFG, c.VIRTIO_PCI_NOTIFY_CAP_SIZE, bar.notify,
              notify_length, mult),
-            (c.VIRTIO_PCI_CAP_ISR_CFG, c.VIRTIO_PCI_CAP_SIZE, bar.isr, 1, b""),
+            (c.VIRTIO_PCI_CAP_ISR_CFG, c.VIRTIO_PCI_CAP_SIZE, bar.isr, 1, b""),   # one byte
             (c.VIRTIO_PCI_CAP_PCI_CFG, c.VIRTIO_PCI_CFG_CAP_SIZE, 0, 0, bytes(4)),
         ]
 
@@ -859,7 +862,7 @@ class MemballoonRef:
             event = self._rd16(q.driver + vring_used_event_offset(q.size))
             notify = vring_need_event(event, q.used_idx, old_used)
         else:
-            notify = not self._rd16(q.driver) & c.VRING_AVAIL_F_NO_INTERRUPT
+            notify = not self._rd16(q.driver + VRING_AVAIL_FLAGS) & c.VRING_AVAIL_F_NO_INTERRUPT
         if notify:
             self._raise(c.VIRTIO_PCI_ISR_QUEUE, q.vector)
 

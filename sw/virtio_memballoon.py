@@ -171,8 +171,7 @@ class VirtioMemballoon:
                 pass
         if self.pool is not None:
             for addr in self.pages:
-                if addr not in self.extra_origin:
-                    self.pool.free_page(addr)
+                self.pool.free_page(addr)
             self.pool.forget(self.extra_origin)
         self._forget_state()
 
@@ -186,7 +185,7 @@ class VirtioMemballoon:
 
     async def virtballoon_changed(self):
         """The configuration interrupt's handler: notice DEVICE_NEEDS_RESET (C7, C10)."""
-        count = self.backend.irq_count(0)
+        count = self.backend.irq_count(0)       # init maps configuration changes to vector 0
         if count != self._config_irqs_seen:
             self._config_irqs_seen = count
             if await self.vdev.vp_modern_get_status() & c.VIRTIO_CONFIG_S_NEEDS_RESET:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import constants as c
+from .virtio_pci_modern import (VRING_AVAIL_ALIGN, VRING_DESC_ALIGN, VRING_USED_ALIGN,
+                                vring_avail_size, vring_desc_size, vring_used_size)
 
 __all__ = ["VringDesc", "VringVirtqueue", "VirtqueueError", "VirtqueueFull", "VirtqueueBroken",
            "DmaPool", "vring_create_virtqueue", "vring_new_virtqueue", "vring_need_event",
@@ -32,10 +34,6 @@ VRING_AVAIL_RING = 4
 VRING_USED_FLAGS = 0
 VRING_USED_IDX = 2
 VRING_USED_RING = 4
-#: Split-ring part alignments (virtio 1.2 2.7).
-VRING_DESC_ALIGN = 16
-VRING_AVAIL_ALIGN = 2
-VRING_USED_ALIGN = 4
 #: A chain's descriptor lengths are 32 bits (virtio 1.2 2.7.5).
 VRING_DESC_MAX_LEN = (1 << 32) - 1
 
@@ -478,9 +476,9 @@ class VringVirtqueue:
 
 def _layout(num):
     """Offsets of avail and used in one region holding a whole ring, and its size."""
-    avail = -(-c.VRING_DESC_SIZE * num // VRING_AVAIL_ALIGN) * VRING_AVAIL_ALIGN
-    used = -(-(vring_used_event_offset(num) + 2 + avail) // VRING_USED_ALIGN) * VRING_USED_ALIGN
-    return avail, used, used + vring_avail_event_offset(num) + 2
+    avail = -(-vring_desc_size(num) // VRING_AVAIL_ALIGN) * VRING_AVAIL_ALIGN
+    used = -(-(avail + vring_avail_size(num)) // VRING_USED_ALIGN) * VRING_USED_ALIGN
+    return avail, used, used + vring_used_size(num)
 
 
 def vring_new_virtqueue(index, num, backend, notify, features, ring, desc_addr, avail_addr,
@@ -488,9 +486,9 @@ def vring_new_virtqueue(index, num, backend, notify, features, ring, desc_addr, 
     """A virtqueue over ring memory allocated elsewhere (what ``setup_vq`` of
     :mod:`memballoon.virtio_pci_modern` placed in ``ring``, a DmaRegion)."""
     parts = []
-    for what, addr, size in (("descriptor table", desc_addr, c.VRING_DESC_SIZE * num),
-                             ("avail ring", avail_addr, vring_used_event_offset(num) + 2),
-                             ("used ring", used_addr, vring_avail_event_offset(num) + 2)):
+    for what, addr, size in (("descriptor table", desc_addr, vring_desc_size(num)),
+                             ("avail ring", avail_addr, vring_avail_size(num)),
+                             ("used ring", used_addr, vring_used_size(num))):
         offset = addr - ring.iova
         if offset < 0 or offset + size > ring.size:
             raise ValueError(f"{what} at {addr:#x}+{size} is outside the ring region "
@@ -506,8 +504,7 @@ def vring_create_virtqueue(index, num, backend, notify, features, separate=False
     (``vq.desc.iova``, ``vq.avail.iova``, ``vq.used.iova``)."""
     if separate:
         parts = [(backend.dma_alloc(size), 0)
-                 for size in (c.VRING_DESC_SIZE * num, vring_used_event_offset(num) + 2,
-                              vring_avail_event_offset(num) + 2)]
+                 for size in (vring_desc_size(num), vring_avail_size(num), vring_used_size(num))]
     else:
         avail, used, size = _layout(num)
         ring = backend.dma_alloc(size)

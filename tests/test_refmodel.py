@@ -20,7 +20,8 @@ from memballoon.virtio_pci_modern import (PCI_DEVICE_ID, PCI_REVISION_ID,
                                           PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID,
                                           PCI_VENDOR_ID, DeviceTimeout, VirtioPciModernDevice)
 from memballoon.virtio_ring import (VRING_AVAIL_IDX, VRING_AVAIL_RING, VRING_USED_RING,
-                                    VringDesc, vring_avail_event_offset, vring_new_virtqueue)
+                                    VringDesc, sg_split, vring_avail_event_offset,
+                                    vring_new_virtqueue)
 
 PAGE = 4096
 GIVE = c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES
@@ -846,7 +847,8 @@ async def fault_indirect_loop(dev, vq):
 
 
 async def fault_avail_ahead(dev, vq):
-    await vq.write_avail_idx(vq.avail_idx_shadow + vq.num + 1)
+    # "before" is outstanding: the device is one behind the shadow, so this is size + 1.
+    await vq.write_avail_idx(vq.avail_idx_shadow + vq.num)
 
 
 async def fault_buffer_read(dev, vq):
@@ -925,6 +927,32 @@ async def test_ring_fault_stops_the_queue(inject, kind):
     await post_fromdevq(dev, [(bytearray(16), True)])
     model.set_min_balloon(PAGE)
     assert model.min_messages == [PAGE]
+
+
+@asynctest
+async def test_chain_length_limits():
+    """C7 boundaries: a chain of exactly queue-size descriptors and an indirect table
+    longer than the queue are fine; a loop faults when it would follow descriptor size + 1
+    (after reading size descriptors)."""
+    dev = await live(queue_size=4)
+    model = dev.model
+    data = cmd(GIVE, PAGE, 2 * PAGE)
+    assert (await send(dev.todevq, [(p, False) for p in sg_split(data, [6, 12, 18])],
+                       indirect=False))[1] == 0
+    data = cmd(GIVE, *(PAGE * i for i in range(3, 10)))
+    assert (await send(dev.todevq, [(p, False) for p in sg_split(data, range(8, 64, 8))],
+                       indirect=True))[1] == 0
+    assert model.bitmap == set(range(1, 10)) and model.faults == []
+    q = model.queues[c.TODEVQ]
+    model.memory.dma_log.clear()
+    buf = await dev.todevq.map_raw(cmd(GIVE, PAGE))
+    await dev.todevq.add_raw_chain([VringDesc(buf, 8, c.VRING_DESC_F_NEXT, 1),
+                                    VringDesc(buf + 8, 8, c.VRING_DESC_F_NEXT, 0)], "loop")
+    await dev.todevq.virtqueue_notify()
+    assert model.faults == [(c.TODEVQ, F.CHAIN_LOOP)]
+    reads = [addr for kind, addr, _ in model.memory.dma_log
+             if kind == "r" and q.desc <= addr < q.desc + c.VRING_DESC_SIZE * q.size]
+    assert len(reads) == q.size
 
 
 @asynctest

@@ -266,6 +266,7 @@ async def test_negative_minimum_deflates_to_empty_only():
     await vb.fill_balloon(3)
     model.set_min_balloon(-8 * PAGE)
     assert await vb.wait_for_host(1e-3) == [-8 * PAGE]
+    assert vb.towards_target() == -3                # never asks for extra memory
     assert await vb.update_balloon_size() == -3 and vb.num_pages == 0
     assert await vb.update_balloon_size() == 0
 
