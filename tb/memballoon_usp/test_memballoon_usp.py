@@ -118,6 +118,9 @@ async def enumeration_identity(dut):
     caps = await vdev.capabilities()
     hard = [cid for cid, pos in caps if pos < params.cfg_ext_base]
     assert hard == [PciCapId.PM, PciCapId.MSIX, PciCapId.EXP], caps
+    last_hard = [pos for cid, pos in caps if pos < params.cfg_ext_base][-1]
+    assert last_hard == tb.cfg_ext.linked_capability.offset * 4
+    assert await be.config_read(last_hard + 1, 1) == params.cfg_ext_base
     virtio = [(cid, pos) for cid, pos in caps if pos >= params.cfg_ext_base]
     assert virtio[0][1] == params.cfg_ext_base
     assert all(cid == c.PCI_CAP_ID_VNDR for cid, _ in virtio)
@@ -198,6 +201,7 @@ async def cfg_ext_window(dut):
         await be.config_write(pos + off, value, width)
         assert await be.config_read(pos + off, width) == value
 
+    assert tb.cfg_ext.writes > 0
     outside = tb.params.cfg_ext_base // 4 - 1
     try:
         await tb.cfg_ext.read(outside)
@@ -662,7 +666,7 @@ async def long_bar_reads(dut):
     return what dword reads return (the root complex checks byte counts and lower
     addresses of each completion); 8-byte reads equal two dword reads."""
     tb, be, vdev = await setup(dut)
-    params, bar = tb.params, tb.params.bar
+    bar = tb.params.bar
     await vdev.init(queue_size=16)
     mps = 128 << tb.function.pcie_cap.max_payload_size
     assert mps < 512, f"Max_Payload_Size {mps}: the reads below would not be split"
