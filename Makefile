@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 WIDTH ?= 512
 JOBS ?= 2
-# Debian packages, each with a command that proves it is there.
+# Debian packages, each with a command or file that proves it is there.
 #   pciutils: lspci decodes the simulated configuration space (tests).
 #   g++, make, perl: Verilator compiles its C++ model with them.
+#   liblz4-dev: Verilator's FST writer (WAVES=1).
 #   python3-venv: the virtual environment.
-SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl
+SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl /usr/include/lz4.h:liblz4-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup sim test test-fast lint verilog bench clean
@@ -22,7 +23,8 @@ setup: $(SETUP_STAMP)
 $(SETUP_STAMP): pyproject.toml
 	@missing=""; \
 	for dep in $(SYSTEM_DEPS); do \
-		command -v "$${dep%%:*}" >/dev/null 2>&1 || missing="$$missing $${dep##*:}"; \
+		probe="$${dep%%:*}"; \
+		{ [ -e "$$probe" ] || command -v "$$probe" >/dev/null 2>&1; } || missing="$$missing $${dep##*:}"; \
 	done; \
 	$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
