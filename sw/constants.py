@@ -21,12 +21,28 @@ MEMBALLOON_PCI_SUBSYSTEM_VENDOR_ID = PCI_VENDOR_ID_REDHAT_QUMRANET
 MEMBALLOON_PCI_SUBSYSTEM_ID = 0x0040        # >= 0x40 (C1)
 PCI_CLASS_MEMORY_OTHER = 0x058000           # memory controller, other (C1)
 
-# --- PCI configuration space --------------------------------------------------------
+# --- PCI configuration space (linux/pci_regs.h names) --------------------------------
 
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
+PCI_STATUS = 0x06
+PCI_STATUS_CAP_LIST = 0x10
+PCI_REVISION_ID = 0x08
+PCI_CLASS_REVISION = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_HEADER_TYPE = 0x0E
+PCI_BASE_ADDRESS_0 = 0x10
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x04
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
 PCI_CAPABILITY_LIST = 0x34
+PCI_STD_NUM_BARS = 6
+PCI_CFG_SPACE_EXP_SIZE = 4096
+#: Linux's PCI_FIND_CAP_TTL: a capability list longer than this is a loop.
+PCI_FIND_CAP_TTL = 48
 PCI_CAP_ID_MSIX = 0x11
 PCI_CAP_ID_VNDR = 0x09
 PCI_MSIX_FLAGS = 2                          # offset of Message Control in the MSI-X cap
@@ -207,7 +223,11 @@ FROMDEVQ = 0
 TODEVQ = 1
 NUM_QUEUES = 2
 
-# Split ring (virtio 1.2 2.7), for the virtqueue engine and virtio_ring
+#: Linux accepts modern virtio devices with PCI device IDs 0x1000..0x107F.
+VIRTIO_PCI_DEVICE_ID_MIN = 0x1000
+VIRTIO_PCI_DEVICE_ID_MAX = 0x107F
+
+# Split ring (virtio 1.2 2.7), for the virtqueue engine, virtio_ring and the model
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
@@ -215,6 +235,31 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 VRING_DESC_SIZE = 16
 VRING_USED_ELEM_SIZE = 8
+#: Part alignments (virtio 1.2 2.7, "Virtqueue Alignment").
+VRING_DESC_ALIGN = 16
+VRING_AVAIL_ALIGN = 2
+VRING_USED_ALIGN = 4
+#: Byte offsets inside the driver area (avail) and device area (used), 2.7.6 and 2.7.8.
+VRING_AVAIL_FLAGS = 0
+VRING_AVAIL_IDX = 2
+VRING_AVAIL_RING = 4
+VRING_USED_FLAGS = 0
+VRING_USED_IDX = 2
+VRING_USED_RING = 4
+#: A descriptor's length field is 32 bits (2.7.5).
+VRING_DESC_MAX_LEN = (1 << 32) - 1
+
+
+def vring_desc_size(num):
+    return VRING_DESC_SIZE * num
+
+
+def vring_avail_size(num):
+    return 6 + 2 * num          # flags, idx, ring[num], used_event
+
+
+def vring_used_size(num):
+    return 6 + VRING_USED_ELEM_SIZE * num     # flags, idx, ring[num], avail_event
 
 
 # --- memballoon commands (draft, C5, C6) -------------------------------------------------

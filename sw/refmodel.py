@@ -67,20 +67,12 @@ from collections import Counter
 
 from . import constants as c
 from .params import DeviceParams
-from .virtio_pci_modern import (PCI_HEADER_TYPE, PCI_REVISION_ID, PCI_STATUS,
-                                PCI_STATUS_CAP_LIST, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID)
-from .virtio_ring import (VRING_AVAIL_FLAGS, VRING_AVAIL_IDX, VRING_AVAIL_RING, VRING_USED_IDX,
-                          VRING_USED_RING, VringDesc, vring_avail_event_offset, vring_need_event,
+from .virtio_ring import (VringDesc, vring_avail_event_offset, vring_need_event,
                           vring_used_event_offset)
 
 __all__ = ["MemballoonRef", "HostMemory", "DmaError", "Malformed", "MSIX_CAP_POS",
            "COUNTER_NAMES", "DEFAULT_RING_FEATURES"]
 
-# pci_regs.h numbers the model needs that constants.py does not hold.
-PCI_CLASS_PROG = 0x09
-PCI_BASE_ADDRESS_0 = 0x10
-PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x04
-PCI_CFG_SPACE_EXP_SIZE = 4096
 #: Where the MSI-X capability sits (the PCIE4 block's position, README "Architecture").
 MSIX_CAP_POS = 0x60
 
@@ -300,15 +292,15 @@ class MemballoonRef:
 
     def _config_image(self):
         p = self.params
-        image = bytearray(PCI_CFG_SPACE_EXP_SIZE)
-        struct.pack_into("<HH", image, PCI_VENDOR_ID, c.PCI_VENDOR_ID_REDHAT_QUMRANET,
+        image = bytearray(c.PCI_CFG_SPACE_EXP_SIZE)
+        struct.pack_into("<HH", image, c.PCI_VENDOR_ID, c.PCI_VENDOR_ID_REDHAT_QUMRANET,
                          c.MEMBALLOON_PCI_DEVICE_ID)            # vendor, then device ID
-        struct.pack_into("<H", image, PCI_STATUS, PCI_STATUS_CAP_LIST)
-        image[PCI_REVISION_ID] = c.MEMBALLOON_PCI_REVISION_ID
-        image[PCI_CLASS_PROG:PCI_CLASS_PROG + 3] = c.PCI_CLASS_MEMORY_OTHER.to_bytes(3, "little")
-        image[PCI_HEADER_TYPE] = 0
-        image[PCI_BASE_ADDRESS_0] = PCI_BASE_ADDRESS_MEM_TYPE_64
-        struct.pack_into("<HH", image, PCI_SUBSYSTEM_VENDOR_ID,    # then subsystem ID
+        struct.pack_into("<H", image, c.PCI_STATUS, c.PCI_STATUS_CAP_LIST)
+        image[c.PCI_REVISION_ID] = c.MEMBALLOON_PCI_REVISION_ID
+        image[c.PCI_CLASS_PROG:c.PCI_CLASS_PROG + 3] = c.PCI_CLASS_MEMORY_OTHER.to_bytes(3, "little")
+        image[c.PCI_HEADER_TYPE] = 0
+        image[c.PCI_BASE_ADDRESS_0] = c.PCI_BASE_ADDRESS_MEM_TYPE_64
+        struct.pack_into("<HH", image, c.PCI_SUBSYSTEM_VENDOR_ID,    # then subsystem ID
                          c.MEMBALLOON_PCI_SUBSYSTEM_VENDOR_ID, c.MEMBALLOON_PCI_SUBSYSTEM_ID)
         image[c.PCI_CAPABILITY_LIST] = MSIX_CAP_POS
         struct.pack_into("<BBHII", image, MSIX_CAP_POS, c.PCI_CAP_ID_MSIX, p.cfg_ext_base,
@@ -334,7 +326,7 @@ class MemballoonRef:
         masks = {c.PCI_COMMAND: c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER}
         bar_mask = ~(self.params.bar.size - 1) & 0xFFFF_FFFF_FFFF_FFFF
         for i in range(8):
-            masks[PCI_BASE_ADDRESS_0 + i] = bar_mask >> 8 * i & 0xFF
+            masks[c.PCI_BASE_ADDRESS_0 + i] = bar_mask >> 8 * i & 0xFF
         control = (c.PCI_MSIX_FLAGS_ENABLE | c.PCI_MSIX_FLAGS_MASKALL) >> 8
         masks[MSIX_CAP_POS + c.PCI_MSIX_FLAGS + 1] = control
         pos = self._pci_cfg_pos
@@ -384,7 +376,7 @@ class MemballoonRef:
     def config_read(self, offset, width):
         """A configuration read (1, 2 or 4 bytes). Reading ``pci_cfg_data`` performs the
         BAR read the PCI_CFG capability describes (virtio 1.2 4.1.4.9)."""
-        self._check_access("configuration", offset, width, (1, 2, 4), PCI_CFG_SPACE_EXP_SIZE)
+        self._check_access("configuration", offset, width, (1, 2, 4), c.PCI_CFG_SPACE_EXP_SIZE)
         data = self._pci_cfg_pos + c.VIRTIO_PCI_CFG_CAP_DATA
         if offset < data + 4 and data < offset + width and (access := self._pci_cfg_access()):
             bar_offset, length = access
@@ -395,7 +387,7 @@ class MemballoonRef:
     def config_write(self, offset, value, width):
         """A configuration write; only writable bits change. A write to any byte of
         ``pci_cfg_data`` performs the BAR write it describes (C2)."""
-        self._check_access("configuration", offset, width, (1, 2, 4), PCI_CFG_SPACE_EXP_SIZE)
+        self._check_access("configuration", offset, width, (1, 2, 4), c.PCI_CFG_SPACE_EXP_SIZE)
         _check_range("configuration write value", value, 8 * width)
         data = self._pci_cfg_pos + c.VIRTIO_PCI_CFG_CAP_DATA
         for i in range(width):
@@ -785,14 +777,14 @@ class MemballoonRef:
         """Take every available buffer (C11), re-reading avail idx until none is left."""
         q = self.queues[index]
         while True:
-            avail_idx = self._rd16(q.driver + VRING_AVAIL_IDX)
+            avail_idx = self._rd16(q.driver + c.VRING_AVAIL_IDX)
             pending = avail_idx - q.last_avail & 0xFFFF
             if pending > q.size:
                 raise _Fault(c.RingFault.AVAIL_AHEAD)
             if not pending:
                 break
             for _ in range(pending):
-                slot = q.driver + VRING_AVAIL_RING + 2 * (q.last_avail % q.size)
+                slot = q.driver + c.VRING_AVAIL_RING + 2 * (q.last_avail % q.size)
                 head = self._rd16(slot)
                 readable, writable = self._walk(q, head)
                 q.last_avail = q.last_avail + 1 & 0xFFFF
@@ -838,10 +830,10 @@ class MemballoonRef:
     def _publish(self, index, head, length):
         """Write one used element, then the used idx."""
         q = self.queues[index]
-        slot = q.device + VRING_USED_RING + c.VRING_USED_ELEM_SIZE * (q.used_idx % q.size)
+        slot = q.device + c.VRING_USED_RING + c.VRING_USED_ELEM_SIZE * (q.used_idx % q.size)
         self._wr(slot, struct.pack("<II", head, length))
         q.used_idx = q.used_idx + 1 & 0xFFFF
-        self._wr(q.device + VRING_USED_IDX, q.used_idx.to_bytes(2, "little"))
+        self._wr(q.device + c.VRING_USED_IDX, q.used_idx.to_bytes(2, "little"))
         self.used[index].append((head, length))
 
     def _write_segments(self, segments, data):
@@ -862,7 +854,7 @@ class MemballoonRef:
             event = self._rd16(q.driver + vring_used_event_offset(q.size))
             notify = vring_need_event(event, q.used_idx, old_used)
         else:
-            notify = not self._rd16(q.driver + VRING_AVAIL_FLAGS) & c.VRING_AVAIL_F_NO_INTERRUPT
+            notify = not self._rd16(q.driver + c.VRING_AVAIL_FLAGS) & c.VRING_AVAIL_F_NO_INTERRUPT
         if notify:
             self._raise(c.VIRTIO_PCI_ISR_QUEUE, q.vector)
 

@@ -12,41 +12,6 @@ from dataclasses import dataclass, field
 from . import constants as c
 from .backend import BackendError
 
-# pci_regs.h offsets the driver needs and constants.py does not (yet) hold.
-PCI_VENDOR_ID = 0x00
-PCI_DEVICE_ID = 0x02
-PCI_STATUS = 0x06
-PCI_STATUS_CAP_LIST = 0x10
-PCI_REVISION_ID = 0x08
-PCI_CLASS_REVISION = 0x08
-PCI_HEADER_TYPE = 0x0E
-PCI_SUBSYSTEM_VENDOR_ID = 0x2C
-PCI_SUBSYSTEM_ID = 0x2E
-PCI_STD_NUM_BARS = 6
-#: Linux's PCI_FIND_CAP_TTL: a capability list longer than this is a loop.
-PCI_FIND_CAP_TTL = 48
-#: Linux accepts modern virtio devices with PCI device IDs 0x1000..0x107F.
-VIRTIO_PCI_DEVICE_ID_MIN = 0x1000
-VIRTIO_PCI_DEVICE_ID_MAX = 0x107F
-
-#: Split-ring part sizes and alignments (virtio 1.2 2.7, "Virtqueue Alignment").
-VRING_DESC_ALIGN = 16
-VRING_AVAIL_ALIGN = 2
-VRING_USED_ALIGN = 4
-
-
-def vring_desc_size(num):
-    return c.VRING_DESC_SIZE * num
-
-
-def vring_avail_size(num):
-    return 6 + 2 * num          # flags, idx, ring[num], used_event
-
-
-def vring_used_size(num):
-    return 6 + c.VRING_USED_ELEM_SIZE * num     # flags, idx, ring[num], avail_event
-
-
 def _align_up(value, align):
     return -(-value // align) * align
 
@@ -159,17 +124,17 @@ class VirtioPciModernDevice:
 
     async def capabilities(self):
         """Walk the legacy capability list: a list of ``(cap_id, pos)`` in list order."""
-        if not await self.backend.config_read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST:
+        if not await self.backend.config_read(c.PCI_STATUS, 2) & c.PCI_STATUS_CAP_LIST:
             return []
         caps = []
         pos = await self.backend.config_read(c.PCI_CAPABILITY_LIST, 1) & ~3
-        for _ in range(PCI_FIND_CAP_TTL):
+        for _ in range(c.PCI_FIND_CAP_TTL):
             if pos < 0x40:
                 return caps
             header = await self.backend.config_read(pos, 2)
             caps.append((header & 0xFF, pos))
             pos = (header >> 8) & ~3
-        raise ProbeError(f"capability list longer than {PCI_FIND_CAP_TTL} entries (a loop?)")
+        raise ProbeError(f"capability list longer than {c.PCI_FIND_CAP_TTL} entries (a loop?)")
 
     async def find_capability(self, cap_id, start=None):
         """``pci_find_capability``/``pci_find_next_capability``: first ``cap_id`` after
@@ -207,7 +172,7 @@ class VirtioPciModernDevice:
         """First virtio capability of ``cfg_type`` whose BAR is implemented, or None; as
         Linux does, records the BAR in ``modern_bars``."""
         for cap in await self.virtio_caps():
-            if cap.bar >= PCI_STD_NUM_BARS:
+            if cap.bar >= c.PCI_STD_NUM_BARS:
                 continue            # reserved BAR values are ignored (virtio 1.2 4.1.4)
             if cap.cfg_type == cfg_type and self.backend.bar_size(cap.bar):
                 self.modern_bars |= 1 << cap.bar
@@ -236,18 +201,18 @@ class VirtioPciModernDevice:
     async def vp_modern_probe(self):
         """Check IDs (C1), find COMMON/NOTIFY/ISR (and DEVICE, PCI_CFG) and map them (C2)."""
         rd = self.backend.config_read
-        self.vendor_id = await rd(PCI_VENDOR_ID, 2)
-        self.device_id = await rd(PCI_DEVICE_ID, 2)
+        self.vendor_id = await rd(c.PCI_VENDOR_ID, 2)
+        self.device_id = await rd(c.PCI_DEVICE_ID, 2)
         if self.vendor_id != c.PCI_VENDOR_ID_REDHAT_QUMRANET:
             raise ProbeError(f"vendor {self.vendor_id:#06x} is not virtio's "
                              f"{c.PCI_VENDOR_ID_REDHAT_QUMRANET:#06x}")
-        if not VIRTIO_PCI_DEVICE_ID_MIN <= self.device_id <= VIRTIO_PCI_DEVICE_ID_MAX:
+        if not c.VIRTIO_PCI_DEVICE_ID_MIN <= self.device_id <= c.VIRTIO_PCI_DEVICE_ID_MAX:
             raise ProbeError(f"device ID {self.device_id:#06x} outside the virtio range")
         if self.device_id < c.VIRTIO_PCI_MODERN_DEVICE_ID_BASE:
-            self.id_device = await rd(PCI_SUBSYSTEM_ID, 2)      # transitional device
+            self.id_device = await rd(c.PCI_SUBSYSTEM_ID, 2)      # transitional device
         else:
             self.id_device = self.device_id - c.VIRTIO_PCI_MODERN_DEVICE_ID_BASE
-        self.id_vendor = await rd(PCI_SUBSYSTEM_VENDOR_ID, 2)
+        self.id_vendor = await rd(c.PCI_SUBSYSTEM_VENDOR_ID, 2)
         if self.id_device != self.expected_device_id:
             raise ProbeError(f"virtio device ID {self.id_device}, "
                              f"driver binds to {self.expected_device_id}")
@@ -451,11 +416,11 @@ class VirtioPciModernDevice:
             raise VirtioError(f"queue {index}: size {num} is not a power of two")
         await self.vp_modern_set_queue_size(index, num)
 
-        avail_off = _align_up(vring_desc_size(num), VRING_AVAIL_ALIGN)
-        used_off = _align_up(avail_off + vring_avail_size(num), VRING_USED_ALIGN)
-        ring = self.backend.dma_alloc(used_off + vring_used_size(num))
-        if ring.iova % VRING_DESC_ALIGN:
-            raise BackendError(f"DMA region at {ring.iova:#x} not {VRING_DESC_ALIGN}-aligned")
+        avail_off = _align_up(c.vring_desc_size(num), c.VRING_AVAIL_ALIGN)
+        used_off = _align_up(avail_off + c.vring_avail_size(num), c.VRING_USED_ALIGN)
+        ring = self.backend.dma_alloc(used_off + c.vring_used_size(num))
+        if ring.iova % c.VRING_DESC_ALIGN:
+            raise BackendError(f"DMA region at {ring.iova:#x} not {c.VRING_DESC_ALIGN}-aligned")
         desc, avail, used = ring.iova, ring.iova + avail_off, ring.iova + used_off
         await self.vp_modern_queue_address(index, desc, avail, used)
 

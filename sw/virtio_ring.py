@@ -20,32 +20,21 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import constants as c
-from .virtio_pci_modern import (VRING_AVAIL_ALIGN, VRING_DESC_ALIGN, VRING_USED_ALIGN,
-                                vring_avail_size, vring_desc_size, vring_used_size)
 
 __all__ = ["VringDesc", "VringVirtqueue", "VirtqueueError", "VirtqueueFull", "VirtqueueBroken",
            "DmaPool", "vring_create_virtqueue", "vring_new_virtqueue", "vring_need_event",
            "sg_split", "vring_used_event_offset", "vring_avail_event_offset"]
 
-# Ring part layouts (virtio 1.2 2.7.6, 2.7.8): byte offsets inside the Driver and Device Areas.
-VRING_AVAIL_FLAGS = 0
-VRING_AVAIL_IDX = 2
-VRING_AVAIL_RING = 4
-VRING_USED_FLAGS = 0
-VRING_USED_IDX = 2
-VRING_USED_RING = 4
-#: A chain's descriptor lengths are 32 bits (virtio 1.2 2.7.5).
-VRING_DESC_MAX_LEN = (1 << 32) - 1
 
 
 def vring_used_event_offset(num):
     """``used_event`` sits after the avail ring's ``num`` entries (EVENT_IDX)."""
-    return VRING_AVAIL_RING + 2 * num
+    return c.VRING_AVAIL_RING + 2 * num
 
 
 def vring_avail_event_offset(num):
     """``avail_event`` sits after the used ring's ``num`` elements (EVENT_IDX)."""
-    return VRING_USED_RING + c.VRING_USED_ELEM_SIZE * num
+    return c.VRING_USED_RING + c.VRING_USED_ELEM_SIZE * num
 
 
 def vring_need_event(event_idx, new_idx, old):
@@ -186,10 +175,10 @@ def _check_sgs(sgs):
             sink = seg if writable and isinstance(seg, bytearray) else None
         else:
             raise ValueError(f"segment {i}: {type(seg).__name__} is neither bytes nor a length")
-        if not 0 <= length <= VRING_DESC_MAX_LEN:
-            raise ValueError(f"segment {i}: length {length} outside 0..{VRING_DESC_MAX_LEN}")
+        if not 0 <= length <= c.VRING_DESC_MAX_LEN:
+            raise ValueError(f"segment {i}: length {length} outside 0..{c.VRING_DESC_MAX_LEN}")
         out.append((content, length, writable, sink))
-    if sum(length for _, length, _, _ in out) > VRING_DESC_MAX_LEN:
+    if sum(length for _, length, _, _ in out) > c.VRING_DESC_MAX_LEN:
         raise ValueError("a chain carries at most 2**32 - 1 bytes (virtio 1.2 2.7.5.1)")
     return out
 
@@ -212,8 +201,8 @@ class VringVirtqueue:
         self.notify = notify
         self.pool = DmaPool(backend)
         self.desc, self.avail, self.used = (_Area(*part) for part in (desc, avail, used))
-        for part, align in ((self.desc, VRING_DESC_ALIGN), (self.avail, VRING_AVAIL_ALIGN),
-                            (self.used, VRING_USED_ALIGN)):
+        for part, align in ((self.desc, c.VRING_DESC_ALIGN), (self.avail, c.VRING_AVAIL_ALIGN),
+                            (self.used, c.VRING_USED_ALIGN)):
             if part.iova % align:
                 raise ValueError(f"{self.name}: ring part at {part.iova:#x} is not "
                                  f"{align}-byte aligned (virtio 1.2 2.7)")
@@ -255,9 +244,9 @@ class VringVirtqueue:
     async def _expose(self, head):
         """Put ``head`` in the next avail slot and publish the new avail idx."""
         slot = self.avail_idx_shadow & (self.num - 1)
-        await self.avail.write16(VRING_AVAIL_RING + 2 * slot, head)
+        await self.avail.write16(c.VRING_AVAIL_RING + 2 * slot, head)
         self.avail_idx_shadow = self.avail_idx_shadow + 1 & 0xFFFF
-        await self.avail.write16(VRING_AVAIL_IDX, self.avail_idx_shadow)
+        await self.avail.write16(c.VRING_AVAIL_IDX, self.avail_idx_shadow)
         self.num_added += 1
         if self.num_added == 0xFFFF:        # old = new - num_added must stay meaningful
             await self.virtqueue_kick()
@@ -334,7 +323,7 @@ class VringVirtqueue:
         if self.event:
             event = await self.used.read16(vring_avail_event_offset(self.num))
             return vring_need_event(event, new, old)
-        return not await self.used.read16(VRING_USED_FLAGS) & c.VRING_USED_F_NO_NOTIFY
+        return not await self.used.read16(c.VRING_USED_FLAGS) & c.VRING_USED_F_NO_NOTIFY
 
     async def virtqueue_notify(self):
         """Ring the doorbell; False on a broken queue."""
@@ -352,7 +341,7 @@ class VringVirtqueue:
     # --- used buffers ---------------------------------------------------------------------
 
     async def _more_used(self):
-        used_idx = await self.used.read16(VRING_USED_IDX)
+        used_idx = await self.used.read16(c.VRING_USED_IDX)
         ahead = used_idx - self.last_used_idx & 0xFFFF
         if ahead > len(self._desc_state):
             self._bad_ring(f"used idx {used_idx} is {ahead} ahead of {self.last_used_idx} "
@@ -381,7 +370,7 @@ class VringVirtqueue:
             return None
         slot = self.last_used_idx & (self.num - 1)
         head, length = struct.unpack(
-            "<II", await self.used.read(VRING_USED_RING + c.VRING_USED_ELEM_SIZE * slot,
+            "<II", await self.used.read(c.VRING_USED_RING + c.VRING_USED_ELEM_SIZE * slot,
                                         c.VRING_USED_ELEM_SIZE))
         state = self._desc_state.get(head)
         if state is None:
@@ -404,14 +393,14 @@ class VringVirtqueue:
                 await self.avail.write16(vring_used_event_offset(self.num),
                                          self.last_used_idx - 1)
             else:
-                await self.avail.write16(VRING_AVAIL_FLAGS, self.avail_flags_shadow)
+                await self.avail.write16(c.VRING_AVAIL_FLAGS, self.avail_flags_shadow)
 
     async def virtqueue_enable_cb_prepare(self):
         """Ask for notifications again; returns the opaque value for :meth:`virtqueue_poll`."""
         if self.avail_flags_shadow & c.VRING_AVAIL_F_NO_INTERRUPT:
             self.avail_flags_shadow &= ~c.VRING_AVAIL_F_NO_INTERRUPT
             if not self.event:
-                await self.avail.write16(VRING_AVAIL_FLAGS, self.avail_flags_shadow)
+                await self.avail.write16(c.VRING_AVAIL_FLAGS, self.avail_flags_shadow)
         if self.event:
             await self.avail.write16(vring_used_event_offset(self.num), self.last_used_idx)
         return self.last_used_idx
@@ -419,7 +408,7 @@ class VringVirtqueue:
     async def virtqueue_poll(self, last_used_idx):
         """True if buffers were used since :meth:`virtqueue_enable_cb_prepare` returned
         ``last_used_idx``."""
-        return await self.used.read16(VRING_USED_IDX) != last_used_idx
+        return await self.used.read16(c.VRING_USED_IDX) != last_used_idx
 
     async def virtqueue_enable_cb(self):
         """Re-enable notifications; False if buffers are already pending (then process
@@ -434,7 +423,7 @@ class VringVirtqueue:
         head = next(iter(self._desc_state))
         token = await self._detach_buf(head)
         self.avail_idx_shadow = self.avail_idx_shadow - 1 & 0xFFFF
-        await self.avail.write16(VRING_AVAIL_IDX, self.avail_idx_shadow)
+        await self.avail.write16(c.VRING_AVAIL_IDX, self.avail_idx_shadow)
         return token
 
     def virtqueue_get_vring_size(self):
@@ -471,14 +460,14 @@ class VringVirtqueue:
 
     async def write_avail_idx(self, idx):
         """Write avail ``idx`` as given (the shadow index does not move)."""
-        await self.avail.write16(VRING_AVAIL_IDX, idx)
+        await self.avail.write16(c.VRING_AVAIL_IDX, idx)
 
 
 def _layout(num):
     """Offsets of avail and used in one region holding a whole ring, and its size."""
-    avail = -(-vring_desc_size(num) // VRING_AVAIL_ALIGN) * VRING_AVAIL_ALIGN
-    used = -(-(avail + vring_avail_size(num)) // VRING_USED_ALIGN) * VRING_USED_ALIGN
-    return avail, used, used + vring_used_size(num)
+    avail = -(-c.vring_desc_size(num) // c.VRING_AVAIL_ALIGN) * c.VRING_AVAIL_ALIGN
+    used = -(-(avail + c.vring_avail_size(num)) // c.VRING_USED_ALIGN) * c.VRING_USED_ALIGN
+    return avail, used, used + c.vring_used_size(num)
 
 
 def vring_new_virtqueue(index, num, backend, notify, features, ring, desc_addr, avail_addr,
@@ -486,9 +475,9 @@ def vring_new_virtqueue(index, num, backend, notify, features, ring, desc_addr, 
     """A virtqueue over ring memory allocated elsewhere (what ``setup_vq`` of
     :mod:`memballoon.virtio_pci_modern` placed in ``ring``, a DmaRegion)."""
     parts = []
-    for what, addr, size in (("descriptor table", desc_addr, vring_desc_size(num)),
-                             ("avail ring", avail_addr, vring_avail_size(num)),
-                             ("used ring", used_addr, vring_used_size(num))):
+    for what, addr, size in (("descriptor table", desc_addr, c.vring_desc_size(num)),
+                             ("avail ring", avail_addr, c.vring_avail_size(num)),
+                             ("used ring", used_addr, c.vring_used_size(num))):
         offset = addr - ring.iova
         if offset < 0 or offset + size > ring.size:
             raise ValueError(f"{what} at {addr:#x}+{size} is outside the ring region "
@@ -504,7 +493,7 @@ def vring_create_virtqueue(index, num, backend, notify, features, separate=False
     (``vq.desc.iova``, ``vq.avail.iova``, ``vq.used.iova``)."""
     if separate:
         parts = [(backend.dma_alloc(size), 0)
-                 for size in (vring_desc_size(num), vring_avail_size(num), vring_used_size(num))]
+                 for size in (c.vring_desc_size(num), c.vring_avail_size(num), c.vring_used_size(num))]
     else:
         avail, used, size = _layout(num)
         ring = backend.dma_alloc(size)

@@ -14,11 +14,12 @@ import time
 
 import cocotb
 
+from memballoon.constants import PCI_CLASS_REVISION
 from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.tb.harness import LINK_CONFIG, MemballoonTb
 from memballoon.tb.runner import params_from_env, run_cocotb
-from memballoon.virtio_pci_modern import PCI_CLASS_REVISION, VirtioPciModernDevice
+from memballoon.virtio_pci_modern import VirtioPciModernDevice
 
 CAP_NAMES = {0x01: "Power Management", 0x05: "MSI", c.PCI_CAP_ID_MSIX: "MSI-X",
              0x10: "PCI Express", c.PCI_CAP_ID_VNDR: "Vendor Specific"}

@@ -6,12 +6,12 @@ import asyncio
 import pytest
 from fake_virtio import CAP_POS, FakeVirtioBackend
 
+from memballoon.constants import vring_avail_size, vring_desc_size, vring_used_size
 from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.virtio_pci_modern import (DeviceTimeout, FeaturesNotAccepted, ProbeError,
                                           VectorNotAccepted, VirtioError,
-                                          VirtioPciModernDevice, vring_avail_size,
-                                          vring_desc_size, vring_used_size)
+                                          VirtioPciModernDevice)
 
 
 def run(coro):

@@ -9,6 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from memballoon.constants import (PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID,
+                                  PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, VRING_AVAIL_IDX,
+                                  VRING_AVAIL_RING, VRING_USED_RING)
 from memballoon import constants as c
 from memballoon.backend import BackendError
 from memballoon.backend_ref import MSI_ADDRESS, RefBackend
@@ -16,11 +19,8 @@ from memballoon.lspci import format_dump, parse_lspci, read_config_space, run_ls
 from memballoon.params import BarLayout, DeviceParams
 from memballoon.refmodel import (COUNTER_NAMES, DEFAULT_RING_FEATURES, MSIX_CAP_POS,
                                  HostMemory, Malformed, MemballoonRef)
-from memballoon.virtio_pci_modern import (PCI_DEVICE_ID, PCI_REVISION_ID,
-                                          PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID,
-                                          PCI_VENDOR_ID, DeviceTimeout, VirtioPciModernDevice)
-from memballoon.virtio_ring import (VRING_AVAIL_IDX, VRING_AVAIL_RING, VRING_USED_RING,
-                                    VringDesc, sg_split, vring_avail_event_offset,
+from memballoon.virtio_pci_modern import DeviceTimeout, VirtioPciModernDevice
+from memballoon.virtio_ring import (VringDesc, sg_split, vring_avail_event_offset,
                                     vring_new_virtqueue)
 
 PAGE = 4096

@@ -10,16 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from memballoon.constants import (VRING_AVAIL_IDX, VRING_USED_FLAGS, VRING_USED_IDX,
+                                  VRING_USED_RING)
 from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.refmodel import MemballoonRef
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
-from memballoon.virtio_ring import (VRING_AVAIL_IDX, VRING_USED_FLAGS, VRING_USED_IDX,
-                                    VRING_USED_RING, VirtqueueBroken, VirtqueueError,
-                                    VirtqueueFull, VringDesc, VringVirtqueue, sg_split,
-                                    vring_avail_event_offset, vring_create_virtqueue,
-                                    vring_need_event, vring_new_virtqueue,
-                                    vring_used_event_offset)
+from memballoon.virtio_ring import (VirtqueueBroken, VirtqueueError, VirtqueueFull, VringDesc,
+                                    VringVirtqueue, sg_split, vring_avail_event_offset,
+                                    vring_create_virtqueue, vring_need_event,
+                                    vring_new_virtqueue, vring_used_event_offset)
 
 PAGE = 4096
 GIVE = c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES

@@ -12,16 +12,15 @@ import os
 import cocotb
 import pytest
 
+from memballoon.constants import (PCI_CLASS_REVISION, PCI_DEVICE_ID, PCI_HEADER_TYPE,
+                                  PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID)
 from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.lspci import format_dump, parse_lspci, read_config_space, run_lspci
 from memballoon.tb.cfg_ext import CfgExtTimeout
 from memballoon.tb.harness import MemballoonTb
 from memballoon.tb.runner import params_from_env, run_cocotb
-from memballoon.virtio_pci_modern import (PCI_CLASS_REVISION, PCI_DEVICE_ID, PCI_HEADER_TYPE,
-                                          PCI_SUBSYSTEM_ID, PCI_SUBSYSTEM_VENDOR_ID,
-                                          PCI_VENDOR_ID, FeaturesNotAccepted,
-                                          VirtioPciModernDevice)
+from memballoon.virtio_pci_modern import FeaturesNotAccepted, VirtioPciModernDevice
 
 from cocotbext.pcie.core.caps import PciCapId
 from cocotbext.pcie.core.tlp import CplStatus, TlpType
