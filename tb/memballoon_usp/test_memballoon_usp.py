@@ -25,9 +25,6 @@ from memballoon.virtio_pci_modern import FeaturesNotAccepted, VirtioPciModernDev
 from cocotbext.pcie.core.caps import PciCapId
 from cocotbext.pcie.core.tlp import CplStatus, TlpType
 
-PCI_BASE_ADDRESS_0 = 0x10
-PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x04
-PCI_BASE_ADDRESS_MEM_PREFETCH = 0x08
 #: Long enough for an MSI-X message to cross the model many times over (simulated s).
 IRQ_TIMEOUT = 10e-6
 #: How long "no interrupt" is watched for.
@@ -108,9 +105,9 @@ async def enumeration_identity(dut):
     assert await be.config_read(PCI_SUBSYSTEM_ID, 2) >= 0x40
     assert vdev.id_device == c.VIRTIO_ID_MEMORY_BALLOON
 
-    bar0 = await be.config_read(PCI_BASE_ADDRESS_0, 4)
-    assert bar0 & 0xF == PCI_BASE_ADDRESS_MEM_TYPE_64, f"BAR0 flags {bar0 & 0xF:#x}"
-    assert not bar0 & PCI_BASE_ADDRESS_MEM_PREFETCH
+    bar0 = await be.config_read(c.PCI_BASE_ADDRESS_0, 4)
+    assert bar0 & 0xF == c.PCI_BASE_ADDRESS_MEM_TYPE_64, f"BAR0 flags {bar0 & 0xF:#x}"
+    assert not bar0 & c.PCI_BASE_ADDRESS_MEM_PREFETCH
     assert be.bar_size(0) == params.bar.size
     assert all(be.bar_size(n) == 0 for n in range(2, 6))
 
