@@ -30,7 +30,7 @@ class MemballoonUsp(wiring.Component):
         self._shim = UspShim(params.data_width)
         self._device = MemballoonDevice(params)
         hard_ip_ports = {name: member for name, member in self._shim.signature.members.items()
-                         if name not in _NEUTRAL_SIDE}
+                         if member.is_port}
         # The device's view of its AXI4-Lite slave port, which is the top level's view too.
         mgmt_ports = {MGMT_PREFIX + name: member
                       for name, member in self._device.signature.members["mgmt"]
