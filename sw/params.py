@@ -35,6 +35,8 @@ class DeviceParams:
                              c.VIRTIO_MEMBALLOON_F_1G)
     #: MSI-X vectors: one for configuration changes and one per queue (C11).
     msix_vectors: int = 1 + c.NUM_QUEUES
+    #: Pages the balloon bitmap tracks (C8): a power of two, 2**10 .. 2**24.
+    bitmap_pages: int = 1 << 20
     #: Legacy configuration-space window the PCIE4 block hands to user logic through
     #: cfg_ext (byte offset and size); see README "PG213 finding".
     cfg_ext_base: int = 0xB0
@@ -50,6 +52,9 @@ class DeviceParams:
         if not self.page_size_bits or any(b not in c.PAGE_SIZE_FEATURE_BITS
                                           for b in self.page_size_bits):
             raise ValueError("page_size_bits must name at least one bit in 1..23 (C3)")
+        b = self.bitmap_pages
+        if b < 1 << 10 or b > 1 << 24 or b & (b - 1):
+            raise ValueError(f"bitmap_pages must be a power of two in 2**10..2**24, not {b}")
         if not 1 + c.NUM_QUEUES <= self.msix_vectors <= 64:
             raise ValueError(f"msix_vectors must be in {1 + c.NUM_QUEUES}..64")
         if self.cfg_ext_base % 4 or self.cfg_ext_size % 4 or \
