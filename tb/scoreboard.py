@@ -1,0 +1,374 @@
+"""Lockstep comparison of the RTL with the reference model, and the RTL as a scenario rig.
+
+:class:`SimRig` is the RTL over the PCIe model (``tb/harness.py``) as a
+:class:`~memballoon.tb.scenarios.Rig`: the management port is the harness's AXI4-Lite
+master; every memory request the device sends to the root complex is logged exact to the
+byte (C12) and can be made to fail (C7): an Unsupported Request or Completer Abort
+completion, or no completion at all. A posted write cannot fail on PCIe except by Bus
+Master Enable going low under the device, so :meth:`SimRig.fail_writes_after` drops
+Bus Master Enable the moment the device has taken the last completion of a given read.
+
+:class:`Lockstep` drives two rigs with the same operations, each through its own driver
+model, and after every step compares what the contract fixes: the bitmap (read over the
+management port), ``balloon_pages``, the balloon counters, device status, fault info and
+return budget, both used areas byte for byte, the results the driver got (GET counts,
+used lengths, MIN_BALLOON values) and the driver's own view of the balloon.
+:func:`random_stream` is the seeded stream it runs; a mismatch raises
+:class:`ScoreboardMismatch` naming the seed and step.
+"""
+
+import random
+
+import cocotb
+from cocotb.triggers import ClockCycles, RisingEdge
+from cocotbext.pcie.core.tlp import Tlp, TlpType
+from cocotbext.pcie.core.utils import PcieId
+
+from memballoon import constants as c
+from memballoon.virtio_memballoon import DeviceNeedsReset
+from memballoon.virtio_ring import sg_split
+
+from . import scenarios as s
+from .scenarios import Rig
+
+__all__ = ["SimRig", "Lockstep", "ScoreboardMismatch", "random_stream"]
+
+#: user_clk cycles :meth:`SimRig.settle` lets pass (the device finishing a used-ring
+#: update or an interrupt after the driver saw the buffer).
+SETTLE_CYCLES = 200
+#: How many times a comparison settles and looks again before it calls a difference real.
+SETTLE_TRIES = 20
+
+
+class SimRig(Rig):
+    """The RTL of one :class:`~memballoon.tb.harness.MemballoonTb` after enumeration."""
+
+    def __init__(self, tb):
+        self.tb = tb
+        self.backend = tb.backend
+        self.params = tb.params
+        self.dma_log = []
+        self._read_faults = []
+        self._trigger = None            # end address of the read that drops bus mastering
+        self._cpl_sent = 0              # completions the root complex sent since arming
+        self._cpl_target = None         # ... up to the trigger read's last one
+        self._fired = None
+        rc = tb.rc
+        self._read = rc.rx_tlp_handler[TlpType.MEM_READ]
+        self._write = rc.rx_tlp_handler[TlpType.MEM_WRITE]
+        for fmt_type in (TlpType.MEM_READ, TlpType.MEM_READ_64):
+            rc.register_rx_tlp_handler(fmt_type, self._on_read)
+        for fmt_type in (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64):
+            rc.register_rx_tlp_handler(fmt_type, self._on_write)
+        send = rc.send
+
+        async def counting_send(tlp):
+            if tlp.fmt_type in (TlpType.CPL, TlpType.CPL_DATA):
+                self._cpl_sent += 1
+            await send(tlp)
+        rc.send = counting_send
+
+    async def mgmt_read(self, offset):
+        return await self.tb.mgmt_read(offset)
+
+    async def mgmt_write(self, offset, value):
+        await self.tb.mgmt_write(offset, value)
+
+    @staticmethod
+    def _span(tlp):
+        return tlp.address + tlp.get_first_be_offset(), tlp.get_be_byte_count()
+
+    async def _on_read(self, tlp):
+        addr, length = self._span(tlp)
+        self.dma_log.append(("r", addr, length))
+        for start, end, how in self._read_faults:
+            if addr < end and start < addr + length:
+                if how == "timeout":
+                    return
+                make = Tlp.create_ur_completion_for_tlp if how == "UR" else \
+                    Tlp.create_ca_completion_for_tlp
+                await self.tb.rc.send(make(tlp, PcieId(0, 0, 0)))
+                return
+        await self._read(tlp)
+        if self._trigger is not None and addr < self._trigger <= addr + length:
+            self._cpl_target = self._cpl_sent
+
+    async def _on_write(self, tlp):
+        addr, length = self._span(tlp)
+        msi = any(region is self.tb.rc.msi_region for *_, region in
+                  self.tb.rc.mem_address_space.find_regions(addr, length))
+        if not msi:
+            self.dma_log.append(("w", addr, length))
+        await self._write(tlp)
+
+    def fail_reads(self, addr, length, how="UR"):
+        if how not in ("UR", "CA", "timeout"):
+            raise ValueError(f"a read fails by UR, CA or timeout, not {how!r}")
+        self._read_faults.append((addr, addr + length, how))
+
+    def fail_writes_after(self, addr, length):
+        self._trigger = addr + length
+        self._cpl_sent = 0
+        self._cpl_target = None
+        self._fired = cocotb.start_soon(self._drop_bus_master())
+
+    async def _drop_bus_master(self):
+        """Count the completions the device takes (one ``tlast`` each: no straddling);
+        once it has taken the trigger read's last one, clear Bus Master Enable as the
+        host's command-register write would."""
+        dut = self.tb.dut
+        taken = 0
+        while self._cpl_target is None or taken < self._cpl_target:
+            await RisingEdge(dut.user_clk)
+            if dut.s_axis_rc_tvalid.value and dut.s_axis_rc_tready.value and \
+                    dut.s_axis_rc_tlast.value:
+                taken += 1
+        self.tb.function.bus_master_enable = False
+
+    async def clear_faults(self):
+        self._read_faults = []
+        if self._fired is not None:
+            await self._fired
+            self._fired = self._trigger = None
+            self.tb.function.bus_master_enable = True
+
+    async def flr(self):
+        await self.tb.flr_handshake()
+        await self.tb.restore_msix_table()
+
+    async def settle(self):
+        await ClockCycles(self.tb.dut.user_clk, SETTLE_CYCLES)
+
+
+# --- lockstep ---------------------------------------------------------------------------------
+
+class ScoreboardMismatch(AssertionError):
+    """The two rigs disagree."""
+
+
+class _Side:
+    """One rig with its driver and the random source of its scatter lists."""
+
+    def __init__(self, rig, seed):
+        self.rig = rig
+        self.vb = None
+        self.sg_rng = random.Random(seed)
+
+
+class Lockstep:
+    """``ref`` and ``dut`` rigs driven by the same operations (the reference first)."""
+
+    def __init__(self, ref, dut):
+        self.ref = ref
+        self.dut = dut
+        self.sides = ()
+        self.context = ""
+
+    def start(self, seed):
+        self.sides = (_Side(self.ref, seed), _Side(self.dut, seed))
+
+    async def each(self, op, what):
+        """Run ``op(side)`` on both sides; both results must be equal. Returns it."""
+        results = [await op(side) for side in self.sides]
+        if results[0] != results[1]:
+            raise ScoreboardMismatch(f"{self.context}: {what}: reference {results[0]!r}, "
+                                     f"device {results[1]!r}")
+        return results[0]
+
+    @staticmethod
+    async def _snapshot(side, words):
+        rig, vb = side.rig, side.vb
+        state = {
+            "bitmap": sorted(await s.read_bitmap(rig, words)),
+            "balloon_pages": await s.read_balloon_pages(rig),
+            **await s.read_counters(rig),
+            **{name: await rig.mgmt_read(getattr(c, name)) for name in
+               ("MGMT_DEVICE_STATUS", "MGMT_FAULT_INFO", "MGMT_RETURN_BUDGET")},
+            "driver pages": list(vb.pages), "driver size": vb.num_pages,
+            "driver extra": sorted(vb.extra_pages), "driver minimum": vb.min_balloon,
+        }
+        for vq in (vb.fromdev_vq, vb.todev_vq):
+            state[f"{vq.name} used area"] = (await s.used_area(vq)).hex()
+        return state
+
+    async def compare(self, words):
+        """Everything the contract fixes is equal on both sides (the device is given time
+        to finish what it started before a difference counts)."""
+        ref = await self._snapshot(self.sides[0], words)
+        for _ in range(SETTLE_TRIES):
+            await self.dut.settle()
+            dut = await self._snapshot(self.sides[1], words)
+            diffs = [f"{key}: reference {ref[key]!r}, device {dut[key]!r}"
+                     for key in ref if ref[key] != dut[key]]
+            if not diffs:
+                return
+        raise ScoreboardMismatch(f"{self.context}: " + "; ".join(diffs))
+
+
+def random_sg_policy(rng, vb):
+    """Each command split at random bytes, its GET result over random writable pieces,
+    direct or indirect at random where the queue allows."""
+    def policy(command, writable):
+        cuts = [rng.randrange(len(command) + 1) for _ in range(rng.randrange(4))]
+        sgs = [(piece, False) for piece in sg_split(command, cuts)]
+        left = writable
+        while left:
+            piece = rng.randint(1, left)
+            sgs.append((bytearray(piece), True))
+            left -= piece
+        vq = vb.todev_vq
+        if vq.indirect:
+            return sgs, rng.choice([None, True] if len(sgs) > vq.num else [None, True, False])
+        if len(sgs) > vq.num:
+            sgs = [(command, False)] + ([(bytearray(writable), True)] if writable else [])
+        return sgs, None
+    return policy
+
+
+EXTRA_FIRST_FROM_END = 16
+EXTRA_PAGES = 8
+POOL_PAGES = 48
+#: Pages raw commands name: below the driver's pool, never in the balloon.
+RAW_PAGES = range(1, 8)
+
+
+async def random_stream(lockstep, seed, steps=60):
+    """A seeded stream on both rigs: random page size, features, queue size, command
+    chunking and scatter lists; gives, gets (partial grants by budget), exchanges, extra
+    memory, raw malformed and violating commands, minimums followed by the policy, host
+    reset requests and resets with buffers outstanding. Compared after every step and in
+    full at the end. Returns the steps run."""
+    rng = random.Random(seed)
+    lockstep.start(seed)
+    ref_rig = lockstep.ref
+    params = ref_rig.params
+    n = params.bitmap_pages
+    page_size = c.page_size_of_feature(rng.choice(params.page_size_bits))
+    without = rng.choice([(), (s.EXTRA_MEM,), (c.VIRTIO_F_INDIRECT_DESC,),
+                          (c.VIRTIO_F_RING_EVENT_IDX, s.EXTRA_MEM),
+                          (c.VIRTIO_F_INDIRECT_DESC, c.VIRTIO_F_RING_EVENT_IDX)])
+    sizes = [2, 4, 16, 64, 256] if c.VIRTIO_F_INDIRECT_DESC in without else [1, 2, 16, 256]
+    queue_size = rng.choice([q for q in sizes if q <= params.max_queue_size])
+    chunk = rng.choice([1, 3, 64, 512])
+    extra_first = n - EXTRA_FIRST_FROM_END
+    extra = [page_size * p for p in range(extra_first, extra_first + EXTRA_PAGES)]
+    universe = set(RAW_PAGES) | set(range(s.POOL_FIRST_PAGE, s.POOL_FIRST_PAGE + POOL_PAGES)) \
+        | set(range(extra_first, extra_first + EXTRA_PAGES))
+    words = sorted({p // 32 for p in universe})
+    lockstep.context = (f"seed {seed}: {c.size_name(page_size)} pages, without "
+                        f"{[c.FEATURE_NAMES[b] for b in without]}, queue {queue_size}, "
+                        f"{chunk} pages per command, setup")
+
+    async def setup(side):
+        await s.set_extra_range(side.rig, extra_first, EXTRA_PAGES)
+        side.vb = await s.probe(side.rig, pool_pages=POOL_PAGES, page_size=page_size,
+                                without=without, queue_size=queue_size,
+                                max_pages_per_cmd=chunk)
+        side.vb.sg_policy = random_sg_policy(side.sg_rng, side.vb)
+    await lockstep.each(setup, "setup")
+    await lockstep.compare(words)
+    head = lockstep.context.rsplit(", ", 1)[0]
+
+    async def give(side, count):
+        vb = side.vb
+        await vb.give_pages([vb.pool.alloc_page() for _ in range(count)])
+
+    async def get(side, wanted):
+        granted = await side.vb.get_pages(wanted)
+        for addr in granted:
+            if addr not in side.vb.extra_origin:
+                side.vb.pool.free_page(addr)
+        return granted
+
+    async def exchange(side, wanted, count):
+        vb = side.vb
+        await vb.exchange_pages(wanted, [vb.pool.alloc_page() for _ in range(count)])
+        for addr in wanted:
+            if addr not in vb.extra_origin:
+                vb.pool.free_page(addr)
+
+    async def get_extra(side, wanted, give_back):
+        got = await side.vb.get_pages(wanted)
+        if got and give_back:
+            await side.vb.give_pages(got)
+        return got
+
+    async def raw(side, data, writable):
+        return await s.raw_command(side.vb, data, writable)
+
+    async def minimum(side, value):
+        await s.set_min_balloon(side.rig, value)
+        got = await side.vb.wait_for_host(s.WAIT)
+        return got, await side.vb.update_balloon_size()
+
+    async def reset_request(side):
+        await side.rig.mgmt_write(c.MGMT_CONTROL, c.MGMT_CONTROL_REQUEST_RESET)
+        await side.rig.backend.wait_irq(s.CONFIG_VECTOR, s.WAIT)
+        try:
+            await side.vb.give_pages([side.vb.pool.alloc_page()])
+        except DeviceNeedsReset:
+            refused = True
+        else:
+            refused = False
+        await side.vb.reset()
+        await s.set_return_budget(side.rig, c.MGMT_UNLIMITED_BUDGET)
+        return refused
+
+    async def reset_outstanding(side, count):
+        # Buffers the device has not used and a doorbell it cannot serve (no bus
+        # mastering): the reset drops both and the new queues start clean.
+        rig, vq = side.rig, side.vb.todev_vq
+        for _ in range(count):
+            await vq.virtqueue_add_outbuf([s.cmd(s.GIVE, s.page_addr(1, page_size))], "out")
+        await rig.backend.config_write(c.PCI_COMMAND, c.PCI_COMMAND_MEMORY, 2)
+        await vq.virtqueue_notify()
+        await side.vb.reset()
+        await rig.backend.config_write(c.PCI_COMMAND,
+                                       c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER, 2)
+
+    vb = lockstep.sides[0].vb
+    raw_cases = [(data, writable) for _, data, writable, policy in
+                 s._malformed_cases(n) if policy is None]
+    ops = ["give", "give", "get", "get", "exchange", "extra", "budget", "min", "raw",
+           "reset-request", "reset-outstanding"]
+    for step in range(steps):
+        op = rng.choice(ops)
+        lockstep.context = f"{head}, step {step} ({op})"
+        if op == "give" and vb.pool.free:
+            count = rng.randint(1, len(vb.pool.free))
+            await lockstep.each(lambda side: give(side, count), "give")
+        elif op == "get" and vb.pages:
+            wanted = rng.sample(list(vb.pages), rng.randint(1, len(vb.pages)))
+            await lockstep.each(lambda side: get(side, wanted), "granted pages")
+        elif op == "exchange" and vb.pages and vb.pool.free:
+            count = rng.randint(1, min(len(vb.pages), len(vb.pool.free)))
+            wanted = rng.sample(list(vb.pages), count)
+            await lockstep.each(lambda side: exchange(side, wanted, count), "exchange")
+        elif op == "extra" and vb.extra_mem:
+            free = [addr for addr in extra if addr not in vb.extra_pages and addr not in vb.pages]
+            if free:
+                wanted = rng.sample(free, rng.randint(1, len(free)))
+                back = rng.random() < 0.5
+                await lockstep.each(lambda side: get_extra(side, wanted, back), "extra pages")
+        elif op == "budget":
+            budget = rng.choice([0, 1, 5, c.MGMT_UNLIMITED_BUDGET])
+            await lockstep.each(lambda side: s.set_return_budget(side.rig, budget), "budget")
+        elif op == "min":
+            value = rng.randint(-4, 40) * page_size + rng.choice([0, 0, 1])
+            await lockstep.each(lambda side: minimum(side, value), "minimum and policy")
+        elif op == "raw":
+            page = s.page_addr(rng.choice(RAW_PAGES), page_size)
+            data, writable = rng.choice(raw_cases + [
+                (s.cmd(s.GIVE, page + 8, s.page_addr(n, page_size)), 0),
+                (s.cmd(s.GET, page), s.GET_RESULT),
+                (s.cmd(s.EXCHANGE, page + page_size // 2, s.page_addr(n + 1, page_size)), 0)])
+            await lockstep.each(lambda side: raw(side, data, writable), "raw command")
+        elif op == "reset-request":
+            await lockstep.each(reset_request, "reset request refused the next command")
+        elif op == "reset-outstanding":
+            count = rng.randint(1, vb.todev_vq.num_free)
+            await lockstep.each(lambda side: reset_outstanding(side, count), "reset")
+        await lockstep.compare(words)
+    lockstep.context = f"{head}, end"
+    await lockstep.compare(range(-(-n // 32)))
+    return steps
