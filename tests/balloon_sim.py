@@ -1,0 +1,144 @@
+"""Simulation helpers shared by the balloon tests: stream producers and consumers with
+seeded idle and backpressure, and a virtqueue engine model on a CommandSignature."""
+
+import os
+import struct
+from collections import deque
+
+from amaranth.sim import Simulator
+
+
+def simulate(dut, testbenches, background=(), processes=()):
+    sim = Simulator(dut)
+    sim.add_clock(4e-9)
+    for testbench in testbenches:
+        sim.add_testbench(testbench)
+    for testbench in background:
+        sim.add_testbench(testbench, background=True)
+    for process in processes:
+        sim.add_process(process)
+    if os.environ.get("WAVES") == "1":
+        name = os.environ["PYTEST_CURRENT_TEST"].split(" ")[0].split("::")[-1]
+        with sim.write_vcd(f"{name.translate(str.maketrans('[]/', '___'))}.vcd"):
+            sim.run()
+    else:
+        sim.run()
+
+
+async def stream_put(ctx, stream, payload, rng=None, idle=0.0):
+    """Offer one payload after seeded idle cycles; return once it was taken."""
+    while rng is not None and rng.random() < idle:
+        await ctx.tick()
+    ctx.set(stream.valid, 1)
+    ctx.set(stream.payload, payload)
+    await ctx.tick().until(stream.ready)
+    ctx.set(stream.valid, 0)
+
+
+def stream_consumer(stream, sink, rng, backpressure):
+    """A process taking every payload into ``sink`` with seeded backpressure; it checks
+    the stream rule that a payload stays valid and unchanged until taken."""
+    async def process(ctx):
+        stalled = None
+        async for _, _, valid, ready, payload in ctx.tick().sample(
+                stream.valid, stream.ready, stream.payload):
+            if stalled is not None:
+                assert valid and payload == stalled, "payload changed or withdrawn"
+            if valid and ready:
+                sink.append(payload)
+            stalled = payload if valid and not ready else None
+            ctx.set(stream.ready, rng.random() >= backpressure)
+    return process
+
+
+async def wait_until_clear(ctx, signal, timeout=10_000):
+    """Wait for ``signal`` to be low, failing instead of hanging."""
+    for _ in range(timeout):
+        if not ctx.get(signal):
+            return
+        await ctx.tick()
+    raise AssertionError(f"{signal!r} still high after {timeout} cycles")
+
+
+def le64_words(readable):
+    """The CommandWord payloads of ``readable`` bytes: le64, zero-padded, last marked."""
+    padded = readable + bytes(-len(readable) % 8)
+    values = struct.unpack(f"<{len(padded) // 8}Q", padded)
+    return [{"data": value, "last": i == len(values) - 1} for i, value in enumerate(values)]
+
+
+class EngineModel:
+    """The virtqueue engine side of a ``CommandSignature``: submitted buffers go out as
+    headers and words on two independent producers, results come back with backpressure.
+
+    ``results[i]`` is ``(used_len, write_data, write_count)`` of buffer ``i``; a result
+    before the last word of its buffer was taken fails the test (interface.py: results
+    are sent after the command's last word).
+    """
+
+    def __init__(self, port, rng, idle=0.3, backpressure=0.3):
+        self._port = port
+        self._rng = rng
+        self._idle = idle
+        self._backpressure = backpressure
+        self._headers = deque()
+        self._words = deque()
+        self._word_counts = []          # words of each submitted buffer
+        self._words_taken = 0
+        self.results = []
+
+    def submit(self, readable, writable, head=0):
+        words = le64_words(readable)
+        self._headers.append({"head": head, "readable": len(readable), "writable": writable})
+        self._words.extend(words)
+        self._word_counts.append(len(words))
+
+    @property
+    def submitted(self):
+        return len(self._word_counts)
+
+    async def _produce(self, ctx, stream, queue, on_taken=None):
+        while True:
+            if not queue:
+                await ctx.tick()
+                continue
+            await stream_put(ctx, stream, queue.popleft(), self._rng, self._idle)
+            if on_taken:
+                on_taken()
+
+    def _word_taken(self):
+        self._words_taken += 1
+
+    async def _consume(self, ctx):
+        result = self._port.result
+        stalled = None
+        async for _, _, valid, ready, payload in ctx.tick().sample(
+                result.valid, result.ready, result.payload):
+            if stalled is not None:
+                assert valid and payload == stalled, "result changed or withdrawn"
+            if valid and ready:
+                index = len(self.results)
+                assert index < self.submitted, "result without a buffer"
+                assert self._words_taken >= sum(self._word_counts[:index + 1]), \
+                    f"result of buffer {index} before its last word"
+                self.results.append((payload.used_len, payload.write_data,
+                                     payload.write_count))
+            stalled = payload if valid and not ready else None
+            ctx.set(result.ready, self._rng.random() >= self._backpressure)
+
+    def background(self):
+        """Testbenches to add with ``background=True``."""
+        async def headers(ctx):
+            await self._produce(ctx, self._port.header, self._headers)
+
+        async def words(ctx):
+            await self._produce(ctx, self._port.words, self._words, self._word_taken)
+        return [headers, words, self._consume]
+
+    async def wait_results(self, ctx, count=None, timeout=100_000):
+        count = self.submitted if count is None else count
+        for _ in range(timeout):
+            if len(self.results) >= count:
+                return
+            await ctx.tick()
+        raise AssertionError(f"{len(self.results)} of {count} results after {timeout} cycles")

@@ -1,0 +1,449 @@
+"""The balloon core against a small model of C5 and C8, plus reset (C9) and host side (C10)."""
+
+import random
+import struct
+from collections import Counter
+
+import pytest
+from amaranth.lib import data
+
+from balloon_sim import EngineModel, simulate, wait_until_clear
+from memballoon import constants as c
+from memballoon.hdl.balloon.core import BalloonCore
+from memballoon.hdl.balloon.interface import BalloonCounters
+
+PAGES = 2 ** 10
+GET, GIVE, EXCHANGE = (c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES, c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES,
+                       c.VIRTIO_MEMBALLOON_GCMD_EXCHANGE_PAGES)
+UNLIMITED = c.MGMT_UNLIMITED_BUDGET
+MASK64 = 2 ** 64 - 1
+COUNTERS = list(data.Layout.cast(BalloonCounters).members)
+
+
+def command(code, addresses=()):
+    return struct.pack(f"<{1 + len(addresses)}Q", code & MASK64,
+                       *(address & MASK64 for address in addresses))
+
+
+class BalloonModel:
+    """C5 and C8 as the contract words them, one command at a time."""
+
+    def __init__(self, page_shift, base, extra_mem, pages=PAGES):
+        self.page_shift = page_shift
+        self.base = base
+        self.extra_mem = extra_mem
+        self.pages = pages
+        self.owned = set()                  # bit set: the host owns the page
+        self.balloon_pages = 0
+        self.budget = UNLIMITED
+        self.extra = range(0)
+        self.counters = Counter()
+
+    def page(self, address):
+        """The page of a valid address, or the kind of violation (C5)."""
+        if address % (1 << self.page_shift):
+            return "violation_misaligned"
+        offset = address - self.base
+        if offset < 0 or offset >> self.page_shift >= self.pages:
+            return "violation_out_of_window"
+        return offset >> self.page_shift
+
+    def grantable(self, page):
+        return page in self.owned and (self.extra_mem or page not in self.extra)
+
+    def commit_extra(self, first, count):
+        first = min(first, self.pages)
+        self.extra = range(first, min(first + count, self.pages))
+        self.owned |= set(self.extra)
+
+    def reset(self):
+        """C9: the balloon empties, the extra range is host-owned again."""
+        self.owned = set(self.extra)
+        self.balloon_pages = 0
+
+    def _enter(self, address):
+        page = self.page(address)
+        if isinstance(page, str):
+            self.counters[page] += 1
+        elif page in self.owned:
+            self.counters["violation_double_give"] += 1
+        else:
+            self.owned.add(page)
+            self.balloon_pages += 1
+            self.counters["pages_entered"] += 1
+
+    def _leave(self, page):
+        self.owned.remove(page)
+        self.balloon_pages -= 1
+        self.counters["pages_left"] += 1
+
+    def execute(self, readable, writable):
+        """The result (used_len, K or None) of one todevq command."""
+        padded = readable + bytes(-len(readable) % 8)
+        values = struct.unpack(f"<{len(padded) // 8}Q", padded)
+        code, addresses = (values[0], values[1:]) if values else (None, ())
+        n = len(addresses)
+        if (not readable or len(readable) % 8 or code not in (GET, GIVE, EXCHANGE) or n == 0
+                or (code == EXCHANGE and n % 2)
+                or writable != (8 if code == GET else 0)):
+            self.counters["cmd_malformed"] += 1
+            return 0, None
+        if code == GIVE:
+            self.counters["cmd_give"] += 1
+            for address in addresses:
+                self._enter(address)
+            return 0, None
+        if code == EXCHANGE:
+            self.counters["cmd_exchange"] += 1
+            for address in addresses[:n // 2]:
+                page = self.page(address)
+                if isinstance(page, str):
+                    self.counters[page] += 1
+                elif self.grantable(page):
+                    self._leave(page)
+                else:
+                    self.counters["violation_not_in_balloon"] += 1
+            for address in addresses[n // 2:]:
+                self._enter(address)
+            return 0, None
+        self.counters["cmd_get"] += 1
+        granted = 0
+        for address in addresses:
+            page = self.page(address)
+            if isinstance(page, str) or not self.grantable(page) or self.budget == 0:
+                break
+            self._leave(page)
+            granted += 1
+            if self.budget != UNLIMITED:
+                self.budget -= 1
+        if granted < n:
+            self.counters["get_short"] += 1
+        return 8, granted
+
+
+class CoreBench:
+    def __init__(self, seed, page_shift=12, base=0x2_0000_0000, extra_mem=1, pages=PAGES,
+                 idle=0.3, backpressure=0.3):
+        self.rng = random.Random(seed)
+        self.dut = BalloonCore(pages)
+        self.pages = pages
+        self.model = BalloonModel(page_shift, base, extra_mem, pages)
+        self.todevq = EngineModel(self.dut.todevq, self.rng, idle, backpressure)
+        self.fromdevq = EngineModel(self.dut.fromdevq, self.rng, idle, backpressure)
+
+    async def start(self, ctx):
+        """Settings as the device has them when the driver runs; the power-on clear."""
+        host = self.dut.host
+        ctx.set(self.dut.page_shift, self.model.page_shift)
+        ctx.set(self.dut.extra_mem, self.model.extra_mem)
+        ctx.set(host.window_base, self.model.base)
+        await self.reset(ctx)
+
+    async def reset(self, ctx):
+        """C9: a reset pulse; busy rises in the next cycle and stays up until the clear is
+        done, pages / 64 cycles."""
+        ctx.set(self.dut.reset, 1)
+        await ctx.tick()
+        ctx.set(self.dut.reset, 0)
+        cycles = 0
+        while ctx.get(self.dut.busy):
+            assert ctx.get(self.dut.host.busy) and cycles < self.pages // 64
+            await ctx.tick()
+            cycles += 1
+        assert cycles == self.pages // 64
+        self.model.reset()
+
+    async def write_budget(self, ctx, budget):
+        await self._pulse(ctx, self.dut.host.return_budget_write, budget)
+        self.model.budget = budget
+
+    async def commit_extra(self, ctx, first, count):
+        await self._pulse(ctx, self.dut.host.extra_range_write,
+                          {"first": first, "count": count})
+        await wait_until_clear(ctx, self.dut.busy)
+        self.model.commit_extra(first, count)
+
+    async def _pulse(self, ctx, stream, payload):
+        ctx.set(stream.valid, 1)
+        ctx.set(stream.payload, payload)
+        await ctx.tick()
+        ctx.set(stream.valid, 0)
+
+    async def read_word(self, ctx, index):
+        host = self.dut.host
+        ctx.set(host.bitmap_read.valid, 1)
+        ctx.set(host.bitmap_read.payload, index)
+        await ctx.tick().until(host.bitmap_read.ready)
+        ctx.set(host.bitmap_read.valid, 0)
+        while not ctx.get(host.bitmap_data.valid):
+            await ctx.tick()
+        return ctx.get(host.bitmap_data.payload)
+
+    async def owned_pages(self, ctx):
+        pages = set()
+        for index in range(self.pages // 32):
+            word = await self.read_word(ctx, index)
+            pages |= {32 * index + i for i in range(32) if word >> i & 1}
+        return pages
+
+    async def run_batch(self, ctx, commands):
+        """Execute commands on both sides; check the results and the host's view."""
+        expected = [self.model.execute(*command_) for command_ in commands]
+        first = len(self.todevq.results)
+        for command_ in commands:
+            self.todevq.submit(*command_)
+        await self.todevq.wait_results(ctx)
+        await ctx.tick().repeat(4)              # the last pages reach the bitmap
+        for (readable, _), (used_len, granted), result in zip(
+                commands, expected, self.todevq.results[first:]):
+            assert result[0] == used_len, f"{readable.hex()}"
+            if granted is not None:
+                assert result[1:] == (granted, 8), f"{readable.hex()}"
+            else:
+                assert result[2] == 0
+        self.check_state(ctx)
+
+    def check_state(self, ctx):
+        host = self.dut.host
+        assert ctx.get(host.balloon_pages) == self.model.balloon_pages
+        assert ctx.get(host.return_budget) == self.model.budget
+        counters = ctx.get(host.counters)
+        assert {name: getattr(counters, name) for name in COUNTERS} == \
+            {name: self.model.counters[name] for name in COUNTERS}
+
+    def run(self, testbench):
+        async def bench(ctx):
+            await testbench(ctx, self)
+        simulate(self.dut, [bench], background=self.todevq.background() +
+                 self.fromdevq.background())
+
+
+class Workload:
+    """Random commands over a few hot pages, with invalid addresses of every kind."""
+
+    MALFORMED = [
+        lambda w: (b"", 0),
+        lambda w: (command(w.rng.choice([3, 4, 0x8000, 2 ** 64 - 1]), w.addresses(2)), 0),
+        lambda w: (command(GIVE, w.addresses(2)) + bytes(w.rng.randrange(1, 8)), 0),
+        lambda w: (command(w.rng.choice([GIVE, EXCHANGE])), 0),
+        lambda w: (command(GET), 8),
+        lambda w: (command(EXCHANGE, w.addresses(3)), 0),
+        lambda w: (command(GET, w.addresses(2)), w.rng.choice([0, 4, 16])),
+        lambda w: (command(GIVE, w.addresses(2)), 8),
+        lambda w: (command(EXCHANGE, w.addresses(2)), 8),
+    ]
+
+    def __init__(self, rng, model, extra_pages):
+        self.rng = rng
+        self.model = model
+        self.hot = rng.sample(range(model.pages), 40) + list(extra_pages)
+
+    def address(self, page=None):
+        model, rng = self.model, self.rng
+        size = 1 << model.page_shift
+        page = rng.choice(self.hot) if page is None else page
+        roll = rng.random()
+        if roll < 0.06:
+            return model.base + (page << model.page_shift) + rng.randrange(1, size)
+        if roll < 0.09:
+            return model.base - rng.randrange(1, 4) * size
+        if roll < 0.12:
+            return model.base + (model.pages + rng.randrange(3)) * size
+        return model.base + (page << model.page_shift)
+
+    def addresses(self, n, owned_first=False):
+        owned = sorted(self.model.owned & set(self.hot))
+        return [self.address(self.rng.choice(owned) if owned_first and owned and
+                             self.rng.random() < 0.8 else None) for _ in range(n)]
+
+    def command(self):
+        rng = self.rng
+        n = rng.choice([1, 1, 2, 3, 5, 8, 17])
+        kind = rng.choices(["give", "get", "exchange", "malformed"], [4, 3, 2, 1])[0]
+        if kind == "give":
+            return command(GIVE, self.addresses(n)), 0
+        if kind == "get":
+            return command(GET, self.addresses(n, owned_first=True)), 8
+        if kind == "exchange":
+            return command(EXCHANGE, self.addresses(n, owned_first=True) +
+                           self.addresses(n)), 0
+        return rng.choice(self.MALFORMED)(self)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_commands_match_the_model(seed):
+    """Seeded mixes of GIVE/GET/EXCHANGE/malformed with invalid addresses, budgets, extra
+    ranges and resets, with idle and backpressure on every stream; after each batch the
+    results, balloon_pages, the budget and every counter match the model, and at the end
+    the whole bitmap does."""
+    rng = random.Random(seed)
+    page_shift = rng.choice([12, 21, 30])
+    base = rng.randrange(1 << 14) << 34
+    bench = CoreBench(seed, page_shift, base, extra_mem=rng.random() < 0.6)
+    extra_first = rng.randrange(PAGES)
+    workload = Workload(rng, bench.model, range(extra_first, extra_first + 6))
+
+    async def testbench(ctx, bench):
+        await bench.start(ctx)
+        await bench.commit_extra(ctx, extra_first, rng.choice([4, 40, PAGES]))
+        for _ in range(30):
+            await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 9))])
+            action = rng.random()
+            if action < 0.2:
+                await bench.write_budget(ctx, rng.choice([0, 1, 2, 7, 100, UNLIMITED]))
+            elif action < 0.25:
+                await bench.commit_extra(ctx, rng.randrange(PAGES + 10), rng.randrange(50))
+            elif action < 0.3:
+                await bench.reset(ctx)
+            bench.check_state(ctx)
+        assert await bench.owned_pages(ctx) == bench.model.owned, f"seed {seed}"
+
+    bench.run(testbench)
+    counters = bench.model.counters
+    assert counters["cmd_get"] and counters["cmd_exchange"] and counters["cmd_malformed"]
+    assert counters["violation_double_give"] and counters["violation_misaligned"]
+    assert counters["violation_out_of_window"] and counters["pages_left"]
+
+
+def test_reset_empties_the_balloon_and_keeps_host_state():
+    """C9: bitmap cleared but the extra range refilled, balloon_pages 0; counters, budget
+    and the range survive."""
+    async def testbench(ctx, bench):
+        host = bench.dut.host
+        await bench.start(ctx)
+        await bench.commit_extra(ctx, 500, 30)
+        model = bench.model
+        address = [model.base + (page << 12) for page in range(PAGES)]
+        await bench.write_budget(ctx, 10)
+        await bench.run_batch(ctx, [(command(GIVE, address[:20]), 0),
+                                    (command(GET, address[500:503] + address[:2]), 8)])
+        assert ctx.get(host.balloon_pages) == 20 - 5
+        counters = ctx.get(host.counters)
+        await bench.reset(ctx)
+        bench.check_state(ctx)
+        assert ctx.get(host.balloon_pages) == 0
+        assert ctx.get(host.counters) == counters
+        assert ctx.get(host.return_budget) == 5
+        assert (ctx.get(host.extra_range.first), ctx.get(host.extra_range.count)) == (500, 30)
+        assert await bench.owned_pages(ctx) == set(range(500, 530))
+
+    CoreBench(7).run(testbench)
+
+
+def test_extra_range_is_clipped_to_the_window_and_filled_without_counting():
+    async def testbench(ctx, bench):
+        host = bench.dut.host
+        await bench.start(ctx)
+        for first, count, expected in [(PAGES - 10, 100, (PAGES - 10, 10)),
+                                       (PAGES + 5, 3, (PAGES, 0)),
+                                       (3, 2 ** 32 - 1, (3, PAGES - 3)),
+                                       (64, 64, (64, 64))]:
+            await bench.commit_extra(ctx, first, count)
+            assert (ctx.get(host.extra_range.first), ctx.get(host.extra_range.count)) == \
+                expected
+            bench.check_state(ctx)
+        assert await bench.owned_pages(ctx) == set(range(3, PAGES))
+        assert ctx.get(host.balloon_pages) == 0
+
+    CoreBench(8).run(testbench)
+
+
+def test_budget_is_spent_by_grants_and_all_ones_is_unlimited():
+    async def testbench(ctx, bench):
+        host = bench.dut.host
+        await bench.start(ctx)
+        address = [bench.model.base + (page << 12) for page in range(PAGES)]
+        await bench.run_batch(ctx, [(command(GIVE, address[:40]), 0)])
+        await bench.write_budget(ctx, 3)
+        await bench.run_batch(ctx, [(command(GET, address[:5]), 8),
+                                    (command(GET, address[5:6]), 8),
+                                    (command(EXCHANGE, address[6:8] + address[100:102]), 0)])
+        assert ctx.get(host.return_budget) == 0
+        await bench.write_budget(ctx, UNLIMITED)
+        await bench.run_batch(ctx, [(command(GET, address[8:30]), 8)])
+        assert ctx.get(host.return_budget) == UNLIMITED
+        assert [r[1] for r in bench.todevq.results if r[0] == 8] == [3, 0, 22]
+
+    CoreBench(9).run(testbench)
+
+
+def test_a_budget_written_during_a_get_applies_to_the_next_and_never_wraps():
+    """The GET in progress keeps the budget it started with (its pages are a prefix);
+    its grants still spend the new budget, which stops at 0 instead of wrapping to
+    all-ones (unlimited)."""
+    async def testbench(ctx, bench):
+        host = bench.dut.host
+        await bench.start(ctx)
+        address = [bench.model.base + (page << 12) for page in range(PAGES)]
+        await bench.run_batch(ctx, [(command(GIVE, address[:40]), 0)])
+        await bench.write_budget(ctx, 100)
+        bench.todevq.submit(command(GET, address[:30]), 8)
+        await ctx.tick().until(bench.dut.todevq.words.valid & bench.dut.todevq.words.ready)
+        await bench._pulse(ctx, host.return_budget_write, 2)
+        await bench.todevq.wait_results(ctx)
+        await ctx.tick().repeat(4)
+        assert bench.todevq.results[-1] == (8, 30, 8)
+        assert ctx.get(host.return_budget) == 0
+        bench.todevq.submit(command(GIVE, address[:3]), 0)
+        bench.todevq.submit(command(GET, address[:3]), 8)
+        await bench.todevq.wait_results(ctx)
+        assert bench.todevq.results[-1] == (8, 0, 8)
+
+    CoreBench(13, idle=0.8).run(testbench)
+
+
+def test_bitmap_reads_are_32_bit_words_and_zero_past_the_end():
+    async def testbench(ctx, bench):
+        await bench.start(ctx)
+        address = [bench.model.base + (page << 12) for page in range(PAGES)]
+        pages = [0, 31, 32, 63, 64, 100, PAGES - 1]
+        await bench.run_batch(ctx, [(command(GIVE, [address[p] for p in pages]), 0)])
+        words = [await bench.read_word(ctx, index) for index in (0, 1, 2, 3, PAGES // 32 - 1,
+                                                                 PAGES // 32, 2 ** 32 - 1)]
+        assert words == [1 | 1 << 31, 1 | 1 << 31, 1, 1 << 4, 1 << 31, 0, 0]
+
+    CoreBench(10).run(testbench)
+
+
+def test_min_balloon_reaches_fromdevq_and_a_reset_drops_it():
+    """C6 through the core; C9: the pending minimum does not survive a reset."""
+    async def testbench(ctx, bench):
+        host = bench.dut.host
+        await bench.start(ctx)
+        for value in (1 << 30, 2 << 30):
+            ctx.set(host.min_balloon.valid, 1)
+            ctx.set(host.min_balloon.payload, value)
+            await ctx.tick()
+            ctx.set(host.min_balloon.valid, 0)
+        bench.fromdevq.submit(b"", 16)
+        await bench.fromdevq.wait_results(ctx)
+        assert bench.fromdevq.results == [(16, c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON |
+                                           (2 << 30) << 64, 16)]
+        ctx.set(host.min_balloon.valid, 1)
+        ctx.set(host.min_balloon.payload, 3 << 30)
+        await ctx.tick()
+        ctx.set(host.min_balloon.valid, 0)
+        await bench.reset(ctx)
+        bench.fromdevq.submit(b"", 16)
+        await ctx.tick().repeat(100)
+        assert len(bench.fromdevq.results) == 1
+        counters = ctx.get(host.counters)
+        assert (counters.min_sent, counters.min_dropped) == (1, 1)
+
+    CoreBench(11).run(testbench)
+
+
+def test_the_largest_bitmap_tracks_its_last_page():
+    """2**24 pages (C8's largest build): the last page of the window enters and reads back.
+    The power-on clear is not waited for: 2**18 cycles."""
+    pages = 2 ** 24
+
+    async def testbench(ctx, bench):
+        host = bench.dut.host
+        ctx.set(bench.dut.page_shift, 12)
+        ctx.set(host.window_base, bench.model.base)
+        assert ctx.get(host.bitmap_pages) == pages
+        await bench.run_batch(ctx, [(command(GIVE, [bench.model.base + (pages - 1 << 12)]), 0)])
+        assert await bench.read_word(ctx, pages // 32 - 1) == 1 << 31
+
+    CoreBench(12, pages=pages).run(testbench)

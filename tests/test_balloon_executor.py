@@ -1,0 +1,311 @@
+"""The todevq command executor (C4 granularity, C5, C8) on a real bitmap."""
+
+import random
+import struct
+from collections import Counter
+
+import pytest
+from amaranth.hdl import Module, Signal
+from amaranth.lib import wiring
+
+from balloon_sim import EngineModel, simulate, wait_until_clear
+from memballoon import constants as c
+from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap
+from memballoon.hdl.balloon.executor import CommandExecutor, OpTag
+
+PAGES = 2 ** 10
+GET, GIVE, EXCHANGE = (c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES, c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES,
+                       c.VIRTIO_MEMBALLOON_GCMD_EXCHANGE_PAGES)
+MASK64 = 2 ** 64 - 1
+
+
+def command(code, addresses=()):
+    """The device-readable bytes of a todevq command (C5)."""
+    return struct.pack(f"<{1 + len(addresses)}Q", code & MASK64,
+                       *(address & MASK64 for address in addresses))
+
+
+class Harness:
+    """CommandExecutor + Bitmap, the executor's inputs set by the test, its events counted."""
+
+    def __init__(self, seed, page_shift=12, base=0x1_0000_0000, idle=0.3, backpressure=0.3,
+                 pages=PAGES):
+        self.rng = random.Random(seed)
+        self.pages_tracked = pages
+        self.page_shift = page_shift
+        self.base = base
+        self.executor = CommandExecutor(pages.bit_length() - 1)
+        self.bitmap = Bitmap(pages, OpTag)
+        self.module = m = Module()
+        m.submodules.executor = self.executor
+        m.submodules.bitmap = self.bitmap
+        wiring.connect(m, self.executor.bitmap_request, self.bitmap.request)
+        wiring.connect(m, self.bitmap.response, self.executor.bitmap_response)
+        m.d.comb += [self.bitmap.extra_first.eq(self.executor.extra_first),
+                     self.bitmap.extra_end.eq(self.executor.extra_end)]
+        self.engine = EngineModel(self.executor.command, self.rng, idle, backpressure)
+        self.events = Counter()
+
+    def address(self, page):
+        return self.base + (page << self.page_shift)
+
+    async def setup(self, ctx, extra=(0, 0), extra_mem=0, budget=c.MGMT_UNLIMITED_BUDGET):
+        ctx.set(self.executor.page_shift, self.page_shift)
+        ctx.set(self.executor.window_base, self.base)
+        ctx.set(self.executor.extra_first, extra[0])
+        ctx.set(self.executor.extra_end, extra[1])
+        ctx.set(self.executor.extra_mem, extra_mem)
+        ctx.set(self.executor.return_budget, budget)
+        if extra[1] > extra[0]:
+            ctx.set(self.bitmap.fill, 1)
+            await ctx.tick()
+            ctx.set(self.bitmap.fill, 0)
+            await wait_until_clear(ctx, self.bitmap.busy)
+
+    async def run_commands(self, ctx, *commands):
+        """Submit ``(readable, writable)`` pairs; the results once all are in."""
+        first = len(self.engine.results)
+        for readable, writable in commands:
+            self.engine.submit(readable, writable)
+        await self.engine.wait_results(ctx)
+        await ctx.tick().repeat(4)              # the last requests reach the bitmap
+        return self.engine.results[first:]
+
+    async def pages(self, ctx):
+        """The pages whose bit is set."""
+        pages = set()
+        for index in range(self.pages_tracked // WORD_BITS):
+            ctx.set(self.bitmap.read.valid, 1)
+            ctx.set(self.bitmap.read.payload, index)
+            await ctx.tick()
+            ctx.set(self.bitmap.read.valid, 0)
+            word = ctx.get(self.bitmap.read_data.payload)
+            pages |= {index * WORD_BITS + i for i in range(WORD_BITS) if word >> i & 1}
+        return pages
+
+    def run(self, testbench):
+        async def count_events(ctx):
+            async for _, _, events in ctx.tick().sample(self.executor.events):
+                for name, _ in events.shape():
+                    self.events[name] += getattr(events, name)
+
+        async def bench(ctx):
+            await testbench(ctx, self)
+        simulate(self.module, [bench], background=self.engine.background(),
+                 processes=[count_events])
+
+    def counted(self):
+        return {name: count for name, count in self.events.items() if count}
+
+
+MALFORMED = {
+    "no readable bytes": (b"", 0),
+    "unknown code": (command(3, [0x1_0000_0000]), 0),
+    "huge code": (command(2 ** 63, [0x1_0000_0000]), 0),
+    "length not a multiple of 8": (command(GIVE, [0x1_0000_0000]) + b"\0", 0),
+    "short code": (b"\1\0\0", 0),
+    "GIVE without pages": (command(GIVE), 0),
+    "GET without pages": (command(GET), 8),
+    "EXCHANGE without pages": (command(EXCHANGE), 0),
+    "EXCHANGE odd": (command(EXCHANGE, [0x1_0000_0000] * 3), 0),
+    "GET without writable": (command(GET, [0x1_0000_0000]), 0),
+    "GET with 16 writable": (command(GET, [0x1_0000_0000]), 16),
+    "GET with 7 writable": (command(GET, [0x1_0000_0000]), 7),
+    "GIVE with writable": (command(GIVE, [0x1_0000_0000]), 8),
+    "EXCHANGE with writable": (command(EXCHANGE, [0x1_0000_0000] * 2), 1),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_commands_change_nothing(name):
+    """C5: a malformed command changes no state, completes with used_len 0, is counted."""
+    readable, writable = MALFORMED[name]
+
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        await h.run_commands(ctx, (command(GIVE, [h.address(0), h.address(5)]), 0))
+        results = await h.run_commands(ctx, (readable, writable),
+                                       (command(GET, [h.address(5)]), 8))
+        assert results[0][0] == 0 and results[0][2] == 0
+        assert results[1] == (8, 1, 8)          # the next command runs normally
+        assert await h.pages(ctx) == {0}
+
+    h = Harness(len(name))
+    h.run(testbench)
+    assert h.counted() == {"cmd_give": 1, "cmd_get": 1, "cmd_malformed": 1,
+                           "pages_entered": 2, "pages_left": 1, "granted": 1}
+
+
+def test_give_enters_valid_pages_and_counts_each_violation_by_kind():
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        results = await h.run_commands(ctx, (command(GIVE, [
+            h.address(1), h.address(2),
+            h.address(3) + 8,                   # misaligned
+            h.base - 4096,                      # below the window
+            h.address(PAGES),                   # just past it
+            h.address(PAGES - 1),               # the last page
+            h.address(2),                       # double give
+            h.address(3) + 1 + (PAGES << 12),   # misaligned and outside: misaligned
+            h.address(0),
+        ]), 0))
+        assert results == [(0, results[0][1], 0)]
+        assert await h.pages(ctx) == {0, 1, 2, PAGES - 1}
+
+    h = Harness(1)
+    h.run(testbench)
+    assert h.counted() == {"cmd_give": 1, "pages_entered": 4, "violation_misaligned": 2,
+                           "violation_out_of_window": 2, "violation_double_give": 1}
+
+
+def test_get_grants_a_prefix_and_stops_at_the_first_refusal():
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        await h.run_commands(ctx, (command(GIVE, [h.address(p) for p in (1, 2, 4, 6, 7)]), 0))
+        results = await h.run_commands(
+            ctx,
+            (command(GET, [h.address(p) for p in (1, 2, 3, 4)]), 8),    # 3 not in: K = 2
+            (command(GET, [h.address(4), h.address(6) + 4096 * PAGES, h.address(7)]), 8),
+            (command(GET, [h.address(7), h.address(6)]), 8))            # all: K = 2
+        assert results == [(8, 2, 8), (8, 1, 8), (8, 2, 8)]
+        assert await h.pages(ctx) == set()
+
+    h = Harness(2)
+    h.run(testbench)
+    assert h.counted() == {"cmd_give": 1, "cmd_get": 3, "get_short": 2, "pages_entered": 5,
+                           "pages_left": 5, "granted": 5}
+
+
+@pytest.mark.parametrize("budget,granted", [(0, 0), (1, 1), (3, 3), (5, 4),
+                                            (c.MGMT_UNLIMITED_BUDGET, 4)])
+def test_get_stops_when_the_return_budget_is_spent(budget, granted):
+    async def testbench(ctx, h):
+        await h.setup(ctx, budget=budget)
+        pages = [10, 20, 30, 40]
+        await h.run_commands(ctx, (command(GIVE, [h.address(p) for p in pages]), 0))
+        results = await h.run_commands(ctx, (command(GET, [h.address(p) for p in pages]), 8))
+        assert results == [(8, granted, 8)]
+        assert await h.pages(ctx) == set(pages[granted:])
+
+    Harness(budget % 1000).run(testbench)
+
+
+@pytest.mark.parametrize("extra_mem", [0, 1])
+def test_extra_memory_is_granted_only_with_extra_mem(extra_mem):
+    """C8: pages of the extra range start host-owned; GET grants them only with EXTRA_MEM."""
+    async def testbench(ctx, h):
+        await h.setup(ctx, extra=(100, 164), extra_mem=extra_mem)
+        assert await h.pages(ctx) == set(range(100, 164))
+        results = await h.run_commands(
+            ctx,
+            (command(GET, [h.address(100), h.address(163)]), 8),
+            (command(EXCHANGE, [h.address(101), h.address(5)]), 0),
+            (command(GIVE, [h.address(6)]), 0),
+            (command(GET, [h.address(6)]), 8))          # outside the range: always
+        assert [r[1] for r in results if r[0] == 8] == [2 * extra_mem, 1]
+        remaining = set(range(100, 164)) | {5}
+        if extra_mem:
+            remaining -= {100, 163, 101}
+        assert await h.pages(ctx) == remaining
+
+    h = Harness(3 + extra_mem)
+    h.run(testbench)
+    expected = {"cmd_get": 2, "cmd_exchange": 1, "cmd_give": 1, "pages_entered": 2}
+    if extra_mem:
+        expected.update(pages_left=4, granted=3)
+    else:
+        expected.update(pages_left=1, granted=1, get_short=1, violation_not_in_balloon=1)
+    assert h.counted() == expected
+
+
+def test_exchange_takes_the_wanted_pages_out_first_and_ignores_the_budget():
+    async def testbench(ctx, h):
+        await h.setup(ctx, budget=0)
+        await h.run_commands(ctx, (command(GIVE, [h.address(p) for p in (1, 2, 3)]), 0))
+        results = await h.run_commands(ctx, (command(EXCHANGE, [
+            # wanted: in, not in, in, misaligned, the page the second half gives back
+            h.address(1), h.address(9), h.address(2), h.address(4) + 1, h.address(3),
+            # entering: new, the same again, outside, new, the page that just left
+            h.address(11), h.address(11), h.base - (1 << 12), h.address(12), h.address(3)]),
+            0))
+        assert results == [(0, results[0][1], 0)]
+        assert await h.pages(ctx) == {3, 11, 12}
+
+    h = Harness(4)
+    h.run(testbench)
+    assert h.counted() == {
+        "cmd_give": 1, "cmd_exchange": 1, "pages_entered": 3 + 3, "pages_left": 3,
+        "violation_not_in_balloon": 1, "violation_misaligned": 1,
+        "violation_out_of_window": 1, "violation_double_give": 1}
+
+
+def classify(address, base, page_shift, pages=PAGES):
+    """C5: a page index, or the kind of violation of an invalid address."""
+    if address % (1 << page_shift):
+        return "violation_misaligned"
+    offset = address - base
+    if offset < 0 or offset >> page_shift >= pages:
+        return "violation_out_of_window"
+    return offset >> page_shift
+
+
+@pytest.mark.parametrize("page_shift,base", [
+    (12, 0), (21, 0x40_0000_0000), (30, 1 << 40), (34, 1 << 50), (13, 0x1000),
+    (12, 2 ** 64 - 2 ** 22),            # the window ends at 2**64
+    (12, 2 ** 64 - 2 ** 21)])           # ... would run past it: addresses do not wrap
+def test_granularity_is_the_negotiated_page_size(page_shift, base):
+    """C4: page = (address - base) >> page_shift; the window is PAGES such pages (C8)."""
+    size = 1 << page_shift
+    end = base + PAGES * size
+    candidates = [base, base + size, end - size, end, base - size, base + size // 2,
+                  end - size + 4096, base + 7 * size, end + size, 0, 4096, size]
+    candidates = list(dict.fromkeys(address & MASK64 for address in candidates))
+    kinds = [classify(address, base, page_shift) for address in candidates]
+
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        await h.run_commands(ctx, (command(GIVE, candidates), 0))
+        assert await h.pages(ctx) == {kind for kind in kinds if isinstance(kind, int)}
+
+    h = Harness(page_shift, page_shift=page_shift, base=base)
+    h.run(testbench)
+    for kind in ("violation_misaligned", "violation_out_of_window"):
+        assert h.events[kind] == kinds.count(kind)
+
+
+def test_throughput_of_512_page_commands():
+    """Words one per clock, results taken at once: pages per clock of four back-to-back
+    512-address commands of each kind, from submission to the last result."""
+    figures = {}
+    n = 512
+
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        address = [h.address(p) for p in range(6 * n)]
+        runs = {
+            "GIVE": [(command(GIVE, address[i * n:(i + 1) * n]), 0) for i in range(4)],
+            # wanted: half of what GIVE put in; entering: pages never given.
+            "EXCHANGE": [(command(EXCHANGE, address[i * n // 2:(i + 1) * n // 2] +
+                                  address[4 * n + i * n // 2:4 * n + (i + 1) * n // 2]), 0)
+                         for i in range(4)],
+            "GET": [(command(GET, address[2 * n + i * n:3 * n + i * n]), 8) for i in range(4)],
+        }
+        for kind, commands in runs.items():
+            start = ctx.get(cycle)
+            results = await h.run_commands(ctx, *commands)
+            cycles = ctx.get(cycle) - start - 4
+            figures[kind] = 4 * n / cycles
+            if kind == "GET":
+                assert results == [(8, n, 8)] * 4
+
+    h = Harness(5, idle=0, backpressure=0, pages=2 ** 13)
+    cycle = Signal(32)
+    h.module.d.sync += cycle.eq(cycle + 1)
+    h.run(testbench)
+    print("pages per clock:", {kind: round(value, 3) for kind, value in figures.items()})
+    assert h.counted() == {"cmd_give": 4, "cmd_exchange": 4, "cmd_get": 4,
+                           "pages_entered": 4 * n + 2 * n, "pages_left": 2 * n + 4 * n,
+                           "granted": 4 * n}
+    assert figures["GIVE"] >= 0.99
+    assert figures["EXCHANGE"] >= 0.99
+    assert figures["GET"] >= 0.98
