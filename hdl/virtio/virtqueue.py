@@ -1,0 +1,208 @@
+"""The split-ring virtqueue engine: one per queue (C2: fromdevq 0, todevq 1)."""
+
+from amaranth.hdl import Module, Mux, ResetInserter, Shape, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from ... import constants as c
+from ...params import DeviceParams
+from ..pcie.interface import DmaSignature
+from .common_cfg import QueueConfig
+from .interface import CommandHeader, CommandSignature
+from .vq_avail import AvailFetcher
+from .vq_chain import RESULT_BYTES, ChainWalker, Segment, WritableSegment
+from .vq_data import DataFetcher
+from .vq_read_port import ReadPort
+from .vq_realign import Realigner
+from .vq_used import PendingCompletion, UsedWriter
+from .vq_write_port import WritePort
+
+
+def _fifo(m, name, shape, depth, producer, consumer, reset):
+    """A ``SyncFIFOBuffered`` from stream ``producer`` to stream ``consumer``, emptied by
+    ``reset``."""
+    fifo = SyncFIFOBuffered(width=Shape.cast(shape).width, depth=depth)
+    m.submodules[name] = ResetInserter(reset)(fifo)
+    m.d.comb += [
+        fifo.w_data.eq(producer.payload),
+        fifo.w_en.eq(producer.valid),
+        producer.ready.eq(fifo.w_rdy),
+        consumer.payload.eq(fifo.r_data),
+        consumer.valid.eq(fifo.r_rdy),
+        fifo.r_en.eq(consumer.ready),
+    ]
+
+
+class VirtqueueEngine(wiring.Component):
+    """Serves one split virtqueue (virtio 1.2 2.7) for the device function behind
+    ``command``.
+
+    A doorbell or the queue starting makes it drain every available buffer (C11). The
+    stages overlap, so commands reach the function back to back::
+
+        AvailFetcher ─heads─▶ ChainWalker ─chains──────────────▶ command.header
+                                 │ └─readable─▶ DataFetcher ─▶ Realigner ─▶ command.words
+                                 └───writable────────────────▶ UsedWriter ◀─ command.result
+
+    The blocks share the DMA read channel through a ``ReadPort`` (priority: used-ring
+    suppression read, ring, descriptors, data) and the write channel through a
+    ``WritePort``. Reads of data are credited against their buffer so that no beat ever
+    waits on the function, and the in-order read channel cannot deadlock.
+
+    The readable-segment queue holds ``params.max_queue_size`` entries: a whole chain
+    (C7 bounds it by the queue size), so the walk of a chain always finishes, and its
+    header reaches the function, even while that chain's words wait for it.
+
+    Attributes
+    ----------
+    dma : Out(DmaSignature())
+        Only ring, descriptor-table and device-readable reads; only used-ring and
+        device-writable writes; nothing while ``run`` is low (C12).
+    config : In(QueueConfig)
+    run : In(1)
+        The queue may work: enabled, DRIVER_OK, not resetting. Its rise is a kick.
+    event_idx, indirect : In(1)
+        VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_INDIRECT_DESC negotiated.
+    notify : In(1)
+        Doorbell pulse.
+    command : Out(CommandSignature())
+    interrupt : Out(1)
+        Pulse: a used-buffer notification is due (after suppression, C11); the used index
+        is written before.
+    fault : Out(1)
+        Pulse: a C7 ring fault, of kind ``fault_kind``; the queue stops (no DMA) until
+        ``reset``.
+    fault_kind : Out(c.RingFault)
+        The kind of the last fault; NONE after ``reset``.
+    reset : In(1)
+        Virtio reset (C9): abandon everything; indices back to 0.
+    busy : Out(1)
+        DMA still outstanding: reads whose beats are still to come (they are drained
+        after a reset or a fault), writes not yet handed to the hard IP.
+
+    The sub-blocks are attributes (``avail_fetcher``, ``used_writer``, ...) so that tests
+    can start the ring indices near the 16-bit wrap.
+    """
+
+    def __init__(self, params: DeviceParams, *, data_buffer_depth=512, max_in_flight=128):
+        self._params = params
+        self.avail_fetcher = AvailFetcher()
+        self.chain_walker = ChainWalker()
+        self.data_fetcher = DataFetcher(buffer_depth=data_buffer_depth,
+                                        max_in_flight=max_in_flight)
+        self.realigner = Realigner()
+        self.used_writer = UsedWriter()
+        super().__init__({
+            "dma": Out(DmaSignature()),
+            "config": In(QueueConfig),
+            "run": In(1),
+            "event_idx": In(1),
+            "indirect": In(1),
+            "notify": In(1),
+            "command": Out(CommandSignature()),
+            "interrupt": Out(1),
+            "fault": Out(1),
+            "fault_kind": Out(c.RingFault),
+            "reset": In(1),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        stopped = Signal()
+        halt = self.reset | stopped
+
+        avail = self.avail_fetcher
+        walker = self.chain_walker
+        fetcher = self.data_fetcher
+        realigner = self.realigner
+        used = self.used_writer
+        for name, block in (("avail_fetcher", avail), ("chain_walker", walker),
+                            ("data_fetcher", fetcher), ("realigner", realigner),
+                            ("used_writer", used)):
+            m.submodules[name] = ResetInserter(halt)(block)
+
+        m.submodules.read_port = read_port = ReadPort(clients=4)
+        m.submodules.write_port = write_port = WritePort(clients=2)
+        for port in (read_port, write_port):
+            m.d.comb += [port.allow.eq(self.run), port.halt.eq(halt)]
+        wiring.connect(m, read_port.read_cmd, wiring.flipped(self.dma.read_cmd))
+        wiring.connect(m, wiring.flipped(self.dma.read_data), read_port.read_data)
+        wiring.connect(m, write_port.write_cmd, wiring.flipped(self.dma.write_cmd))
+        wiring.connect(m, write_port.write_data, wiring.flipped(self.dma.write_data))
+        wiring.connect(m, wiring.flipped(self.dma.write_done), write_port.write_done)
+        for index, block in enumerate((used, avail, walker, fetcher)):
+            wiring.connect(m, block.read, read_port.requests[index])
+            wiring.connect(m, read_port.responses[index], block.response)
+        for index, block in enumerate((used, avail)):
+            wiring.connect(m, block.write, write_port.requests[index])
+            m.d.comb += block.write_idle.eq(write_port.idle)
+
+        for block in (avail, walker, used):
+            m.d.comb += block.config.eq(self.config)
+        m.d.comb += [
+            avail.event_idx.eq(self.event_idx),
+            used.event_idx.eq(self.event_idx),
+            walker.indirect.eq(self.indirect),
+        ]
+
+        # --- Kicks: a doorbell, or the queue starting (again after a halt) ---------------
+        run_seen = Signal()
+        m.d.sync += run_seen.eq(self.run & ~halt)
+        m.d.comb += avail.kick.eq(self.notify | (self.run & ~run_seen))
+
+        # --- Queues between the stages, emptied by a halt --------------------------------
+        wiring.connect(m, avail.heads, walker.heads)
+        _fifo(m, "readable_queue", Segment, self._params.max_queue_size,
+              walker.readable, fetcher.segments, halt)
+        _fifo(m, "writable_queue", WritableSegment, 2 * RESULT_BYTES,
+              walker.writable, used.segments, halt)
+        wiring.connect(m, fetcher.beats, realigner.beats)
+        wiring.connect(m, realigner.words, wiring.flipped(self.command.words))
+        wiring.connect(m, wiring.flipped(self.command.result), used.results)
+
+        # A header goes out when its completion can be queued for the UsedWriter.
+        queued_header = stream.Signature(CommandHeader).create()
+        completion = stream.Signature(PendingCompletion).create()
+        _fifo(m, "header_queue", CommandHeader, 4, walker.chains, queued_header, halt)
+        _fifo(m, "completion_queue", PendingCompletion, 4, completion, used.completions, halt)
+        header = self.command.header
+        m.d.comb += [
+            header.payload.eq(queued_header.payload),
+            header.valid.eq(queued_header.valid & completion.ready),
+            queued_header.ready.eq(header.ready & completion.ready),
+            completion.payload.head.eq(queued_header.payload.head),
+            completion.payload.writable.eq(
+                Mux(queued_header.payload.writable < RESULT_BYTES,
+                    queued_header.payload.writable, RESULT_BYTES)),
+            completion.valid.eq(header.valid & header.ready),
+        ]
+
+        # --- C7: the first fault stops the queue until reset -------------------------------
+        faults = (
+            (read_port.error, c.RingFault.DMA_READ),
+            (write_port.error, c.RingFault.DMA_WRITE),
+            (walker.fault, walker.fault_kind),
+            (avail.ahead, c.RingFault.AVAIL_AHEAD),
+        )
+        m.d.sync += self.fault.eq(0)
+        with m.If(self.reset):
+            m.d.sync += [
+                stopped.eq(0),
+                self.fault_kind.eq(c.RingFault.NONE),
+            ]
+        with m.Elif(~stopped):
+            for index, (detected, kind) in enumerate(faults):
+                with (m.If if index == 0 else m.Elif)(detected):
+                    m.d.sync += [
+                        stopped.eq(1),
+                        self.fault.eq(1),
+                        self.fault_kind.eq(kind),
+                    ]
+
+        m.d.comb += [
+            self.interrupt.eq(used.interrupt),
+            self.busy.eq(read_port.busy | write_port.busy),
+        ]
+        return m

@@ -1,0 +1,275 @@
+"""The descriptor-chain walker of a split virtqueue (virtio 1.2 2.7.5)."""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ... import constants as c
+from .common_cfg import QueueConfig
+from .interface import CommandHeader
+from .vq_read_port import ReadRequest, ReadResponse
+
+#: A result writes at most this many bytes (``CommandResult.write_count``).
+RESULT_BYTES = 16
+
+
+class Descriptor(data.Struct):
+    """``struct virtq_desc`` as it lies in memory (le, 16 bytes)."""
+    address: 64
+    length: 32
+    flags: 16
+    next: 16
+
+
+class Segment(data.Struct):
+    """A device-readable buffer of a chain, in chain order; ``last`` marks the chain's
+    final one."""
+    address: 64
+    length: 32
+    last: 1
+
+
+class WritableSegment(data.Struct):
+    """A piece of the first 16 device-writable bytes of a chain (all a result can write),
+    in chain order; a chain's pieces add up to min(writable bytes, 16)."""
+    address: 64
+    length: range(RESULT_BYTES + 1)
+
+
+def _saturating_add(total, length):
+    """``total + length`` held at the largest value of ``total``'s width."""
+    total_max = (1 << len(total)) - 1
+    return Mux(total + length > total_max, total_max, total + length)
+
+
+class ChainWalker(wiring.Component):
+    """Follows each head's descriptor chain and describes it: its readable buffers, its
+    first writable bytes and its byte totals (the command header, C5).
+
+    Descriptors are read several at a time from the one wanted, up to the table's end:
+    ``direct_window`` of the descriptor table (a short chain of consecutive descriptors,
+    as a fresh ring hands them out, costs one read) and ``table_window`` of an indirect
+    table (laid out in order by every driver). Each read is a round trip behind the data
+    in flight, and each descriptor read costs channel beats the data could have used:
+    the windows weigh one against the other. The window is dropped at each new chain,
+    whose descriptors the driver may have just written. Zero-length buffers are skipped.
+
+    An INDIRECT descriptor (only with VIRTIO_F_INDIRECT_DESC; without it the flag means
+    nothing) continues the chain in its table and ends it there: INDIRECT together with
+    NEXT is the driver's error (virtio 1.2 2.7.5.3.1) and its NEXT is ignored.
+
+    C7 faults: a head or next index outside its table (queue size, or table entries);
+    more buffer descriptors in the chain than the queue size (a loop; the INDIRECT
+    descriptor itself does not count, it describes no buffer); an indirect descriptor
+    inside a table; a table length of 0 or not a multiple of 16. The walker then stops.
+
+    Attributes
+    ----------
+    config : In(QueueConfig)
+    indirect : In(1)
+        VIRTIO_F_INDIRECT_DESC was negotiated.
+    heads : In(stream.Signature(16))
+    read, response :
+        Descriptor reads, through the engine's ``ReadPort``.
+    chains : Out(stream.Signature(CommandHeader))
+        One per chain, after its segments. The totals saturate at 2**32 - 1.
+    readable : Out(stream.Signature(Segment))
+    writable : Out(stream.Signature(WritableSegment))
+    fault : Out(1)
+        Pulse: a C7 fault, of kind ``fault_kind``.
+    fault_kind : Out(c.RingFault)
+    """
+
+    def __init__(self, direct_window=2, table_window=4):
+        self._direct_window = direct_window
+        self._table_window = table_window
+        super().__init__({
+            "config": In(QueueConfig),
+            "indirect": In(1),
+            "heads": In(stream.Signature(16)),
+            "read": Out(stream.Signature(ReadRequest)),
+            "response": In(stream.Signature(ReadResponse)),
+            "chains": Out(stream.Signature(CommandHeader)),
+            "readable": Out(stream.Signature(Segment)),
+            "writable": Out(stream.Signature(WritableSegment)),
+            "fault": Out(1),
+            "fault_kind": Out(c.RingFault),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        size = self.config.size
+        window_size = max(self._direct_window, self._table_window)
+
+        # The descriptors last read: entries base .. base + filled - 1 of the table.
+        window = Signal(data.ArrayLayout(Descriptor, window_size))
+        window_base = Signal(16)
+        window_filled = Signal(range(window_size + 1))
+        beat_index = Signal(range(2 * window_size))
+
+        head = Signal(16)
+        index = Signal(16)
+        buffers = Signal(range(2 ** 16 + 1))     # buffer descriptors walked in this chain
+        in_table = Signal()
+        table_address = Signal(64)
+        table_entries = Signal(28)
+        readable_total = Signal(32)
+        writable_total = Signal(32)
+        writable_covered = Signal(range(RESULT_BYTES + 1))
+        held = Signal(Segment)                  # readable segment waiting for its successor
+        held_valid = Signal()
+
+        limit = Mux(in_table, table_entries, size)
+        table = Mux(in_table, table_address, self.config.desc)
+        offset = (index - window_base)[:16]     # past the window when index < base too
+        in_window = offset < window_filled
+        descriptor = window[offset[:max(1, (window_size - 1).bit_length())]]
+        to_table_end = limit - index
+        wanted = Mux(in_table, self._table_window, self._direct_window)
+        window_read = Mux(to_table_end < wanted, to_table_end, wanted)
+
+        def fail(kind):
+            m.d.comb += [self.fault.eq(1), self.fault_kind.eq(kind)]
+            m.next = "Faulted"
+
+        m.d.comb += [
+            self.chains.payload.head.eq(head),
+            self.chains.payload.readable.eq(readable_total),
+            self.chains.payload.writable.eq(writable_total),
+            self.readable.payload.address.eq(held.address),
+            self.readable.payload.length.eq(held.length),
+        ]
+
+        with m.FSM():
+            with m.State("Idle"):
+                m.d.comb += self.heads.ready.eq(1)
+                with m.If(self.heads.valid):
+                    m.d.sync += [
+                        head.eq(self.heads.payload),
+                        index.eq(self.heads.payload),
+                        buffers.eq(0),
+                        in_table.eq(0),
+                        readable_total.eq(0),
+                        writable_total.eq(0),
+                        writable_covered.eq(0),
+                        window_filled.eq(0),
+                    ]
+                    with m.If(self.heads.payload >= size):
+                        fail(c.RingFault.DESC_INDEX)
+                    with m.Else():
+                        m.next = "Fetch"
+
+            with m.State("Fetch"):
+                with m.If(in_window):
+                    m.next = "Descriptor"
+                with m.Else():
+                    m.next = "Read-Window"
+
+            with m.State("Read-Window"):
+                m.d.comb += [
+                    self.read.valid.eq(1),
+                    self.read.payload.command.address.eq(table + 16 * index),
+                    self.read.payload.command.length.eq(16 * window_read),
+                ]
+                with m.If(self.read.ready):
+                    m.d.sync += [
+                        window_base.eq(index),
+                        window_filled.eq(0),
+                        beat_index.eq(0),
+                    ]
+                    m.next = "Receive"
+
+            with m.State("Receive"):
+                m.d.comb += self.response.ready.eq(1)
+                with m.If(self.response.valid):
+                    m.d.sync += [
+                        window.as_value().word_select(beat_index, 64).eq(
+                            self.response.payload.data),
+                        beat_index.eq(beat_index + 1),
+                    ]
+                    with m.If(beat_index[0]):
+                        m.d.sync += window_filled.eq(window_filled + 1)
+                    with m.If(self.response.payload.last):
+                        m.next = "Fetch"
+
+            with m.State("Descriptor"):
+                flags = descriptor.flags
+                is_indirect = self.indirect & (flags & c.VRING_DESC_F_INDIRECT).any()
+                is_writable = (flags & c.VRING_DESC_F_WRITE).any()
+                has_next = (flags & c.VRING_DESC_F_NEXT).any()
+                length = descriptor.length
+                writable_piece = Mux(length < RESULT_BYTES - writable_covered,
+                                     length, RESULT_BYTES - writable_covered)
+                stall = Signal()
+
+                with m.If(is_indirect):
+                    with m.If(in_table):
+                        fail(c.RingFault.NESTED_INDIRECT)
+                    with m.Elif((length == 0) | (length[:4] != 0)):
+                        fail(c.RingFault.INDIRECT_LENGTH)
+                    with m.Else():
+                        m.d.sync += [
+                            in_table.eq(1),
+                            table_address.eq(descriptor.address),
+                            table_entries.eq(length[4:]),
+                            index.eq(0),
+                            window_filled.eq(0),
+                        ]
+                        m.next = "Fetch"
+                with m.Elif(buffers == size):
+                    fail(c.RingFault.CHAIN_LOOP)
+                with m.Else():
+                    with m.If(length != 0):
+                        with m.If(is_writable):
+                            with m.If(writable_covered != RESULT_BYTES):
+                                m.d.comb += [
+                                    self.writable.valid.eq(1),
+                                    self.writable.payload.address.eq(descriptor.address),
+                                    self.writable.payload.length.eq(writable_piece),
+                                    stall.eq(~self.writable.ready),
+                                ]
+                        with m.Elif(held_valid):
+                            m.d.comb += [
+                                self.readable.valid.eq(1),
+                                stall.eq(~self.readable.ready),
+                            ]
+                    with m.If(~stall):
+                        m.d.sync += buffers.eq(buffers + 1)
+                        with m.If(length != 0):
+                            with m.If(is_writable):
+                                m.d.sync += [
+                                    writable_total.eq(_saturating_add(writable_total, length)),
+                                    writable_covered.eq(writable_covered + writable_piece),
+                                ]
+                            with m.Else():
+                                m.d.sync += [
+                                    readable_total.eq(_saturating_add(readable_total, length)),
+                                    held.address.eq(descriptor.address),
+                                    held.length.eq(length),
+                                    held_valid.eq(1),
+                                ]
+                        with m.If(~has_next):
+                            m.next = "Finish"
+                        with m.Elif(descriptor.next >= limit):
+                            fail(c.RingFault.DESC_INDEX)
+                        with m.Else():
+                            m.d.sync += index.eq(descriptor.next)
+                            m.next = "Fetch"
+
+            with m.State("Finish"):
+                with m.If(held_valid):
+                    m.d.comb += [
+                        self.readable.valid.eq(1),
+                        self.readable.payload.last.eq(1),
+                    ]
+                    with m.If(self.readable.ready):
+                        m.d.sync += held_valid.eq(0)
+                with m.Else():
+                    m.d.comb += self.chains.valid.eq(1)
+                    with m.If(self.chains.ready):
+                        m.next = "Idle"
+
+            with m.State("Faulted"):
+                pass
+
+        return m

@@ -1,0 +1,118 @@
+"""Reads the device-readable bytes of commands into a buffer (C5)."""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from .vq_chain import Segment
+from .vq_read_port import ReadRequest, ReadResponse
+
+
+class DataBeat(data.Struct):
+    """``count`` (1..8) readable bytes of a command (byte 0 = bits 7..0), as read from one
+    buffer; ``end`` marks the command's last beat."""
+    data: 64
+    count: 4
+    end: 1
+
+
+class DataFetcher(wiring.Component):
+    """Issues the reads of readable segments and buffers their beats.
+
+    A read is issued only when the buffer has room for all of its beats, so the beats
+    never wait on the command's consumer and the in-order read channel keeps flowing for
+    the other blocks (chain walk, ring reads). Reads are at most ``max_read`` beats, and
+    at most ``max_in_flight`` beats are requested but not yet arrived: a descriptor read
+    of the next chain waits behind no more than that, so the walk keeps ahead of the data
+    (enough in flight to cover the read latency is what sustains one beat per clock).
+    A segment is read in pieces that are whole beats but for its last one, so only a
+    segment's final beat is partial.
+
+    Attributes
+    ----------
+    segments : In(stream.Signature(Segment))
+    read, response :
+        Data reads, through the engine's ``ReadPort``.
+    beats : Out(stream.Signature(DataBeat))
+    """
+
+    def __init__(self, buffer_depth=512, max_in_flight=128, max_read=32):
+        assert max_read <= max_in_flight and max_read <= buffer_depth
+        self._buffer_depth = buffer_depth
+        self._max_in_flight = max_in_flight
+        self._max_read = max_read
+        super().__init__({
+            "segments": In(stream.Signature(Segment)),
+            "read": Out(stream.Signature(ReadRequest)),
+            "response": In(stream.Signature(ReadResponse)),
+            "beats": Out(stream.Signature(DataBeat)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        max_read = self._max_read
+        m.submodules.buffer = buffer = SyncFIFOBuffered(width=DataBeat.as_shape().size,
+                                                        depth=self._buffer_depth)
+        m.d.comb += [
+            self.beats.payload.eq(buffer.r_data),
+            self.beats.valid.eq(buffer.r_rdy),
+            buffer.r_en.eq(self.beats.ready),
+        ]
+
+        credits = Signal(range(self._buffer_depth + 1), init=self._buffer_depth)
+        in_flight = Signal(range(self._max_in_flight + 1))
+        address = Signal(64)
+        remaining = Signal(32)
+        last_segment = Signal()
+        arrived = Signal(DataBeat)
+
+        remaining_beats = (remaining + 7) >> 3
+        whole = remaining_beats <= max_read         # the rest of the segment fits one read
+        piece_beats = Mux(whole, remaining_beats, max_read)
+        piece_bytes = Mux(whole, remaining, max_read * 8)
+        can_issue = (credits >= piece_beats) & (in_flight + piece_beats <= self._max_in_flight)
+        issue = self.read.valid & self.read.ready
+        arrive = self.response.valid & self.response.ready
+        take = self.beats.valid & self.beats.ready
+
+        m.d.comb += [
+            self.read.payload.command.address.eq(address),
+            self.read.payload.command.length.eq(piece_bytes),
+            self.read.payload.mark.eq(last_segment & whole),
+            self.response.ready.eq(1),
+            arrived.data.eq(self.response.payload.data),
+            arrived.count.eq(self.response.payload.count),
+            arrived.end.eq(self.response.payload.mark & self.response.payload.last),
+            buffer.w_en.eq(self.response.valid),
+            buffer.w_data.eq(arrived),
+        ]
+        m.d.sync += [
+            credits.eq(credits - Mux(issue, piece_beats, 0) + take),
+            in_flight.eq(in_flight + Mux(issue, piece_beats, 0) - arrive),
+        ]
+
+        with m.FSM():
+            with m.State("Idle"):
+                m.d.comb += self.segments.ready.eq(1)
+                with m.If(self.segments.valid):
+                    m.d.sync += [
+                        address.eq(self.segments.payload.address),
+                        remaining.eq(self.segments.payload.length),
+                        last_segment.eq(self.segments.payload.last),
+                    ]
+                    m.next = "Issue"
+
+            with m.State("Issue"):
+                # Credits only grow and in-flight beats only shrink while waiting, so
+                # ``valid`` stays up once raised.
+                m.d.comb += self.read.valid.eq(can_issue)
+                with m.If(issue):
+                    m.d.sync += [
+                        address.eq(address + piece_bytes),
+                        remaining.eq(remaining - piece_bytes),
+                    ]
+                    with m.If(whole):
+                        m.next = "Idle"
+
+        return m

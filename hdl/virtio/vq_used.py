@@ -1,0 +1,190 @@
+"""Completes commands: result bytes, used ring and used-buffer notifications (virtio 1.2
+2.7.8, 2.7.10; C11)."""
+
+from amaranth.hdl import Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ... import constants as c
+from .common_cfg import QueueConfig
+from .interface import CommandResult
+from .vq_chain import RESULT_BYTES, WritableSegment
+from .vq_read_port import ReadRequest, ReadResponse
+from .vq_write_port import WriteRequest
+
+
+class PendingCompletion(data.Struct):
+    """A command the function has taken: its used element id and how many writable bytes
+    a result may fill (min(writable, 16): the sum of its ``WritableSegment``s)."""
+    head: 16
+    writable: range(RESULT_BYTES + 1)
+
+
+class UsedWriter(wiring.Component):
+    """For each result, in command order: writes its bytes into the chain's writable
+    segments (never past them, C12: a ``write_count`` above the chain's writable bytes
+    writes those only), then the used element (id = head, len = ``used_len``).
+
+    ``used->idx`` is published once no further result is waiting, or after ``max_batch``
+    elements. After the publication has been handed to the hard IP it reads
+    ``avail->flags`` (without EVENT_IDX: no interrupt under VRING_AVAIL_F_NO_INTERRUPT)
+    or ``used_event`` (with EVENT_IDX: an interrupt when the new index passed it since the
+    previous publication, ``vring_need_event``), and raises ``interrupt`` accordingly.
+
+    Attributes
+    ----------
+    config : In(QueueConfig)
+    event_idx : In(1)
+    completions : In(stream.Signature(PendingCompletion))
+    segments : In(stream.Signature(WritableSegment))
+    results : In(stream.Signature(CommandResult))
+    write : Out(stream.Signature(WriteRequest))
+        Through the engine's ``WritePort``.
+    write_idle : In(1)
+        The ``WritePort`` has no write outstanding.
+    read, response :
+        The suppression read, through the engine's ``ReadPort``.
+    used_idx : Out(16)
+        The next used element's index (counts modulo 2**16).
+    interrupt : Out(1)
+        Pulse: send a used-buffer notification.
+    """
+
+    def __init__(self, max_batch=8):
+        self._max_batch = max_batch
+        super().__init__({
+            "config": In(QueueConfig),
+            "event_idx": In(1),
+            "completions": In(stream.Signature(PendingCompletion)),
+            "segments": In(stream.Signature(WritableSegment)),
+            "results": In(stream.Signature(CommandResult)),
+            "write": Out(stream.Signature(WriteRequest)),
+            "write_idle": In(1),
+            "read": Out(stream.Signature(ReadRequest)),
+            "response": In(stream.Signature(ReadResponse)),
+            "used_idx": Out(16),
+            "interrupt": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        config = self.config
+        used_idx = self.used_idx
+
+        head = Signal(16)
+        used_len = Signal(32)
+        result_data = Signal(8 * RESULT_BYTES)
+        to_write = Signal(range(RESULT_BYTES + 1))     # result bytes not written yet
+        written = Signal(range(RESULT_BYTES + 1))      # result bytes written
+        segment_bytes = Signal(range(RESULT_BYTES + 1))  # segment bytes not popped yet
+        unpublished = Signal(range(self._max_batch + 1))
+        old_idx = Signal(16)                            # used idx of the previous check
+        new_idx = Signal(16)
+
+        result = self.results.payload
+        completion = self.completions.payload
+        segment = self.segments.payload
+        piece = Mux(segment.length < to_write, segment.length, to_write)
+
+        m.d.sync += self.interrupt.eq(0)
+        with m.FSM():
+            with m.State("Idle"):
+                with m.If(self.results.valid & self.completions.valid):
+                    m.d.comb += [
+                        self.results.ready.eq(1),
+                        self.completions.ready.eq(1),
+                    ]
+                    m.d.sync += [
+                        head.eq(completion.head),
+                        used_len.eq(result.used_len),
+                        result_data.eq(result.write_data),
+                        to_write.eq(result.write_count),
+                        written.eq(0),
+                        segment_bytes.eq(completion.writable),
+                    ]
+                    m.next = "Write-Data"
+                with m.Elif(unpublished != 0):
+                    m.next = "Publish"
+
+            with m.State("Write-Data"):
+                # One segment per step; those past the result's bytes are only popped.
+                with m.If(segment_bytes == 0):
+                    m.next = "Write-Element"
+                with m.Elif(self.segments.valid):
+                    with m.If(piece == 0):
+                        m.d.comb += self.segments.ready.eq(1)
+                    with m.Else():
+                        m.d.comb += [
+                            self.write.valid.eq(1),
+                            self.write.payload.address.eq(segment.address),
+                            self.write.payload.length.eq(piece),
+                            self.write.payload.data.eq(result_data >> (written * 8)),
+                            self.segments.ready.eq(self.write.ready),
+                        ]
+                    with m.If(self.segments.ready):
+                        m.d.sync += [
+                            segment_bytes.eq(segment_bytes - segment.length),
+                            to_write.eq(to_write - piece),
+                            written.eq(written + piece),
+                        ]
+
+            with m.State("Write-Element"):
+                element = Signal(64)
+                m.d.comb += [
+                    element.eq(head | (used_len << 32)),
+                    self.write.valid.eq(1),
+                    self.write.payload.address.eq(
+                        config.device + 4 + c.VRING_USED_ELEM_SIZE * (used_idx & (config.size - 1))),
+                    self.write.payload.length.eq(c.VRING_USED_ELEM_SIZE),
+                    self.write.payload.data.eq(element),
+                ]
+                with m.If(self.write.ready):
+                    m.d.sync += [
+                        used_idx.eq(used_idx + 1),
+                        unpublished.eq(unpublished + 1),
+                    ]
+                    with m.If(unpublished + 1 == self._max_batch):
+                        m.next = "Publish"
+                    with m.Else():
+                        m.next = "Idle"
+
+            with m.State("Publish"):
+                m.d.comb += [
+                    self.write.valid.eq(1),
+                    self.write.payload.address.eq(config.device + 2),
+                    self.write.payload.length.eq(2),
+                    self.write.payload.data.eq(used_idx),
+                ]
+                with m.If(self.write.ready):
+                    m.d.sync += [
+                        old_idx.eq(used_idx - unpublished),
+                        new_idx.eq(used_idx),
+                        unpublished.eq(0),
+                    ]
+                    m.next = "Wait-Write"
+
+            with m.State("Wait-Write"):
+                with m.If(self.write_idle):
+                    m.next = "Read-Suppression"
+
+            with m.State("Read-Suppression"):
+                m.d.comb += [
+                    self.read.valid.eq(1),
+                    self.read.payload.command.address.eq(
+                        Mux(self.event_idx, config.driver + 4 + 2 * config.size, config.driver)),
+                    self.read.payload.command.length.eq(2),
+                ]
+                with m.If(self.read.ready):
+                    m.next = "Wait-Suppression"
+
+            with m.State("Wait-Suppression"):
+                value = self.response.payload.data[:16]
+                # vring_need_event(used_event, new, old)
+                need_event = (new_idx - value - 1)[:16] < (new_idx - old_idx)[:16]
+                no_interrupt = (value & c.VRING_AVAIL_F_NO_INTERRUPT).any()
+                m.d.comb += self.response.ready.eq(1)
+                with m.If(self.response.valid):
+                    m.d.sync += self.interrupt.eq(Mux(self.event_idx, need_event, ~no_interrupt))
+                    m.next = "Idle"
+
+        return m
