@@ -43,7 +43,7 @@ class MgmtPort(wiring.Component):
       the minimum on fromdevq (C6). Both read back what was written.
     - ``MGMT_RETURN_BUDGET``: a write replaces the budget; reads show what is left.
     - ``MGMT_EXTRA_FIRST_PAGE`` holds the first page; writing ``MGMT_EXTRA_PAGES`` commits
-      the range (C8). Both read the range in force, clipped to the window.
+      the range (C8); the core clips it to the window. Both read back what was written.
     - ``MGMT_BITMAP_DATA``: a read returns 32-bit word ``MGMT_BITMAP_INDEX`` of the bitmap
       (0 past its end); it waits a few cycles for the RAM, longer behind a running fill.
     - ``MGMT_RING_FAULTS`` counts the queues' C7 faults; ``MGMT_FAULT_INFO`` keeps the
@@ -93,6 +93,7 @@ class MgmtPort(wiring.Component):
         window_base = Signal(64)
         min_balloon = Signal(64)
         extra_first = Signal(32)
+        extra_pages = Signal(32)
         bitmap_index = Signal(32)
         m.d.comb += balloon.window_base.eq(window_base)
 
@@ -117,8 +118,8 @@ class MgmtPort(wiring.Component):
             c.MGMT_MIN_BALLOON_LO: min_balloon[:32],
             c.MGMT_MIN_BALLOON_HI: min_balloon[32:],
             c.MGMT_RETURN_BUDGET: balloon.return_budget,
-            c.MGMT_EXTRA_FIRST_PAGE: balloon.extra_range.first,
-            c.MGMT_EXTRA_PAGES: balloon.extra_range.count,
+            c.MGMT_EXTRA_FIRST_PAGE: extra_first,
+            c.MGMT_EXTRA_PAGES: extra_pages,
             c.MGMT_BITMAP_INDEX: bitmap_index,
             c.MGMT_BUSY: balloon.busy,
             **{offset: getattr(balloon.counters, name)
@@ -199,10 +200,11 @@ class MgmtPort(wiring.Component):
         with m.If(written(c.MGMT_EXTRA_FIRST_PAGE)):
             m.d.sync += extra_first.eq(merged(extra_first))
         with m.If(written(c.MGMT_EXTRA_PAGES)):
+            m.d.sync += extra_pages.eq(merged(extra_pages))
             m.d.comb += [
                 balloon.extra_range_write.valid.eq(1),
                 balloon.extra_range_write.payload.first.eq(extra_first),
-                balloon.extra_range_write.payload.count.eq(merged(balloon.extra_range.count)),
+                balloon.extra_range_write.payload.count.eq(merged(extra_pages)),
             ]
         with m.If(written(c.MGMT_BITMAP_INDEX)):
             m.d.sync += bitmap_index.eq(merged(bitmap_index))

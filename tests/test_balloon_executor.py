@@ -164,16 +164,24 @@ def test_get_grants_a_prefix_and_stops_at_the_first_refusal():
         await h.run_commands(ctx, (command(GIVE, [h.address(p) for p in (1, 2, 4, 6, 7)]), 0))
         results = await h.run_commands(
             ctx,
-            (command(GET, [h.address(p) for p in (1, 2, 3, 4)]), 8),    # 3 not in: K = 2
-            (command(GET, [h.address(4), h.address(6) + 4096 * PAGES, h.address(7)]), 8),
-            (command(GET, [h.address(7), h.address(6)]), 8))            # all: K = 2
-        assert results == [(8, 2, 8), (8, 1, 8), (8, 2, 8)]
+            # 3 is not in the balloon: K = 2, and 4 is not looked at.
+            (command(GET, [h.address(p) for p in (1, 2, 3, 4)]), 8),
+            # Out of the window: K = 1, counted; the misaligned one after it is not.
+            (command(GET, [h.address(4), h.address(6) + (PAGES << 12), h.address(7) + 8]),
+             8),
+            # The first refusal is a clear bit: the misaligned address after it is not
+            # counted.
+            (command(GET, [h.address(1), h.address(7) + 8]), 8),
+            # A misaligned first refusal is counted.
+            (command(GET, [h.address(7), h.address(6), h.address(6) + 4]), 8))
+        assert results == [(8, 2, 8), (8, 1, 8), (8, 0, 8), (8, 2, 8)]
         assert await h.pages(ctx) == set()
 
     h = Harness(2)
     h.run(testbench)
-    assert h.counted() == {"cmd_give": 1, "cmd_get": 3, "get_short": 2, "pages_entered": 5,
-                           "pages_left": 5, "granted": 5}
+    assert h.counted() == {"cmd_give": 1, "cmd_get": 4, "get_short": 4, "pages_entered": 5,
+                           "pages_left": 5, "granted": 5, "violation_out_of_window": 1,
+                           "violation_misaligned": 1}
 
 
 @pytest.mark.parametrize("budget,granted", [(0, 0), (1, 1), (3, 3), (5, 4),
@@ -240,10 +248,11 @@ def test_exchange_takes_the_wanted_pages_out_first_and_ignores_the_budget():
 
 
 def classify(address, base, page_shift, pages=PAGES):
-    """C5: a page index, or the kind of violation of an invalid address."""
+    """C5: a page index, or the kind of violation of an invalid address. The window
+    starts at the base rounded down to the page size (C8)."""
     if address % (1 << page_shift):
         return "violation_misaligned"
-    offset = address - base
+    offset = address - (base >> page_shift << page_shift)
     if offset < 0 or offset >> page_shift >= pages:
         return "violation_out_of_window"
     return offset >> page_shift
@@ -251,6 +260,7 @@ def classify(address, base, page_shift, pages=PAGES):
 
 @pytest.mark.parametrize("page_shift,base", [
     (12, 0), (21, 0x40_0000_0000), (30, 1 << 40), (34, 1 << 50), (13, 0x1000),
+    (21, 0x40_0010_0000),
     (12, 2 ** 64 - 2 ** 22),            # the window ends at 2**64
     (12, 2 ** 64 - 2 ** 21)])           # ... would run past it: addresses do not wrap
 def test_granularity_is_the_negotiated_page_size(page_shift, base):

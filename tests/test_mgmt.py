@@ -156,7 +156,6 @@ def test_balloon_state_and_counters_read_back():
         ctx.set(balloon.balloon_pages, -5)
         ctx.set(balloon.bitmap_pages, 2 ** 20)
         ctx.set(balloon.return_budget, 77)
-        ctx.set(balloon.extra_range, {"first": 1000, "count": 24})
         ctx.set(balloon.busy, 1)
         ctx.set(balloon.counters, {name: 0x100 + i for i, name in enumerate(counter_names)})
         ctx.set(dut.page_shift, 21)
@@ -167,8 +166,6 @@ def test_balloon_state_and_counters_read_back():
         assert await axil_read(ctx, dut.axil, c.MGMT_BALLOON_PAGES) == 2 ** 32 - 5
         assert await axil_read(ctx, dut.axil, c.MGMT_BITMAP_PAGES) == 2 ** 20
         assert await axil_read(ctx, dut.axil, c.MGMT_RETURN_BUDGET) == 77
-        assert await axil_read(ctx, dut.axil, c.MGMT_EXTRA_FIRST_PAGE) == 1000
-        assert await axil_read(ctx, dut.axil, c.MGMT_EXTRA_PAGES) == 24
         assert await axil_read(ctx, dut.axil, c.MGMT_BUSY) == 1
         for i, name in enumerate(counter_names):
             assert await axil_read(ctx, dut.axil, counter_offsets[name]) == 0x100 + i, name
@@ -209,6 +206,8 @@ def test_host_settings_commit_on_their_last_register():
         assert commits["min_balloon"] == [minimum]
         assert [(r.first, r.count) for r in commits["extra_range_write"]] == [(4096, 512)]
         assert commits["return_budget_write"] == [99, c.MGMT_UNLIMITED_BUDGET]
+        assert await axil_read(ctx, dut.axil, c.MGMT_EXTRA_FIRST_PAGE) == 4096
+        assert await axil_read(ctx, dut.axil, c.MGMT_EXTRA_PAGES) == 512
         assert await axil_read(ctx, dut.axil, c.MGMT_MIN_BALLOON_LO) == minimum & 0xFFFF_FFFF
         assert await axil_read(ctx, dut.axil, c.MGMT_MIN_BALLOON_HI) == \
             minimum >> 32 & 0xFFFF_FFFF

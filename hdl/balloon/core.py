@@ -150,8 +150,6 @@ class BalloonCore(wiring.Component):
             host.bitmap_pages.eq(pages),
             host.balloon_pages.eq(balloon_pages),
             host.return_budget.eq(budget),
-            host.extra_range.first.eq(extra_first),
-            host.extra_range.count.eq(extra_end - extra_first),
             host.counters.eq(counters),
         ]
         return m

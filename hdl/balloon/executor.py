@@ -12,11 +12,13 @@ from .bitmap import BitmapAction, bitmap_request_layout, bitmap_response_layout
 _ADDRESS_ONES = Const(2 ** 64 - 1, 64)
 
 
-class OpTag(enum.Enum, shape=2):
+class OpTag(enum.Enum, shape=3):
     """What a bitmap request is for, so that its response is counted right."""
-    ENTER = 0       # GIVE, or the second half of EXCHANGE
-    LEAVE = 1       # the wanted half of EXCHANGE
-    GRANT = 2       # GET
+    ENTER = 0               # GIVE, or the second half of EXCHANGE
+    LEAVE = 1               # the wanted half of EXCHANGE
+    GRANT = 2               # GET
+    GRANT_MISALIGNED = 3    # GET of an invalid address: never granted, counted if it is
+    GRANT_OUT_OF_WINDOW = 4  # the first refusal
 
 
 class ExecutorEvents(data.Struct):
@@ -45,8 +47,9 @@ class CommandExecutor(wiring.Component):
     GIVE or EXCHANGE) is drained and completed with ``used_len`` 0.
 
     Each payload word is decoded in the cycle it is taken (C4: granularity = the
-    negotiated page size, page = ``(address - window_base) >> page_shift``) into one
-    bitmap request, one word per clock:
+    negotiated page size; C8: the window starts at ``window_base`` rounded down to the
+    page size, page = ``(address - base) >> page_shift``) into one bitmap request, one
+    word per clock:
 
     - GIVE and the second half of EXCHANGE: SET. An invalid address is counted by kind
       (misaligned first, then out of window) and skipped; a refused SET is a double give.
@@ -58,8 +61,10 @@ class CommandExecutor(wiring.Component):
       are a prefix, page ``i`` is granted only after ``i`` grants, so the budget check is
       ``i < budget`` on the budget taken when the GET starts (C10): a host write of the
       budget takes effect from the next GET. The bitmap's chaining stops the prefix at
-      the first page whose bit is clear. GET counts no violations: a refusal is its
-      documented outcome, reported by ``get_short``.
+      the first page whose bit is clear. An invalid address goes to the bitmap too, as a
+      request that is never allowed: it stops the prefix, and its violation is counted
+      only if it is the first refusal (the addresses after it are not looked at). A
+      valid page that cannot be granted counts nothing but ``get_short``.
 
     GIVE and EXCHANGE complete as soon as their last word is taken (their result does not
     depend on the bitmap); GET waits for its last response and writes K (le64).
@@ -114,6 +119,7 @@ class CommandExecutor(wiring.Component):
         index = Signal(32)                  # payload words taken so far
         budget = Signal(32)                 # the return budget when the GET started
         granted = Signal(32)                # K
+        refused = Signal()                  # this GET has had its first refusal
         in_flight = Signal(2)               # bitmap requests without their response yet
 
         is_get = kind == c.GuestCmd.GET_PAGES.value
@@ -122,8 +128,9 @@ class CommandExecutor(wiring.Component):
 
         # --- Decode of the payload word (C4, C5, C8) ----------------------------------------
         address = word.data
-        misaligned = (address & ~(_ADDRESS_ONES << self.page_shift)[:64]).any()
-        offset = address - self.window_base         # bit 64 set: below the window
+        page_mask = ~(_ADDRESS_ONES << self.page_shift)[:64]
+        misaligned = (address & page_mask).any()
+        offset = address - (self.window_base & ~page_mask)     # bit 64 set: below the window
         page_number = offset[:64] >> self.page_shift
         in_window = ~offset[64] & (page_number[page_bits:] == 0)
         valid = ~misaligned & in_window
@@ -140,7 +147,8 @@ class CommandExecutor(wiring.Component):
                 decoded.action.eq(BitmapAction.CLEAR),
                 decoded.allowed.eq(valid & grantable & (unlimited | (index < budget))),
                 decoded.chained.eq(index != 0),
-                decoded.tag.eq(OpTag.GRANT),
+                decoded.tag.eq(Mux(valid, OpTag.GRANT, Mux(misaligned, OpTag.GRANT_MISALIGNED,
+                                                           OpTag.GRANT_OUT_OF_WINDOW))),
             ]
         with m.Elif(wanted):
             m.d.comb += [
@@ -166,20 +174,27 @@ class CommandExecutor(wiring.Component):
         with m.If(self.bitmap_request.ready):
             m.d.sync += request_valid.eq(0)
         payload_taken = Signal()
-        with m.If(payload_taken):
-            with m.If(is_get | valid):
-                m.d.sync += [request_valid.eq(1), request.eq(decoded)]
-            with m.Else():
-                m.d.comb += [
-                    events.violation_misaligned.eq(misaligned),
-                    events.violation_out_of_window.eq(~misaligned),
-                ]
+        skipped = payload_taken & ~is_get & ~valid      # GIVE/EXCHANGE: counted, skipped
+        with m.If(payload_taken & (is_get | valid)):
+            m.d.sync += [request_valid.eq(1), request.eq(decoded)]
 
         # --- Responses ------------------------------------------------------------------------
         response = self.bitmap_response
         tag, changed = response.payload.tag, response.payload.changed
         m.d.sync += in_flight.eq(in_flight + issued - response.valid)
+        grant_tag = (tag == OpTag.GRANT) | (tag == OpTag.GRANT_MISALIGNED) | \
+            (tag == OpTag.GRANT_OUT_OF_WINDOW)
+        first_refusal = response.valid & grant_tag & ~changed & ~refused
+        with m.If(first_refusal):
+            m.d.sync += refused.eq(1)
+        # A GET has all its responses before the next command's words are taken, so these
+        # never count one address of each kind in the same cycle.
         m.d.comb += [
+            events.violation_misaligned.eq(skipped & misaligned |
+                                           first_refusal & (tag == OpTag.GRANT_MISALIGNED)),
+            events.violation_out_of_window.eq(skipped & ~misaligned |
+                                              first_refusal &
+                                              (tag == OpTag.GRANT_OUT_OF_WINDOW)),
             events.pages_entered.eq(response.valid & (tag == OpTag.ENTER) & changed),
             events.violation_double_give.eq(response.valid & (tag == OpTag.ENTER) & ~changed),
             events.pages_left.eq(response.valid & (tag != OpTag.ENTER) & changed),
@@ -224,6 +239,7 @@ class CommandExecutor(wiring.Component):
                         addresses.eq(count),
                         index.eq(0),
                         granted.eq(0),
+                        refused.eq(0),
                         budget.eq(self.return_budget),
                     ]
                     with m.If(well_formed):

@@ -60,8 +60,6 @@ class BalloonHostSignature(wiring.Signature):
         +1 per page entering the balloon, -1 per page leaving (C8).
     return_budget : In(32)
         The budget left.
-    extra_range : In(PageRange)
-        The extra-memory range in force: the last committed one, clipped to the window.
     counters : In(BalloonCounters)
     busy : In(1)
         A bitmap clear (C9) or fill (C8) is running; commands wait.
@@ -78,7 +76,6 @@ class BalloonHostSignature(wiring.Signature):
             "bitmap_pages": In(32),
             "balloon_pages": In(signed(32)),
             "return_budget": In(32),
-            "extra_range": In(PageRange),
             "counters": In(BalloonCounters),
             "busy": In(1),
         })
