@@ -47,9 +47,10 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   or extra memory without EXTRA_MEM) counts ``MGMT_VIOLATION_NOT_IN_BALLOON``.
   Malformed checks, in order: length 0 or not a multiple of 8, unknown code, N = 0,
   EXCHANGE odd count, writable bytes wrong for the code.
-- C6: on a fromdevq doorbell every available buffer is taken: malformed ones are used at
-  once with len 0, good ones are held (oldest first) until a minimum is sent. The
-  negative-to-0 rule is applied when the value is sent.
+- C6: fromdevq buffers are used in ring order, one at a time: a malformed one is used at
+  once with len 0; a good one is held until a minimum is sent, and the buffers behind it
+  wait for it (the hardware engine completes its commands in order). The negative-to-0
+  rule is applied when the value is sent.
 - C8/C10: the window base is used rounded down to the negotiated page size. A page is
   granted by GET when its bit is set and it is outside the committed extra range, or
   EXTRA_MEM was negotiated. Committing an extra range sets the bits of the new range
@@ -755,8 +756,9 @@ class MemballoonRef:
         try:
             if kicked:
                 self._drain(index)
-            if index == c.FROMDEVQ:
-                self._send_min()
+            # A sent minimum frees the held buffer: the ones behind it are taken next.
+            while index == c.FROMDEVQ and self._send_min():
+                self._drain(index)
         except _Fault as fault:
             self._ring_fault(index, fault.kind)
         if q.used_idx != old_used:
@@ -781,9 +783,11 @@ class MemballoonRef:
             pending = avail_idx - q.last_avail & 0xFFFF
             if pending > q.size:
                 raise _Fault(c.RingFault.AVAIL_AHEAD)
-            if not pending:
+            if not pending or q.held:
                 break
             for _ in range(pending):
+                if q.held:
+                    break           # C6: in order, behind the held fromdevq buffer
                 slot = q.driver + c.VRING_AVAIL_RING + 2 * (q.last_avail % q.size)
                 head = self._rd16(slot)
                 readable, writable = self._walk(q, head)
@@ -962,10 +966,10 @@ class MemballoonRef:
     # --- fromdevq (C6) -----------------------------------------------------------------------
 
     def _send_min(self):
-        """Write the pending minimum into the oldest held fromdevq buffer."""
+        """Write the pending minimum into the held fromdevq buffer; True if one was sent."""
         q = self.queues[c.FROMDEVQ]
         if self.min_pending is None or not q.held:
-            return
+            return False
         value = self.min_pending
         if not self.negotiated(c.VIRTIO_MEMBALLOON_F_EXTRA_MEM):
             value = max(value, 0)       # the draft: never negative without EXTRA_MEM
@@ -977,6 +981,7 @@ class MemballoonRef:
         self.min_pending = None
         self._count("MGMT_MIN_SENT")
         self.min_messages.append(value)
+        return True
 
     def _set_min(self, value):
         if self.min_pending is not None:

@@ -771,18 +771,21 @@ async def test_min_balloon_holds_newest_and_drops_older():
 
 @asynctest
 async def test_malformed_fromdevq_buffers():
-    """C6: readable bytes or fewer than 16 writable bytes: used with len 0 and counted."""
+    """C6: readable bytes or fewer than 16 writable bytes: used with len 0 and counted, in
+    ring order (a malformed buffer behind a held good one waits for it)."""
     dev = await live()
     model = dev.model
-    good = bytearray(16)
     await post_fromdevq(dev, [(b"x", False), (bytearray(16), True)], [(bytearray(15), True)],
-                        [(bytearray(8), True), (bytearray(8), True)], [(good, True)])
+                        [(bytearray(8), True), (bytearray(8), True)], [(bytearray(4), True)],
+                        [(bytearray(16), True)])
     assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 2
     assert [length for _, length in model.used[c.FROMDEVQ]] == [0, 0]
-    assert len(model.queues[c.FROMDEVQ].held) == 2
+    assert len(model.queues[c.FROMDEVQ].held) == 1
     model.set_min_balloon(PAGE)
-    lengths = [(await dev.fromdevq.virtqueue_get_buf())[1] for _ in range(3)]
-    assert lengths == [0, 0, 16]
+    lengths = [(await dev.fromdevq.virtqueue_get_buf())[1] for _ in range(4)]
+    assert lengths == [0, 0, 16, 0]
+    assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 3
+    assert len(model.queues[c.FROMDEVQ].held) == 1      # the last buffer, for the next one
 
 
 @asynctest
