@@ -328,7 +328,7 @@ async def random_stream(lockstep, seed, steps=60):
 
     vb = lockstep.sides[0].vb
     raw_cases = [(data, writable) for _, data, writable, policy in
-                 s._malformed_cases(n) if policy is None]
+                 s.malformed_cases(n) if policy is None]
     ops = ["give", "give", "get", "get", "exchange", "extra", "budget", "min", "raw",
            "reset-request", "reset-outstanding"]
     for step in range(steps):
