@@ -1,9 +1,11 @@
-"""UspShim: CQ beats to requests, completions to CC beats, configuration and MSI-X wiring.
+"""UspShim: CQ beats to requests, completions to CC beats, requests to RQ beats, RC beats
+to completions, configuration and MSI-X wiring.
 
 Descriptors are built and parsed by small packers written from PG213; those packers are
 checked against cocotbext-pcie's ``Tlp_us`` (the model the system testbench runs against),
-and every CC frame the shim sends is also decoded with ``Tlp_us.unpack_us_cc`` and
-checked with the model's parity function.
+and every CC and RQ frame the shim sends is also decoded with ``Tlp_us.unpack_us_cc`` /
+``unpack_us_rq`` and checked with the model's parity function; RC frames come from
+``Tlp_us.pack_us_rc``.
 """
 
 import os
@@ -14,9 +16,9 @@ from amaranth.sim import Simulator
 from cocotbext.pcie.core.tlp import TlpType
 from cocotbext.pcie.core.utils import PcieId
 from cocotbext.pcie.xilinx.us.interface import UsPcieFrame
-from cocotbext.pcie.xilinx.us.tlp import Tlp_us
+from cocotbext.pcie.xilinx.us.tlp import ErrorCode, Tlp_us
 
-from memballoon.hdl.pcie.interface import CplStatus, ReqKind
+from memballoon.hdl.pcie.interface import CplError, CplStatus, ReqKind, RequesterKind
 from memballoon.hdl.pcie.usp_shim import UspShim
 
 WIDTHS = [256, 512]
@@ -351,12 +353,12 @@ def test_cc_completions(width):
         assert bytes(tlp.data) == b"".join(w.to_bytes(4, "little") for w in c["data"])
 
 
-# --- configuration, status, MSI-X, tie-offs -------------------------------------------
+# --- configuration, status, MSI-X ----------------------------------------------------
 
 @pytest.mark.parametrize("width", WIDTHS)
-def test_config_status_and_tie_offs(width):
-    """cfg_ext, command/status (bus master enable for C12, FLR for C9), MSI-X sideband
-    and RQ/RC tie-offs map 1:1 for PF0."""
+def test_config_status_and_idle_requester(width):
+    """cfg_ext, command/status (bus master enable for C12, FLR for C9) and MSI-X sideband
+    map 1:1 for PF0; with no DMA the requester sends nothing and takes completions."""
     rng = random.Random(width + 2)
     dut = UspShim(width)
     # the widths cocotbext-pcie asserts when it connects by name
@@ -463,3 +465,384 @@ def test_msix_one_pulse_per_message(width):
 
     run(dut, [device], [monitor], f"msix_{width}")
 
+
+
+# --- RQ ---------------------------------------------------------------------------------
+
+def rq_descriptor(r):
+    """Four dwords of an RQ descriptor (PG213 "Requester Request Descriptor Format")."""
+    return [
+        r["address"] & 0xFFFF_FFFC | r.get("at", 0),
+        r["address"] >> 32 & 0xFFFF_FFFF,
+        r["dwords"] | r["req_type"] << 11 | r.get("poisoned", 0) << 15 |
+        r.get("requester_id", 0) << 16,
+        r["tag"] | r.get("completer_id", 0) << 8 | r.get("requester_id_enable", 0) << 24 |
+        r.get("tc", 0) << 25 | r.get("attr", 0) << 28,
+    ]
+
+
+def test_rq_descriptor_packer_matches_cocotbext():
+    rng = random.Random(13)
+    for _ in range(300):
+        r = dict(req_type=rng.choice([REQ_MEM_READ, REQ_MEM_WRITE]),
+                 address=rng.randrange(1 << 64) & ~3, at=rng.randrange(4),
+                 dwords=rng.randint(1, 1024), requester_id=rng.randrange(1 << 16),
+                 completer_id=rng.randrange(1 << 16), requester_id_enable=rng.randrange(2),
+                 tag=rng.randrange(256), tc=rng.randrange(8), attr=rng.randrange(8),
+                 poisoned=rng.randrange(2))
+        tlp = Tlp_us()
+        tlp.fmt_type = TLP_TYPE[r["req_type"]]
+        tlp.address, tlp.at, tlp.length, tlp.ep = r["address"], r["at"], r["dwords"], \
+            bool(r["poisoned"])
+        tlp.requester_id = PcieId.from_int(r["requester_id"])
+        tlp.completer_id = PcieId.from_int(r["completer_id"])
+        tlp.requester_id_enable = bool(r["requester_id_enable"])
+        tlp.tag, tlp.tc, tlp.attr = r["tag"], r["tc"], r["attr"]
+        assert tlp.pack_us_rq().data[:4] == rq_descriptor(r)
+
+
+def random_rq_request(rng):
+    kind = rng.choice([RequesterKind.MEM_READ, RequesterKind.MEM_WRITE])
+    if kind == RequesterKind.MEM_READ:
+        dwords = rng.choice([1, 2, 3, rng.randint(4, 1024), 1024])
+    else:
+        dwords = rng.choice([1, 2, 3, 4, 5, 11, 12, 13, rng.randint(14, 40), 64, 128])
+    first_be = rng.randint(1, 15)
+    last_be = 0 if dwords == 1 else rng.randint(1, 15)
+    address = rng.randrange(1 << rng.choice([32, 64]))      # bits 1..0 must be ignored
+    return dict(kind=kind, address=address, dwords=dwords, first_be=first_be,
+                last_be=last_be, tag=rng.randrange(256),
+                data=[rng.randrange(1 << 32) for _ in range(dwords)]
+                if kind == RequesterKind.MEM_WRITE else [])
+
+
+def rq_frames(width, beats):
+    """Split RQ beats into frames, checking tkeep, tlast and every tuser field."""
+    lanes = width // 32
+    frames, frame = [], None
+    for tdata, tkeep, tlast, tuser in beats:
+        sop = frame is None
+        if sop:
+            frame = UsPcieFrame()
+        count = bin(tkeep).count("1")
+        assert tkeep == (1 << count) - 1, "tkeep not contiguous from lane 0"
+        assert tlast or count == lanes, "a beat before the last one is not full"
+        if width == 512:
+            parity_at = 73
+            if sop:
+                frame.first_be, frame.last_be = tuser & 0xF, tuser >> 8 & 0xF
+            assert tuser >> 4 & 0xF == 0 and tuser >> 12 & 0xFF == 0, \
+                "second first/last_be, addr_offset"
+            assert tuser >> 20 & 0x3 == int(sop), "is_sop"
+            assert tuser >> 22 & 0xF == 0, "is_sop0/1_ptr"
+            assert tuser >> 26 & 0x3 == int(tlast), "is_eop"
+            if tlast:
+                assert tuser >> 28 & 0xF == count - 1, "is_eop0_ptr"
+            assert tuser >> 32 & (1 << 41) - 1 == 0, "is_eop1_ptr, discontinue, TPH, seq_num"
+        else:
+            parity_at = 28
+            if sop:
+                frame.first_be, frame.last_be = tuser & 0xF, tuser >> 4 & 0xF
+            assert tuser >> 8 & 0xFFFFF == 0, "addr_offset, discontinue, TPH, seq_num"
+            assert tuser >> 60 == 0, "seq_num[5:4]"
+        for lane in range(count):
+            frame.data.append(tdata >> 32 * lane & 0xFFFF_FFFF)
+            frame.parity.append(tuser >> parity_at + 4 * lane & 0xF)
+        if tlast:
+            assert frame.check_parity(), "RQ parity"
+            frames.append(frame)
+            frame = None
+    assert frame is None
+    return frames
+
+
+def rq_sink(dut, beats, rng, backpressure):
+    """RQ consumer with random backpressure that checks the AXI-stream hold rule."""
+    async def run(ctx):
+        stalled = None
+        async for _, _, valid, ready, *beat in ctx.tick().sample(
+                dut.m_axis_rq_tvalid, dut.m_axis_rq_tready, dut.m_axis_rq_tdata,
+                dut.m_axis_rq_tkeep, dut.m_axis_rq_tlast, dut.m_axis_rq_tuser):
+            if stalled is not None:
+                assert valid and beat == stalled, "RQ beat changed under backpressure"
+            if valid and ready:
+                beats.append(tuple(beat))
+            stalled = beat if valid and not ready else None
+            ctx.set(dut.m_axis_rq_tready, rng.random() >= backpressure)
+    return run
+
+
+def run_rq(width, requests, rng, idle, backpressure):
+    """Requests through the shim; returns the RQ frames and the cycles taken."""
+    dut = UspShim(width)
+    req, req_data = dut.requester.req, dut.requester.req_data
+    beats, cycles = [], []
+
+    async def header_source(ctx):
+        for r in requests:
+            await stream_put(ctx, req, {k: v for k, v in r.items() if k != "data"}, rng, idle)
+
+    async def payload_source(ctx):
+        for r in requests:
+            words = r["data"] + [0] * (len(r["data"]) % 2)
+            for i in range(0, len(words), 2):
+                await stream_put(ctx, req_data, {"data": words[i] | words[i + 1] << 32,
+                                                 "last": i + 2 >= len(words)}, rng, idle)
+
+    async def until_sent(ctx):
+        for cycle in range(100_000):
+            if sum(b[2] for b in beats) == len(requests):
+                break
+            await ctx.tick()
+        else:
+            raise AssertionError("RQ stalled")
+        cycles.append(cycle)
+        await ctx.tick().repeat(10)
+
+    run(dut, [header_source, payload_source, until_sent],
+        [rq_sink(dut, beats, rng, backpressure)], f"rq_{width}")
+    return rq_frames(width, beats), cycles[0]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_rq_requests(width):
+    """Reads and writes of 1..1024 dwords with idle on req/req_data and RQ backpressure:
+    one descriptor-plus-payload frame each, decoded identically by ``Tlp_us``; requester
+    ID 0 with requester ID enable 0, so the IP supplies its own for PF0."""
+    rng = random.Random(width + 4)
+    requests = [random_rq_request(rng) for _ in range(150)]
+    frames, _ = run_rq(width, requests, rng, idle=0.3, backpressure=0.4)
+    assert len(frames) == len(requests)
+    for frame, r in zip(frames, requests):
+        req_type = REQ_MEM_WRITE if r["kind"] == RequesterKind.MEM_WRITE else REQ_MEM_READ
+        assert frame.data[:4] == rq_descriptor(dict(r, req_type=req_type))
+        assert (frame.first_be, frame.last_be) == (r["first_be"], r["last_be"])
+        assert frame.data[4:] == r["data"]
+        tlp = Tlp_us.unpack_us_rq(frame, check_parity=True)
+        assert tlp.fmt_type == {(REQ_MEM_READ, False): TlpType.MEM_READ,
+                                (REQ_MEM_READ, True): TlpType.MEM_READ_64,
+                                (REQ_MEM_WRITE, False): TlpType.MEM_WRITE,
+                                (REQ_MEM_WRITE, True): TlpType.MEM_WRITE_64}[
+            req_type, r["address"] > 0xFFFF_FFFF]
+        assert (tlp.address, tlp.length, tlp.first_be, tlp.last_be, tlp.tag) == \
+            (r["address"] & ~3, r["dwords"], r["first_be"], r["last_be"], r["tag"])
+        assert int(tlp.requester_id) == 0 and not tlp.requester_id_enable
+        assert bytes(tlp.data) == b"".join(w.to_bytes(4, "little") for w in r["data"])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_rq_payload_rate(width):
+    """Back-to-back writes without idle or backpressure: a header is taken with its first
+    payload beat and a full beat leaves while the next one fills, so the payload flows at
+    two dwords a clock."""
+    rng = random.Random(width + 5)
+    requests = [dict(kind=RequesterKind.MEM_WRITE, address=0x1000 * i, dwords=dwords,
+                     first_be=0xF, last_be=0xF, tag=0,
+                     data=[rng.randrange(1 << 32) for _ in range(dwords)])
+                for i, dwords in enumerate([64, 32, 33, 2, 128, 31, 64] * 3)]
+    frames, cycles = run_rq(width, requests, rng, idle=0, backpressure=0)
+    assert [f.data[4:] for f in frames] == [r["data"] for r in requests]
+    beats = sum((r["dwords"] + 1) // 2 for r in requests)
+    assert cycles <= beats + 3, f"{cycles} cycles for {beats} payload beats"
+
+
+# --- RC ---------------------------------------------------------------------------------
+
+def rc_descriptor(c):
+    """Three dwords of an RC descriptor (PG213 "Requester Completion Descriptor Format")."""
+    return [
+        c["lower_address"] | c["error_code"] << 12 | c["byte_count"] << 16 |
+        c.get("locked", 0) << 29 | c["request_completed"] << 30,
+        c["dwords"] | c["status"] << 11 | c.get("poisoned", 0) << 14 |
+        c.get("requester_id", 0) << 16,
+        c["tag"] | c.get("completer_id", 0) << 8 | c.get("tc", 0) << 25 |
+        c.get("attr", 0) << 28,
+    ]
+
+
+EXPECTED_ERROR = {
+    ErrorCode.NORMAL_TERMINATION: CplError.NONE, ErrorCode.POISONED: CplError.POISONED,
+    ErrorCode.BAD_STATUS: CplError.BAD_STATUS, ErrorCode.INVALID_LENGTH: CplError.MALFORMED,
+    ErrorCode.MISMATCH: CplError.MALFORMED, ErrorCode.INVALID_ADDRESS: CplError.MALFORMED,
+    ErrorCode.INVALID_TAG: CplError.UNEXPECTED, ErrorCode.TIMEOUT: CplError.TIMEOUT,
+    ErrorCode.FLR: CplError.RESET,
+}
+
+
+def random_rc_completion(rng):
+    """A ``Tlp_us`` completion, its RC frame and the neutral header and dwords expected."""
+    error = rng.choice([ErrorCode.NORMAL_TERMINATION] * 6 + list(EXPECTED_ERROR))
+    status = CplStatus.SC
+    if error == ErrorCode.BAD_STATUS:
+        status = rng.choice([CplStatus.UR, CplStatus.CA])
+    no_payload = status != CplStatus.SC or error in (ErrorCode.TIMEOUT, ErrorCode.FLR)
+    dwords = 0 if no_payload else \
+        rng.choice([1, 2, 3, 4, 12, 13, 14, 15, 29, 30, 31, 32, rng.randint(33, 128)])
+    tlp = Tlp_us()
+    tlp.fmt_type = TlpType.CPL_DATA if dwords else TlpType.CPL
+    tlp.status, tlp.error_code = status.value, error
+    tlp.tag = rng.randrange(256)
+    tlp.requester_id = PcieId.from_int(rng.randrange(1 << 16))
+    tlp.completer_id = PcieId.from_int(rng.randrange(1 << 16))
+    tlp.lower_address = rng.randrange(1 << 12)
+    tlp.byte_count = rng.randint(max(1, 4 * dwords - 6), 4096)
+    tlp.request_completed = rng.random() < 0.5
+    data = [rng.randrange(1 << 32) for _ in range(dwords)]
+    if dwords:
+        tlp.set_data(b"".join(w.to_bytes(4, "little") for w in data))
+    frame = tlp.pack_us_rc()
+    frame.discontinue = dwords != 0 and rng.random() < 0.1
+    if error in (ErrorCode.TIMEOUT, ErrorCode.FLR):
+        # the IP's own report: a descriptor only, whatever its dword count says
+        frame.data[1] |= rng.randint(1, 8)
+    expected = dict(tag=tlp.tag, status=status, error=EXPECTED_ERROR[error],
+                    byte_count=tlp.byte_count, lower_address=tlp.lower_address & 0x7F,
+                    dwords=len(data), request_completed=int(tlp.request_completed))
+    assert frame.data[:3] == rc_descriptor(dict(
+        expected, lower_address=tlp.lower_address, error_code=error, status=status.value,
+        dwords=frame.data[1] & 0x7FF, requester_id=int(tlp.requester_id),
+        completer_id=int(tlp.completer_id)))
+    return frame, expected, data
+
+
+def rc_beats(width, frame):
+    """AXI beats (tdata, tkeep, tlast, tuser) of one RC frame, DWORD-aligned, no straddle
+    (PG213 RC tuser: byte_en, is_sop, is_eop and pointer, discontinue on the last beat,
+    parity)."""
+    lanes = width // 32
+    if width == 512:
+        sop_at, eop_at, eop_ptr_at, discontinue_at, parity_at = 64, 76, 80, 96, 97
+    else:
+        sop_at, eop_at, eop_ptr_at, discontinue_at, parity_at = 32, 34, 35, 42, 43
+    beats = []
+    for start in range(0, len(frame.data), lanes):
+        chunk = frame.data[start:start + lanes]
+        last = start + lanes >= len(frame.data)
+        tuser = int(start == 0) << sop_at
+        if last:
+            tuser |= 1 << eop_at | (len(chunk) - 1) << eop_ptr_at
+            tuser |= int(frame.discontinue) << discontinue_at
+        for lane in range(lanes):
+            byte_en = frame.byte_en[start + lane] if lane < len(chunk) else 0
+            parity = frame.parity[start + lane] if lane < len(chunk) else 0xF
+            tuser |= byte_en << 4 * lane | parity << parity_at + 4 * lane
+        tdata = sum(d << 32 * i for i, d in enumerate(chunk))
+        beats.append((tdata, (1 << len(chunk)) - 1, last, tuser))
+    return beats
+
+
+def test_rc_descriptor_packer_matches_cocotbext():
+    rng = random.Random(14)
+    for _ in range(300):
+        random_rc_completion(rng)          # asserts the packer against Tlp_us
+
+
+def run_rc(width, completions, rng, idle, backpressure):
+    """RC frames through the shim; returns headers and data beats (with the cycle each
+    was taken and the cycle each header was first presented) and the cycles taken."""
+    dut = UspShim(width)
+    cpl, cpl_data = dut.requester.cpl, dut.requester.cpl_data
+    headers, beats, presented, cycles = [], [], [], []
+    clock = [0]
+
+    async def rc_source(ctx):
+        for frame, _, _ in completions:
+            for tdata, tkeep, tlast, tuser in rc_beats(width, frame):
+                while rng.random() < idle:
+                    await ctx.tick()
+                ctx.set(dut.s_axis_rc_tdata, tdata)
+                ctx.set(dut.s_axis_rc_tkeep, tkeep)
+                ctx.set(dut.s_axis_rc_tlast, tlast)
+                ctx.set(dut.s_axis_rc_tuser, tuser)
+                ctx.set(dut.s_axis_rc_tvalid, 1)
+                await ctx.tick().until(dut.s_axis_rc_tready)
+                ctx.set(dut.s_axis_rc_tvalid, 0)
+                ctx.set(dut.s_axis_rc_tdata, rng.randrange(1 << width))     # garbage
+
+    async def sink(ctx):
+        stalled = {}
+        previous_valid = False
+        async for _, _, hv, hr, hp, dv, dr, dp in ctx.tick().sample(
+                cpl.valid, cpl.ready, cpl.payload, cpl_data.valid, cpl_data.ready,
+                cpl_data.payload):
+            clock[0] += 1
+            for name, valid, ready, payload in (("h", hv, hr, hp), ("d", dv, dr, dp)):
+                if name in stalled:
+                    assert valid and payload == stalled[name], "changed under backpressure"
+                stalled.pop(name, None)
+                if valid and not ready:
+                    stalled[name] = payload
+            if hv and not previous_valid:
+                presented.append(clock[0])
+            previous_valid = hv and not hr
+            if hv and hr:
+                headers.append(hp)
+            if dv and dr:
+                beats.append((dp, clock[0]))
+            ctx.set(cpl.ready, rng.random() >= backpressure)
+            ctx.set(cpl_data.ready, rng.random() >= backpressure)
+
+    async def until_received(ctx):
+        expected_beats = sum((len(d) + 1) // 2 for _, _, d in completions)
+        for cycle in range(100_000):
+            if (len(headers), len(beats)) == (len(completions), expected_beats):
+                break
+            await ctx.tick()
+        else:
+            raise AssertionError("RC stalled")
+        cycles.append(cycle)
+        await ctx.tick().repeat(10)
+
+    run(dut, [rc_source, until_received], [sink], f"rc_{width}")
+    return headers, beats, presented, cycles[0]
+
+
+def check_rc(completions, headers, beats, presented):
+    assert [{k: getattr(h, k) for k in ("tag", "status", "error", "byte_count",
+                                        "lower_address", "dwords", "request_completed")}
+            for h in headers] == [e for _, e, _ in completions]
+    beats = iter(beats)
+    for (frame, _, data), shown in zip(completions, presented):
+        words = data + [None] * (len(data) % 2)
+        for i in range(0, len(words), 2):
+            beat, cycle = next(beats)
+            last = i + 2 >= len(words)
+            assert cycle >= shown, "payload before its header"
+            assert beat.data & 0xFFFF_FFFF == words[i]
+            assert words[i + 1] is None or beat.data >> 32 == words[i + 1]
+            assert beat.last == last
+            assert beat.corrupt == (last and frame.discontinue)
+    assert next(beats, None) is None
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_rc_completions(width):
+    """Completions with 0..128 dwords, every error code, idle on RC and backpressure on
+    cpl/cpl_data: one neutral header each, its payload as dword pairs never before it;
+    the IP's timeout and FLR reports carry no payload; discontinue marks the last beat
+    corrupt."""
+    rng = random.Random(width + 6)
+    completions = [random_rc_completion(rng) for _ in range(150)]
+    check_rc(completions, *run_rc(width, completions, rng, idle=0.3, backpressure=0.4)[:3])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_rc_payload_rate(width):
+    """Back-to-back completions without idle or backpressure: two dwords a clock, the
+    next header and first beat in the cycle after the previous payload ends."""
+    rng = random.Random(width + 7)
+    completions = []
+    for dwords in [32, 16, 13, 64, 1, 29, 128, 2] * 3:
+        tlp = Tlp_us()
+        tlp.fmt_type = TlpType.CPL_DATA
+        tlp.tag, tlp.byte_count, tlp.request_completed = 1, 4 * dwords, True
+        data = [rng.randrange(1 << 32) for _ in range(dwords)]
+        tlp.set_data(b"".join(w.to_bytes(4, "little") for w in data))
+        completions.append((tlp.pack_us_rc(), dict(
+            tag=1, status=CplStatus.SC, error=CplError.NONE, byte_count=4 * dwords,
+            lower_address=0, dwords=dwords, request_completed=1), data))
+    headers, beats, presented, cycles = run_rc(width, completions, rng, idle=0,
+                                               backpressure=0)
+    check_rc(completions, headers, beats, presented)
+    expected = sum((len(d) + 1) // 2 for _, _, d in completions)
+    assert cycles <= expected + 3, f"{cycles} cycles for {expected} payload beats"

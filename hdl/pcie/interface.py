@@ -192,3 +192,97 @@ class DmaSignature(wiring.Signature):
             "write_data": Out(stream.Signature(DmaWriteBeat)),
             "write_done": In(stream.Signature(DmaWriteDone)),
         })
+
+
+# --- Requester (bus-master) side of the shim: what the DMA engine sees -----------------------
+
+class RequesterKind(enum.Enum, shape=1):
+    MEM_READ = 0
+    MEM_WRITE = 1
+
+
+class RequesterRequest(data.Struct):
+    """One memory request TLP the function sends (PCIe byte-enable rules apply: a
+    one-dword request has ``last_be`` 0, a longer one non-zero ``first_be`` and ``last_be``;
+    the request does not cross a 4 KiB boundary)."""
+    kind: RequesterKind
+    #: Byte address of the first dword; bits 1..0 are ignored (the byte enables say which
+    #: bytes are meant).
+    address: 64
+    #: Length in dwords, 1..1024.
+    dwords: 11
+    first_be: 4
+    last_be: 4
+    #: Read tag; its completions carry it back. Ignored for writes.
+    tag: 8
+
+
+class CplError(enum.Enum, shape=3):
+    """How the hard IP judged a completion (vendor-neutral form of its error code)."""
+    NONE = 0
+    #: The completion data is poisoned (EP).
+    POISONED = 1
+    #: Status is UR, CA or CRS (see ``status``); ends the request.
+    BAD_STATUS = 2
+    #: Length, address or header fields do not match the request.
+    MALFORMED = 3
+    #: No request with this tag is outstanding: a stray or late completion.
+    UNEXPECTED = 4
+    #: The hard IP gave up waiting for completions; ends the request.
+    TIMEOUT = 5
+    #: The request was abandoned by a function-level reset; ends the request.
+    RESET = 6
+
+
+class RequesterCompletion(data.Struct):
+    """One completion TLP for a read request; ``dwords`` payload beats follow it on
+    ``cpl_data``."""
+    tag: 8
+    status: CplStatus
+    error: CplError
+    #: Bytes of the request still to come including this completion's (1..4096).
+    byte_count: 13
+    #: Address bits 6..0 of the first byte this completion returns.
+    lower_address: 7
+    #: Payload dwords that follow on ``cpl_data`` (0 for a completion without data). The
+    #: first one holds the byte at ``lower_address``, in its byte lane ``lower_address % 4``.
+    dwords: 11
+    #: No further completion for this tag will come: the request has ended.
+    request_completed: 1
+
+
+class DwordPairBeat(data.Struct):
+    """Two payload dwords of a write request: dword 2k in bits 31..0, dword 2k+1 in bits
+    63..32. The last beat of a payload with an odd dword count holds one dword (bits 63..32
+    are meaningless); ``last`` marks the final beat."""
+    data: 64
+    last: 1
+
+
+class CompletionBeat(data.Struct):
+    """Two payload dwords of a completion, packed like :class:`DwordPairBeat`."""
+    data: 64
+    last: 1
+    #: On the last beat: the hard IP found the payload corrupt after passing on the header
+    #: (the whole completion is to be discarded).
+    corrupt: 1
+
+
+class RequesterSignature(wiring.Signature):
+    """Memory requests the function sends and the completions it receives.
+
+    ``req`` carries one header per TLP; a ``MEM_WRITE`` header is followed by its
+    ``dwords`` of payload on ``req_data`` (two per beat, the last with ``last`` set); the
+    shim takes a write header and its first payload beat in the same cycle when both are
+    there, and the next header only after the payload. A header on ``cpl`` is followed by
+    its ``dwords`` on ``cpl_data`` (none when ``dwords`` is 0); the first payload beat may
+    be valid in the same cycle as its header, never before it. 64 bits per cycle: 8 bytes
+    a clock, the rate of a DMA client port.
+    """
+    def __init__(self):
+        super().__init__({
+            "req": In(stream.Signature(RequesterRequest)),
+            "req_data": In(stream.Signature(DwordPairBeat)),
+            "cpl": Out(stream.Signature(RequesterCompletion)),
+            "cpl_data": Out(stream.Signature(CompletionBeat)),
+        })

@@ -8,12 +8,13 @@ DWORD-aligned mode without straddling, so every TLP starts in lane 0 of a beat a
 payload follows the descriptor in the next lane.
 """
 
-from amaranth.hdl import Cat, Const, Module, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from .interface import (CompleterRequest, CompleterSignature, ConfigExtSignature,
-                        FunctionStatusSignature, MsixSignature, ReqKind)
+from .interface import (CompleterRequest, CompleterSignature, ConfigExtSignature, CplError,
+                        FunctionStatusSignature, MsixSignature, ReqKind, RequesterCompletion,
+                        RequesterKind, RequesterSignature)
 
 #: tuser widths per data width (PG213 port tables; cocotbext-pcie ``interface.py``).
 _TUSER_WIDTHS = {
@@ -61,6 +62,54 @@ class CcDescriptor(data.Struct):
     force_ecrc: 1
 
 
+class RqDescriptor(data.Struct):
+    """The 128-bit requester request descriptor in lanes 0..3 of an RQ TLP's first beat."""
+    address_type: 2
+    address: 62                 # byte address bits 63..2
+    dword_count: 11
+    request_type: 4
+    poisoned: 1
+    requester_id: 16
+    tag: 8
+    completer_id: 16
+    requester_id_enable: 1
+    tc: 3
+    attr: 3
+    force_ecrc: 1
+
+
+class RcDescriptor(data.Struct):
+    """The 96-bit requester completion descriptor in lanes 0..2 of an RC TLP's first beat."""
+    lower_address: 12
+    error_code: 4
+    byte_count: 13
+    locked_read_completion: 1
+    request_completed: 1
+    _reserved0: 1
+    dword_count: 11
+    status: 3
+    poisoned: 1
+    _reserved1: 1
+    requester_id: 16
+    tag: 8
+    completer_id: 16
+    _reserved2: 1
+    tc: 3
+    attr: 3
+    _reserved3: 1
+
+
+#: RC descriptor error codes (PG213 "Requester Completion Descriptor Format") in neutral form.
+_RC_ERROR_CODES = {
+    0b0000: CplError.NONE,
+    0b0001: CplError.POISONED,
+    0b0010: CplError.BAD_STATUS,
+    0b0110: CplError.UNEXPECTED,
+    0b1000: CplError.RESET,
+    0b1001: CplError.TIMEOUT,
+}
+
+
 class UspShim(wiring.Component):
     """PCIE4 CQ/CC, configuration and interrupt ports to the neutral PF0 interfaces.
 
@@ -70,12 +119,21 @@ class UspShim(wiring.Component):
     - CC: a :class:`CompleterCompletion` and its ``cpl_data`` dwords become the completion
       descriptor and payload beats, with tkeep, tlast, odd byte parity and (512 bits)
       is_sop/is_eop in tuser.
+    - RQ: a :class:`RequesterRequest` (and for a write its payload, two dwords a beat)
+      becomes the requester request descriptor and payload, with tkeep, tlast, the byte
+      enables, odd byte parity and (512 bits) is_sop/is_eop in tuser; a header and its first
+      payload beat are taken in one cycle, and a filled beat is handed on while the next one
+      fills, so the payload flows at two dwords a clock.
+    - RC: a completion descriptor becomes one :class:`RequesterCompletion`; its payload
+      (from lane 3 of the first beat on) leaves as two dwords a beat, the first beat in the
+      same cycle as the header; discontinue on its last beat marks the last neutral beat
+      corrupt.
     - cfg_ext, MSI-X (external table), command/status and FLR map 1:1 for PF0.
-    - RQ/RC are tied off until the DMA engine arrives (see :meth:`_tie_off_requester`).
 
     Attributes
     ----------
     completer : Out(CompleterSignature())
+    requester : Out(RequesterSignature())
     cfg_ext : Out(ConfigExtSignature())
     msix : Out(MsixSignature())
     status : Out(FunctionStatusSignature())
@@ -106,7 +164,7 @@ class UspShim(wiring.Component):
             "m_axis_cc_tready": In(1),
             "m_axis_cc_tuser": Out(tuser["cc"]),
             "m_axis_cc_tvalid": Out(1),
-            # Requester request and completion (DMA, next milestone)
+            # Requester request and completion (DMA)
             "m_axis_rq_tdata": Out(data_width),
             "m_axis_rq_tkeep": Out(lanes),
             "m_axis_rq_tlast": Out(1),
@@ -145,6 +203,7 @@ class UspShim(wiring.Component):
             "cfg_flr_done": Out(4),
             # Neutral side, physical function 0
             "completer": Out(CompleterSignature()),
+            "requester": Out(RequesterSignature()),
             "cfg_ext": Out(ConfigExtSignature()),
             "msix": Out(MsixSignature()),
             "status": Out(FunctionStatusSignature()),
@@ -154,7 +213,8 @@ class UspShim(wiring.Component):
         m = Module()
         self._completer_request(m)
         self._completer_completion(m)
-        self._tie_off_requester(m)
+        self._requester_request(m)
+        self._requester_completion(m)
         self._config_and_interrupts(m)
         return m
 
@@ -343,17 +403,206 @@ class UspShim(wiring.Component):
                     with m.Else():
                         m.next = "Fill"
 
-    def _tie_off_requester(self, m):
-        """RQ/RC tie-off, the one place the next milestone replaces with the DMA
-        requester interface: nothing is requested, and any completion is accepted."""
+    def _requester_request(self, m):
+        """Request headers and write-payload dword pairs to RQ beats."""
+        width = self._data_width
+        lanes = width // 32
+        req, req_data = self.requester.req, self.requester.req_data
+
+        # The beat being filled, and the one on the bus. A filled beat moves to the bus in
+        # the cycle the bus frees up, and filling goes on into the emptied buffer at once.
+        fill_data = Signal(width)
+        fill_lanes = Signal(range(lanes + 1))
+        fill_done = Signal()                # complete: waiting to move to the bus
+        fill_sop = Signal()
+        fill_eop = Signal()
+        first_be = Signal(4)
+        last_be = Signal(4)
+        dwords_left = Signal(11)            # payload dwords of the TLP not yet taken
+
+        tdata = Signal(width)
+        tkeep = Signal(lanes)
+        sop = Signal()
+        eop = Signal()
+        tvalid = Signal()
+        out_first_be = Signal(4)
+        out_last_be = Signal(4)
+
+        bus_free = ~tvalid | self.m_axis_rq_tready
+        move = fill_done & bus_free
+        room = ~fill_done | move
+        lane = Mux(fill_done, 0, fill_lanes)        # where this cycle's dwords go
+
+        # Requester ID 0 with requester ID enable 0: the IP puts in its own bus and device
+        # number, and the function number field (bits 7..0) stays 0 for PF0 (usp_model.py
+        # _run_rq_logic routes by it). Tags are the engine's (client tags).
+        descriptor = Signal(RqDescriptor)
         m.d.comb += [
-            self.m_axis_rq_tvalid.eq(0),
-            self.m_axis_rq_tdata.eq(0),
-            self.m_axis_rq_tkeep.eq(0),
-            self.m_axis_rq_tlast.eq(0),
-            self.m_axis_rq_tuser.eq(0),
-            self.s_axis_rc_tready.eq(1),
+            descriptor.address.eq(req.payload.address[2:]),
+            descriptor.dword_count.eq(req.payload.dwords),
+            descriptor.request_type.eq(Mux(req.payload.kind == RequesterKind.MEM_WRITE,
+                                           0b0001, 0b0000)),
+            descriptor.tag.eq(req.payload.tag),
         ]
+
+        last_lane = (Cat(tkeep[1:], Const(0, 1)) ^ tkeep)   # one-hot: the last kept lane
+        eop_ptr = Signal(4)
+        for i in range(lanes):
+            with m.If(last_lane[i]):
+                m.d.comb += eop_ptr.eq(i)
+        # Odd parity per byte (PG213 RQ tuser parity, cocotbext-pcie dword_parity ^ 0xF).
+        parity = Cat(~tdata[8 * i:8 * i + 8].xor() for i in range(width // 8))
+        if width == 512:
+            # first_be[3:0], last_be[11:8], is_sop[20], is_eop[26], is_eop0_ptr[31:28],
+            # seq_num0/1 0, parity[136:73]
+            tuser = Cat(out_first_be, Const(0, 4), out_last_be, Const(0, 8), sop,
+                        Const(0, 5), eop, Const(0, 1), eop_ptr, Const(0, 41), parity)
+        else:
+            # first_be[3:0], last_be[7:4], addr_offset/discontinue/TPH/seq_num 0, parity[59:28]
+            tuser = Cat(out_first_be, out_last_be, Const(0, 20), parity, Const(0, 2))
+        m.d.comb += [
+            self.m_axis_rq_tdata.eq(tdata),
+            self.m_axis_rq_tkeep.eq(tkeep),
+            self.m_axis_rq_tlast.eq(eop),
+            self.m_axis_rq_tuser.eq(tuser),
+            self.m_axis_rq_tvalid.eq(tvalid),
+        ]
+
+        with m.If(self.m_axis_rq_tready):
+            m.d.sync += tvalid.eq(0)
+        with m.If(move):
+            m.d.sync += [
+                tdata.eq(fill_data),
+                tkeep.eq(Cat(fill_lanes > i for i in range(lanes))),
+                sop.eq(fill_sop),
+                eop.eq(fill_eop),
+                out_first_be.eq(first_be),
+                out_last_be.eq(last_be),
+                tvalid.eq(1),
+                fill_done.eq(0),
+                fill_lanes.eq(0),
+                fill_sop.eq(0),
+                fill_eop.eq(0),
+            ]
+
+        def take_payload(at_lane, dwords):
+            """Put one payload beat at ``at_lane``; end the beat when full or the TLP ends."""
+            two = dwords >= 2
+            m.d.sync += [
+                fill_data.word_select(at_lane, 32).eq(req_data.payload.data[:32]),
+                fill_data.word_select(at_lane + 1, 32).eq(req_data.payload.data[32:]),
+                fill_lanes.eq(at_lane + Mux(two, 2, 1)),
+                dwords_left.eq(dwords - Mux(two, 2, 1)),
+            ]
+            with m.If(dwords <= 2):
+                m.d.sync += [fill_done.eq(1), fill_eop.eq(1)]
+            with m.Elif(at_lane + 2 == lanes):
+                m.d.sync += fill_done.eq(1)
+            return dwords <= 2
+
+        with m.FSM():
+            with m.State("Descriptor"):
+                m.d.comb += req.ready.eq(room)
+                is_write = req.payload.kind == RequesterKind.MEM_WRITE
+                with m.If(req.valid & room):
+                    m.d.sync += [
+                        fill_data[:128].eq(descriptor),
+                        fill_lanes.eq(4),
+                        fill_sop.eq(1),
+                        first_be.eq(req.payload.first_be),
+                        last_be.eq(req.payload.last_be),
+                        dwords_left.eq(req.payload.dwords),
+                    ]
+                    with m.If(is_write):
+                        m.d.comb += req_data.ready.eq(1)
+                        with m.If(req_data.valid):
+                            with m.If(~take_payload(4, req.payload.dwords)):
+                                m.next = "Payload"
+                        with m.Else():
+                            m.next = "Payload"
+                    with m.Else():
+                        m.d.sync += [fill_done.eq(1), fill_eop.eq(1)]
+
+            with m.State("Payload"):
+                m.d.comb += req_data.ready.eq(room)
+                with m.If(req_data.valid & room):
+                    with m.If(take_payload(lane, dwords_left)):
+                        m.next = "Descriptor"
+
+    def _requester_completion(self, m):
+        """RC beats to completion headers and payload dword pairs."""
+        width = self._data_width
+        lanes = width // 32
+        cpl, cpl_data = self.requester.cpl, self.requester.cpl_data
+        descriptor = RcDescriptor(self.s_axis_rc_tdata[:96])
+
+        header = Signal(RequesterCompletion)
+        header_valid = Signal()
+        held = Signal(width + 32)           # payload dwords not yet forwarded, next in lane 0
+        held_dwords = Signal(range(lanes + 2))
+        more_beats = Signal()               # the TLP goes on in later beats
+        corrupt = Signal()                  # discontinue came with the TLP's last beat
+        # PG213 RC tuser discontinue: bit 96 at 512 bits, bit 42 at 256 bits.
+        discontinue = self.s_axis_rc_tuser[96 if width == 512 else 42]
+
+        m.d.comb += [
+            cpl.valid.eq(header_valid),
+            cpl.payload.eq(header),
+            cpl_data.valid.eq((held_dwords >= 2) | ((held_dwords == 1) & ~more_beats)),
+            cpl_data.payload.data.eq(held[:64]),
+            cpl_data.payload.last.eq(~more_beats & (held_dwords <= 2)),
+            cpl_data.payload.corrupt.eq(~more_beats & (held_dwords <= 2) & corrupt),
+        ]
+        with m.If(cpl.ready):
+            m.d.sync += header_valid.eq(0)
+
+        forwarded = cpl_data.valid & cpl_data.ready
+        left = Signal.like(held_dwords)     # dwords still held after this cycle's beat
+        m.d.comb += left.eq(held_dwords - Mux(forwarded, Mux(held_dwords >= 2, 2, 1), 0))
+        remaining = Mux(forwarded, held >> 64, held)
+        kept = sum(self.s_axis_rc_tkeep[i] for i in range(lanes))
+        m.d.sync += [held.eq(remaining), held_dwords.eq(left)]
+
+        error = Signal(CplError)
+        with m.Switch(descriptor.error_code):
+            for code, value in _RC_ERROR_CODES.items():
+                with m.Case(code):
+                    m.d.comb += error.eq(value)
+            with m.Default():                   # invalid length, mismatch, invalid address
+                m.d.comb += error.eq(CplError.MALFORMED)
+        # A timeout or FLR report is a descriptor without payload whatever its dword count.
+        no_payload = (error == CplError.TIMEOUT) | (error == CplError.RESET)
+
+        with m.If(more_beats):
+            # Next beat of the same TLP, appended behind the one or no dword still held.
+            m.d.comb += self.s_axis_rc_tready.eq(left <= 1)
+            with m.If(self.s_axis_rc_tvalid & self.s_axis_rc_tready):
+                m.d.sync += [
+                    held.eq(Mux(left == 1, Cat(remaining[:32], self.s_axis_rc_tdata),
+                                self.s_axis_rc_tdata)),
+                    held_dwords.eq(left + kept),
+                    more_beats.eq(~self.s_axis_rc_tlast),
+                    corrupt.eq(self.s_axis_rc_tlast & discontinue),
+                ]
+        with m.Else():
+            # First beat of the next TLP: only once the previous payload is all forwarded
+            # and its header taken.
+            m.d.comb += self.s_axis_rc_tready.eq((left == 0) & (~header_valid | cpl.ready))
+            with m.If(self.s_axis_rc_tvalid & self.s_axis_rc_tready):
+                m.d.sync += [
+                    header.tag.eq(descriptor.tag),
+                    header.status.eq(descriptor.status),
+                    header.error.eq(error),
+                    header.byte_count.eq(descriptor.byte_count),
+                    header.lower_address.eq(descriptor.lower_address[:7]),
+                    header.dwords.eq(Mux(no_payload, 0, descriptor.dword_count)),
+                    header.request_completed.eq(descriptor.request_completed),
+                    header_valid.eq(1),
+                    held.eq(self.s_axis_rc_tdata[96:]),
+                    held_dwords.eq(kept - 3),
+                    more_beats.eq(~self.s_axis_rc_tlast),
+                    corrupt.eq(self.s_axis_rc_tlast & discontinue),
+                ]
 
     def _config_and_interrupts(self, m):
         """cfg_ext, MSI-X and function status for PF0."""
