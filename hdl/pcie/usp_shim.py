@@ -433,17 +433,7 @@ class UspShim(wiring.Component):
         room = ~fill_done | move
         lane = Mux(fill_done, 0, fill_lanes)        # where this cycle's dwords go
 
-        # Requester ID 0 with requester ID enable 0: the IP puts in its own bus and device
-        # number, and the function number field (bits 7..0) stays 0 for PF0 (usp_model.py
-        # _run_rq_logic routes by it). Tags are the engine's (client tags).
-        descriptor = Signal(RqDescriptor)
-        m.d.comb += [
-            descriptor.address.eq(req.payload.address[2:]),
-            descriptor.dword_count.eq(req.payload.dwords),
-            descriptor.request_type.eq(Mux(req.payload.kind == RequesterKind.MEM_WRITE,
-                                           0b0001, 0b0000)),
-            descriptor.tag.eq(req.payload.tag),
-        ]
+        fill_descriptor = RqDescriptor(fill_data[:128])
 
         last_lane = (Cat(tkeep[1:], Const(0, 1)) ^ tkeep)   # one-hot: the last kept lane
         eop_ptr = Signal(4)
@@ -505,8 +495,16 @@ class UspShim(wiring.Component):
                 m.d.comb += req.ready.eq(room)
                 is_write = req.payload.kind == RequesterKind.MEM_WRITE
                 with m.If(req.valid & room):
+                    # Requester ID 0 with requester ID enable 0: the IP puts in its own bus
+                    # and device number, and the function number field (bits 7..0) stays 0
+                    # for PF0 (usp_model.py _run_rq_logic routes by it). Tags are the
+                    # engine's (client tags). Other fields 0.
                     m.d.sync += [
-                        fill_data[:128].eq(descriptor),
+                        fill_data[:128].eq(0),
+                        fill_descriptor.address.eq(req.payload.address[2:]),
+                        fill_descriptor.dword_count.eq(req.payload.dwords),
+                        fill_descriptor.request_type.eq(Mux(is_write, 0b0001, 0b0000)),
+                        fill_descriptor.tag.eq(req.payload.tag),
                         fill_lanes.eq(4),
                         fill_sop.eq(1),
                         first_be.eq(req.payload.first_be),
