@@ -86,7 +86,6 @@ class Driver:
         self.last_used = start      # the next used element to read
         self.in_flight = deque()    # Chains published and not used yet, in ring order
         self.published = []         # every Chain published, in ring order
-        self.completed = []         # (Chain, used_len)
         struct.pack_into("<HH", memory, self.avail, 0, start)
         struct.pack_into("<HH", memory, self.used, 0, start)
         self.set_used_event(start)
@@ -118,9 +117,11 @@ class Driver:
         return pieces
 
     def virtqueue_add(self, readable, writable, *, max_pieces=4, use_indirect=None,
-                      direct=None):
-        """Queue one buffer, its bytes split at random; None when the ring has no room."""
-        readable_count = self.rng.randint(1, max_pieces) if readable or not writable else 0
+                      direct=None, readable_pieces=None):
+        """Queue one buffer, its bytes split at random (into ``readable_pieces`` buffers
+        if given); None when the ring has no room."""
+        readable_count = readable_pieces or (
+            self.rng.randint(1, max_pieces) if readable or not writable else 0)
         writable_count = self.rng.randint(1, max_pieces) if writable else 0
         # No more buffers than the queue size (virtio 1.2 2.7.5.3.1, C7).
         while readable_count + writable_count > self.size:
@@ -208,7 +209,6 @@ class Driver:
         chain = self.in_flight.popleft()
         assert head == chain.head, f"used id {head}, expected head {chain.head}"
         self.free.extend(reversed(chain.descriptors))
-        self.completed.append((chain, used_len))
         return chain, used_len
 
     def writable_bytes(self, chain):
@@ -217,17 +217,21 @@ class Driver:
 
 class FunctionModel:
     """The device function on the command port: checks each header and its words against
-    the driver's chains (in ring order) and answers random results after random delays;
-    ``hold`` (a set of heads) holds those results for ``hold_cycles``."""
+    the driver's chains (in ring order) and answers random results, in order, after random
+    delays; the results of the heads in ``hold`` wait ``hold_cycles``. With ``overlap``
+    it takes the next headers while results are still due (up to ``overlap`` of them)."""
 
-    def __init__(self, dut, driver, rng, *, ready=0.7, delay=(0, 6), hold=(), hold_cycles=0):
+    def __init__(self, dut, driver, rng, *, ready=0.7, delay=(0, 6), hold_cycles=0,
+                 write_counts=(0, RESULT_BYTES), overlap=0):
         self.dut = dut
         self.driver = driver
         self.rng = rng
         self.ready = ready
         self.delay = delay
-        self.hold = set(hold)
+        self.hold = set()
         self.hold_cycles = hold_cycles
+        self.write_counts = write_counts
+        self.overlap = overlap
         self.results = deque()      # Results given, not yet seen in the used ring
         self.commands = 0
         self.word_cycles = []       # [(first word cycle, last word cycle)] per command
@@ -235,14 +239,16 @@ class FunctionModel:
 
     def _result(self, chain):
         writable = sum(n for _, n in chain.writable)
-        count = self.rng.randint(0, min(RESULT_BYTES, writable + 2))
+        low, high = self.write_counts
+        count = self.rng.randint(low, max(low, min(high, writable + 2)))
         return Result(chain.head, self.rng.getrandbits(32), count,
                       bytes(self.rng.getrandbits(8) for _ in range(RESULT_BYTES)))
 
     async def run(self, ctx):
         command = self.dut.command
         header, words, result = command.header, command.words, command.result
-        state, chain, answer, wait, position = "header", None, None, 0, 0
+        state, chain, position = "header", None, 0
+        due = deque()               # [Result, cycles to wait], in command order
         seen = 0                    # chains of driver.published already taken
         async for sample in ctx.tick().sample(
                 header.valid, header.ready, header.payload.head, header.payload.readable,
@@ -252,22 +258,25 @@ class FunctionModel:
              last, r_valid, r_ready, reset) = sample
             self.cycle += 1
             if reset:
-                state = "header"
+                state, seen = "header", 0
+                due.clear()
                 ctx.set(result.valid, 0)
                 ctx.set(header.ready, 0)
                 ctx.set(words.ready, 0)
-                seen = 0
                 continue
+            if r_valid and r_ready:
+                self.results.append(due.popleft()[0])
+                self.commands += 1
             if state == "header" and h_valid and h_ready:
                 chain = self.driver.published[seen]
                 seen += 1
                 assert head == chain.head, f"header head {head}, expected {chain.head}"
                 assert readable == len(chain.readable)
                 assert writable == sum(n for _, n in chain.writable)
-                answer = self._result(chain)
                 wait = self.hold_cycles if head in self.hold else self.rng.randint(*self.delay)
+                due.append([self._result(chain), wait])
                 position = 0
-                state = "words" if readable else "result"
+                state = "words" if readable else "header"
             elif state == "words" and w_valid and w_ready:
                 expected = chain.readable[position:position + 8]
                 expected_word = int.from_bytes(expected.ljust(8, b"\0"), "little")
@@ -279,18 +288,18 @@ class FunctionModel:
                     self.word_cycles.append([self.cycle, self.cycle])
                 self.word_cycles[-1][1] = self.cycle
                 if last:
-                    state = "result"
-            elif state == "result" and r_valid and r_ready:
-                self.results.append(answer)
-                self.commands += 1
-                state = "header"
-            ctx.set(header.ready, state == "header" and self.rng.random() < self.ready)
+                    state = "header"
+            # The result of a command follows its last word.
+            may_take = state == "header" and len(due) <= self.overlap
+            ctx.set(header.ready, may_take and self.rng.random() < self.ready)
             ctx.set(words.ready, state == "words" and self.rng.random() < self.ready)
-            offer = state == "result" and (r_valid and not r_ready or wait == 0)
-            if state == "result" and wait:
-                wait -= 1
+            answerable = due and (state == "header" or len(due) > 1)
+            offer = bool(answerable) and (r_valid and not r_ready or due[0][1] == 0)
+            if answerable and due[0][1]:
+                due[0][1] -= 1
             ctx.set(result.valid, offer)
             if offer:
+                answer = due[0][0]
                 ctx.set(result.payload.used_len, answer.used_len)
                 ctx.set(result.payload.write_count, answer.write_count)
                 ctx.set(result.payload.write_data, int.from_bytes(answer.write_data, "little"))
@@ -407,10 +416,10 @@ class Bench:
 
     # --- checks on the DMA log ------------------------------------------------------------
 
-    def check_dma_discipline(self, driver=None):
+    def check_dma_discipline(self):
         """C12: reads only of rings, tables and readable buffers; writes only of the used
         ring and writable buffers."""
-        driver = driver or self.driver
+        driver = self.driver
         for read in self.dma.reads:
             assert any(s <= read.address and read.address + read.length <= e
                        for s, e in driver.read_ranges), f"read outside: {read}"
@@ -418,11 +427,11 @@ class Bench:
             assert any(s <= write.address and write.address + write.length <= e
                        for s, e in driver.write_ranges), f"write outside: {write}"
 
-    def expected_interrupts(self, driver=None):
+    def expected_interrupts(self):
         """Per publication of used->idx, whether it needs an interrupt, judged on the value
         the device read after it (C11, virtio 1.2 2.7.10); checks the read came after the
         write. Returns [(read cycle, needed)]."""
-        driver = driver or self.driver
+        driver = self.driver
         publications = [w for w in self.dma.writes
                         if w.address == driver.used + 2 and w.length == 2]
         if self.event_idx:
@@ -445,8 +454,9 @@ class Bench:
             old = new
         return expected
 
-    def check_interrupts(self, driver=None):
-        expected = [cycle for cycle, needed in self.expected_interrupts(driver) if needed]
+    def check_interrupts(self):
+        """As many interrupts as publications that needed one, each after its check."""
+        expected = [cycle for cycle, needed in self.expected_interrupts() if needed]
         assert len(self.interrupts) == len(expected), (self.interrupts, expected)
         for raised, read_cycle in zip(self.interrupts, expected):
             assert raised > read_cycle
@@ -496,13 +506,19 @@ def test_random_streams(event_idx, indirect):
     latencies, backpressure and result delays; used ring, written bytes and interrupts
     checked against the driver's model."""
     seed = new_seed()
-    size = random.Random(seed).choice([1, 2, 4, 8, 16, 32])
-    bench = Bench(seed, size=size, event_idx=event_idx, indirect=indirect)
+    rng = random.Random(seed)
+    bench = Bench(seed, size=rng.choice([1, 2, 4, 8, 16, 32]), event_idx=event_idx,
+                  indirect=indirect,
+                  dma_options={"read_latency": (1, rng.choice([4, 16, 40])),
+                               "stall": rng.choice([0, 0.2, 0.4]),
+                               "idle": rng.choice([0, 0.2, 0.4])},
+                  function_options={"ready": rng.choice([0.5, 0.8, 1.0]),
+                                    "overlap": rng.choice([0, 0, 1, 3])})
 
     async def testbench(ctx):
         await bench.configure(ctx)
-        await stream_commands(bench, ctx, 60)
-        assert bench.function.commands == 60
+        await stream_commands(bench, ctx, 40)
+        assert bench.function.commands == 40
         bench.check_dma_discipline()
         bench.check_interrupts()
         assert not bench.faults
@@ -516,7 +532,7 @@ def test_index_wrap(event_idx):
     seed = new_seed()
     rng = random.Random(seed)
     bench = Bench(seed, size=rng.choice([4, 8]), event_idx=event_idx, indirect=True,
-                  start=0x10000 - rng.randint(1, 12))
+                  start=0x10000 - rng.randint(1, 12), function_options={"overlap": 2})
 
     async def testbench(ctx):
         ctx.set(bench.dut.avail_fetcher.last_avail, bench.start)
@@ -551,6 +567,25 @@ def test_spurious_and_early_notifications():
         await bench.drain(ctx)
         assert bench.function.commands == 3
         bench.check_dma_discipline()
+
+    bench.run(testbench)
+
+
+@pytest.mark.parametrize("use_indirect", [False, True])
+def test_longest_chain_larger_than_data_buffer(use_indirect):
+    """A chain of queue-size buffers holding more bytes than the data buffer: the walk
+    finishes and the header goes out while the chain's data waits for the function."""
+    bench = Bench(new_seed(), size=64, max_queue_size=64, indirect=use_indirect)
+
+    async def testbench(ctx):
+        await bench.configure(ctx)
+        readable = bytes(bench.rng.getrandbits(8) for _ in range(64 * 96))
+        assert bench.driver.virtqueue_add(readable, 0, readable_pieces=64,
+                                          use_indirect=use_indirect,
+                                          direct=0 if use_indirect else None)
+        await bench.kick(ctx)
+        await bench.drain(ctx)
+        assert bench.function.commands == 1 and not bench.faults
 
     bench.run(testbench)
 
@@ -659,7 +694,7 @@ def test_long_held_result():
 
 def build_fault(bench, kind):
     """Queue one good buffer, then one with ring fault ``kind``."""
-    driver, memory = bench.driver, bench.memory
+    driver = bench.driver
     driver.virtqueue_add(b"\x01" * 8, 0, max_pieces=1)
     free = driver.free
     if kind == "head":
@@ -797,15 +832,13 @@ def test_dma_read_error(target):
     async def testbench(ctx):
         driver = bench.driver
         chain = driver.virtqueue_add(bytes(range(64)), 8, max_pieces=2)
+        last_buffer = [r for r in driver.read_ranges[2:] if r[1] > r[0]][-1]
         ranges = {
             "avail": (driver.avail + 2, driver.avail + 4),
             "descriptor": (driver.desc + 16 * chain.head, driver.desc + 16 * chain.head + 16),
-            "data": (driver.read_ranges[-1][0] + 3, driver.read_ranges[-1][0] + 4),
+            "data": (last_buffer[1] - 1, last_buffer[1]),
             "suppression": (driver.avail, driver.avail + 2),
         }
-        if target == "data":
-            readable = [r for r in driver.read_ranges[2:] if r[1] > r[0]]
-            ranges["data"] = (readable[-1][1] - 1, readable[-1][1])
         bench.dma.fail_reads.append(ranges[target])
         await bench.configure(ctx)
         await bench.kick(ctx)
@@ -818,14 +851,13 @@ def test_dma_read_error(target):
 
 @pytest.mark.parametrize("target", ["buffer", "used"])
 def test_dma_write_error(target):
-    bench = Bench(new_seed(), size=8)
+    bench = Bench(new_seed(), size=8, function_options={"write_counts": (1, 16)})
 
     async def testbench(ctx):
         driver = bench.driver
         chain = driver.virtqueue_add(b"", 16, max_pieces=1)
         if target == "buffer":
             bench.dma.fail_writes.append((chain.writable[0][0], chain.writable[0][0] + 1))
-            bench.function.delay = (0, 0)
         else:
             bench.dma.fail_writes.append((driver.used, driver.used + 6 + 8 * driver.size))
         await bench.configure(ctx)
@@ -880,6 +912,29 @@ def test_reset_while_busy():
         bench.check_dma_discipline()
         bench.check_interrupts()
         assert not bench.faults
+
+    bench.run(testbench)
+
+
+def test_reset_after_fault():
+    """A reset clears a fault: the queue works again on a fresh ring."""
+    bench = Bench(new_seed(), size=8, indirect=True)
+
+    async def testbench(ctx):
+        build_fault(bench, "nested")
+        await bench.configure(ctx)
+        cycle, _ = await bench.wait_fault(ctx)
+        await check_stopped(bench, ctx, cycle)
+        ctx.set(bench.dut.run, 0)
+        ctx.set(bench.dut.reset, 1)
+        await ctx.tick()
+        ctx.set(bench.dut.reset, 0)
+        assert ctx.get(bench.dut.fault_kind) == c.RingFault.NONE
+        bench.driver = bench.function.driver = bench.new_driver(base=0x80000)
+        bench.function.results.clear()
+        await bench.configure(ctx)
+        await stream_commands(bench, ctx, 10)
+        assert len(bench.faults) == 1
 
     bench.run(testbench)
 

@@ -72,17 +72,27 @@ class VirtqueueEngine(wiring.Component):
         is written before.
     fault : Out(1)
         Pulse: a C7 ring fault, of kind ``fault_kind``; the queue stops (no DMA) until
-        ``reset``.
+        ``reset``, and a command the function is taking stays unfinished.
     fault_kind : Out(c.RingFault)
         The kind of the last fault; NONE after ``reset``.
     reset : In(1)
-        Virtio reset (C9): abandon everything; indices back to 0.
+        Virtio reset (C9): abandon everything; indices back to 0. The function must be
+        reset with the engine: a result it still offered would complete the next command.
     busy : Out(1)
         DMA still outstanding: reads whose beats are still to come (they are drained
         after a reset or a fault), writes not yet handed to the hard IP.
 
     The sub-blocks are attributes (``avail_fetcher``, ``used_writer``, ...) so that tests
     can start the ring indices near the 16-bit wrap.
+
+    Parameters
+    ----------
+    data_buffer_depth : int
+        Beats of readable data buffered ahead of the function.
+    max_in_flight : int
+        Data beats requested and not yet arrived. One word per clock needs at least the
+        DMA read latency (in clocks) plus one read (32 beats); every descriptor read waits
+        behind them, so more slows the chain walk.
     """
 
     def __init__(self, params: DeviceParams, *, data_buffer_depth=512, max_in_flight=128):

@@ -38,7 +38,8 @@ class DataFetcher(wiring.Component):
     """
 
     def __init__(self, buffer_depth=512, max_in_flight=128, max_read=32):
-        assert max_read <= max_in_flight and max_read <= buffer_depth
+        if not max_read <= min(max_in_flight, buffer_depth):
+            raise ValueError("a read of max_read beats must fit in flight and in the buffer")
         self._buffer_depth = buffer_depth
         self._max_in_flight = max_in_flight
         self._max_read = max_read
