@@ -1,15 +1,18 @@
 """The memballoon virtio-pci function behind any PCIe hard IP (vendor neutral)."""
 
-from amaranth.hdl import Module, ResetInserter
+from amaranth.hdl import Cat, Module, ResetInserter, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In
 
 from ..params import DeviceParams
 from .axi_lite import AxiLiteSignature
+from .balloon.core import BalloonCore
 from .mgmt import MgmtPort
 from .pcie.completer import RegCompleter
+from .pcie.dma import DmaEngine
+from .pcie.dma_mux import DmaMux
 from .pcie.interface import (CompleterSignature, ConfigExtSignature, FunctionStatusSignature,
-                             MsixSignature)
+                             MsixSignature, RequesterSignature)
 from .pcie.msix import MsixTable
 from .regbus_arbiter import RegBusArbiter
 from .regbus_decoder import RegBusDecoder
@@ -18,21 +21,26 @@ from .virtio.common_cfg import CommonCfg
 from .virtio.irq_router import IrqRouter
 from .virtio.isr import VirtioIsr
 from .virtio.notify import VirtioNotify
+from .virtio.virtqueue import VirtqueueEngine
 from .. import constants as c
 
 
 class MemballoonDevice(wiring.Component):
-    """The virtio transport (C2..C4, C9, C11) and the management port (C10).
+    """The memballoon function: virtio transport (C2..C4, C9, C11), one split-ring engine
+    per queue over one DMA engine (C7, C12), the balloon core (C5, C6, C8) and the
+    management port (C10).
 
     BAR0 requests come through the completer, the capability window through ``cfg_ext``;
     both reach BAR0's registers over one register bus (the PCI_CFG window's accesses go
-    first, they are rare and a configuration read waits on them).
+    first, they are rare and a configuration read waits on them). The engines reach host
+    memory through ``requester``.
     """
 
     def __init__(self, params: DeviceParams):
         self._params = params
         super().__init__({
             "completer": In(CompleterSignature()),
+            "requester": In(RequesterSignature()),
             "cfg_ext": In(ConfigExtSignature()),
             "msix": In(MsixSignature()),
             "status": In(FunctionStatusSignature()),
@@ -63,6 +71,14 @@ class MemballoonDevice(wiring.Component):
         m.submodules.msix = ResetInserter(self.status.flr)(msix)
         m.submodules.irq_router = irq_router = IrqRouter(params.msix_vectors)
         m.submodules.mgmt = mgmt = MgmtPort()
+        m.submodules.dma = dma = DmaEngine()
+        m.submodules.dma_mux = dma_mux = DmaMux(c.NUM_QUEUES)
+        m.submodules.balloon = balloon = BalloonCore(params.bitmap_pages)
+        engines = []
+        for queue in range(c.NUM_QUEUES):
+            engine = VirtqueueEngine(params)
+            m.submodules[f"virtqueue{queue}"] = engine
+            engines.append(engine)
 
         wiring.connect(m, wiring.flipped(self.completer), completer.completer)
         wiring.connect(m, wiring.flipped(self.cfg_ext), cap_window.cfg_ext)
@@ -76,19 +92,53 @@ class MemballoonDevice(wiring.Component):
         wiring.connect(m, wiring.flipped(self.msix), msix.msix)
         wiring.connect(m, irq_router.msix_request, msix.request)
         wiring.connect(m, wiring.flipped(self.mgmt), mgmt.axil)
+        wiring.connect(m, mgmt.balloon, balloon.host)
+        wiring.connect(m, wiring.flipped(self.requester), dma.requester)
+        wiring.connect(m, dma_mux.dma, dma.client)
+        wiring.connect(m, engines[c.FROMDEVQ].command, balloon.fromdevq)
+        wiring.connect(m, engines[c.TODEVQ].command, balloon.todevq)
+
+        features = common_cfg.driver_features
+        fault = Signal()
+        m.d.comb += fault.eq(Cat(engine.fault for engine in engines).any())
+        for queue, engine in enumerate(engines):
+            config = common_cfg.queues[queue]
+            wiring.connect(m, engine.dma, dma_mux.clients[queue])
+            m.d.comb += [
+                engine.config.eq(config),
+                # C12: nothing before DRIVER_OK; a virtio reset stops everything.
+                engine.run.eq(config.enable & common_cfg.driver_ok & ~common_cfg.resetting),
+                engine.event_idx.eq(features[c.VIRTIO_F_RING_EVENT_IDX]),
+                engine.indirect.eq(features[c.VIRTIO_F_INDIRECT_DESC]),
+                engine.notify.eq(notify.notify[queue]),
+                engine.reset.eq(common_cfg.reset_request),
+                irq_router.queue_event[queue].eq(engine.interrupt),
+                irq_router.queue_vectors[queue].eq(config.msix_vector),
+                mgmt.ring_fault[queue].eq(engine.fault),
+                mgmt.ring_fault_kind[queue].eq(engine.fault_kind),
+            ]
 
         m.d.comb += [
             completer.max_payload.eq(self.status.max_payload),
+            dma.max_payload.eq(self.status.max_payload),
+            dma.max_read_request.eq(self.status.max_read_request),
+            # C12: no DMA while Bus Master Enable is clear or before DRIVER_OK.
+            dma.enable.eq(self.status.bus_master_enable & common_cfg.driver_ok),
             msix.bus_master_enable.eq(self.status.bus_master_enable),
 
             common_cfg.flr.eq(self.status.flr),
             self.status.flr_done.eq(common_cfg.flr_done),
-            # Nothing outside the common configuration holds state a reset must clear
-            # over several cycles yet; the balloon core's bitmap clear will (C9).
-            common_cfg.reset_busy.eq(0),
-            common_cfg.set_needs_reset.eq(mgmt.request_reset),
-
-            irq_router.config_event.eq(mgmt.request_reset),
+            # C9: device_status reads 0 only once the bitmap is clear and the engines
+            # have drained their DMA.
+            common_cfg.reset_busy.eq(balloon.busy | Cat(e.busy for e in engines).any()),
+            balloon.reset.eq(common_cfg.reset_request),
+            balloon.page_shift.eq(common_cfg.page_shift),
+            balloon.extra_mem.eq(common_cfg.features_ok &
+                                 features[c.VIRTIO_MEMBALLOON_F_EXTRA_MEM]),
+            # C7: a ring fault, or the host asking, sets DEVICE_NEEDS_RESET and raises the
+            # configuration-change interrupt.
+            common_cfg.set_needs_reset.eq(mgmt.request_reset | fault),
+            irq_router.config_event.eq(mgmt.request_reset | fault),
             irq_router.config_vector.eq(common_cfg.config_msix_vector),
             irq_router.clear.eq(common_cfg.reset_request),
             isr.set_config.eq(irq_router.isr_config),
@@ -97,10 +147,9 @@ class MemballoonDevice(wiring.Component):
 
             mgmt.device_status.eq(common_cfg.device_status),
             mgmt.driver_features.eq(common_cfg.driver_features),
+            mgmt.page_shift.eq(common_cfg.page_shift),
             mgmt.notify.eq(notify.notify),
             mgmt.msix_sent.eq(msix.sent_count),
             mgmt.msix_failed.eq(msix.fail_count),
         ]
-        for q in range(c.NUM_QUEUES):
-            m.d.comb += irq_router.queue_vectors[q].eq(common_cfg.queues[q].msix_vector)
         return m

@@ -65,6 +65,7 @@ class DeviceParams:
     def offered_features(self):
         """The 64-bit feature set the device offers (C3)."""
         bits = [c.VIRTIO_MEMBALLOON_F_EXTRA_MEM, *self.page_size_bits,
+                c.VIRTIO_F_INDIRECT_DESC, c.VIRTIO_F_RING_EVENT_IDX,
                 c.VIRTIO_F_VERSION_1, c.VIRTIO_F_ACCESS_PLATFORM, c.VIRTIO_F_ORDER_PLATFORM]
         return sum(1 << b for b in bits)
 

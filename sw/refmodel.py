@@ -221,8 +221,9 @@ class MemballoonRef:
     """The reference model of one memballoon function.
 
     ``params`` fixes the build (C3 page sizes, BAR layout, queue and vector counts);
-    ``ring_features`` the implemented ring feature bits added to
-    ``params.offered_features`` (match the RTL build); ``bitmap_pages`` the pages the
+    ``ring_features`` the ring feature bits offered (by default every one the engine
+    implements, as ``params.offered_features`` has them; a test may leave some out);
+    ``bitmap_pages`` the pages the
     bitmap tracks (C8); ``reset_time`` how long a reset's clear takes (C9);
     ``memory`` the host memory (a new :class:`HostMemory` by default); ``msix_sink``
     a callable ``(address, data) -> bool`` receiving MSI-X messages (False: the hard IP
@@ -241,7 +242,9 @@ class MemballoonRef:
         if not reset_time >= 0:
             raise ValueError(f"reset_time must be >= 0, not {reset_time!r}")
         self.params = params
-        self.offered_features = params.offered_features | sum(1 << b for b in ring_features)
+        ring_mask = sum(1 << b for b in DEFAULT_RING_FEATURES)
+        self.offered_features = ((params.offered_features & ~ring_mask) |
+                                 sum(1 << b for b in ring_features))
         self.bitmap_pages = bitmap_pages
         self.reset_time = reset_time
         self.memory = HostMemory() if memory is None else memory

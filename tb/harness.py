@@ -170,7 +170,22 @@ class MemballoonTb:
         await self.pci_dev.enable_device()
         await self.pci_dev.set_master()
         self.backend = SimBackend(self.rc, self.pci_dev)
+        await self.wait_power_on_clear()
         return self.backend
+
+    async def wait_power_on_clear(self):
+        """A host enumerates long after the FPGA came up; here enumeration is quicker
+        than the power-on clear of the bitmap (C9), so wait for device_status to read 0
+        as a driver's reset would."""
+        status = self.params.bar.common_cfg + c.VIRTIO_PCI_COMMON_STATUS
+        for _ in range(self.reset_cycles() // 8):
+            if not await self.backend.bar_read(0, status, 1):
+                return
+        raise AssertionError("device_status stays non-zero after power-on (C9)")
+
+    def reset_cycles(self):
+        """Clock cycles a reset may take: the bitmap clear (64 pages a cycle) and slack."""
+        return self.params.bitmap_pages // 64 + 1000
 
     # --- host management port (C10) ------------------------------------------------------
 
@@ -185,7 +200,7 @@ class MemballoonTb:
 
     # --- function-level reset ------------------------------------------------------------
 
-    async def flr_handshake(self, timeout_cycles=1000):
+    async def flr_handshake(self, timeout_cycles=None):
         """The hard IP's side of an FLR of PF0 (PG213): ``cfg_flr_in_process[0]`` high
         until the user logic answers with ``cfg_flr_done[0]``. The model does not reset
         its own configuration state; the host restores it anyway (``pci_reset_function``
@@ -193,6 +208,7 @@ class MemballoonTb:
         clock = RisingEdge(self.dut.user_clk)
         await clock
         self.dut.cfg_flr_in_process.value = 1
+        timeout_cycles = timeout_cycles or self.reset_cycles()
         for _ in range(timeout_cycles):
             await clock
             if int(self.dut.cfg_flr_done.value) & 1:

@@ -212,8 +212,8 @@ REFUSED_FEATURE_SETS = {
     "two page sizes": VERSION_1 | 1 << c.VIRTIO_MEMBALLOON_F_4K | 1 << c.VIRTIO_MEMBALLOON_F_2M,
     "all page sizes": PARAMS.offered_features,
     "no VERSION_1": 1 << c.VIRTIO_MEMBALLOON_F_4K,
-    "unoffered ring feature": good_features(c.VIRTIO_MEMBALLOON_F_4K) |
-                              1 << c.VIRTIO_F_INDIRECT_DESC,
+    "unoffered low feature": good_features(c.VIRTIO_MEMBALLOON_F_4K) |
+                             1 << c.VIRTIO_MEMBALLOON_F_16G + 1,
     "unoffered high feature": good_features(c.VIRTIO_MEMBALLOON_F_2M) |
                               1 << c.VIRTIO_F_RING_PACKED,
     "unoffered page size": VERSION_1 | 1 << c.VIRTIO_MEMBALLOON_F_16G,

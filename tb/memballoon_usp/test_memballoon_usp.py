@@ -708,6 +708,8 @@ SMOKE_TESTS = ["enumeration_identity", "lspci_decode", "queue_setup", "msix_conf
 def test_memballoon_usp(data_width):
     """Build ``memballoon_usp`` at ``data_width`` and run its cocotb tests."""
     full = data_width == 512 or os.environ.get("TB_FULL") == "1"
+    # The transport does not depend on the bitmap size; a small one keeps each reset
+    # (C9: the bitmap clear) short. tb/memballoon runs the default size.
     run_cocotb("memballoon.tb.memballoon_usp.test_memballoon_usp", "test_memballoon_usp",
-               DeviceParams(data_width=data_width),
+               DeviceParams(data_width=data_width, bitmap_pages=1 << 12),
                testcase=None if full else SMOKE_TESTS)
