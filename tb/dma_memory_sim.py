@@ -48,11 +48,13 @@ class DmaMemory:
     ``read_latency`` and ``done_latency`` are (min, max) cycles; ``stall`` is the chance a
     ``ready`` is low in a cycle, ``idle`` the chance a read beat or done is held back.
     ``fail_reads`` / ``fail_writes`` are lists of ``(start, end)`` ranges; tests may change
-    them at any time. ``reads`` and ``writes`` log the commands; ``cycle`` counts clocks.
+    them at any time. A failing read first returns some of the whole beats before its
+    first failing byte: a random number of them, or with ``partial_reads="all"`` all of
+    them. ``reads`` and ``writes`` log the commands; ``cycle`` counts clocks.
     """
 
     def __init__(self, port, memory, rng, *, read_latency=(1, 16), done_latency=(0, 6),
-                 stall=0.2, idle=0.2):
+                 stall=0.2, idle=0.2, partial_reads="random"):
         self.port = port
         self.memory = memory
         self.rng = rng
@@ -60,6 +62,7 @@ class DmaMemory:
         self.done_latency = done_latency
         self.stall = stall
         self.idle = idle
+        self.partial_reads = partial_reads
         self.fail_reads = []
         self.fail_writes = []
         self.reads = []
@@ -83,7 +86,9 @@ class DmaMemory:
         start = self.cycle + self.rng.randint(*self.read_latency)
         if failing is not None:
             # Some whole beats before the failing byte may come, then the error beat.
-            good = self.rng.randint(0, failing // 8)
+            good = failing // 8
+            if self.partial_reads == "random":
+                good = self.rng.randint(0, good)
             beats = [(data[8 * i:8 * i + 8], 8, False, False) for i in range(good)]
             beats.append((b"", self.rng.randrange(16), True, True))
         else:

@@ -693,9 +693,10 @@ def test_long_held_result():
 # --- C7 faults ---------------------------------------------------------------------------
 
 def build_fault(bench, kind):
-    """Queue one good buffer, then one with ring fault ``kind``."""
+    """Queue one good buffer, whose result the function holds a while, then one with ring
+    fault ``kind``."""
     driver = bench.driver
-    driver.virtqueue_add(b"\x01" * 8, 0, max_pieces=1)
+    bench.function.hold = {driver.virtqueue_add(b"\x01" * 8, 0, max_pieces=1).head}
     free = driver.free
     if kind == "head":
         driver.publish(Chain(driver.size + driver.rng.randrange(4), b"", [], b"", []))
@@ -757,33 +758,75 @@ async def check_stopped(bench, ctx, fault_cycle):
     assert len(bench.faults) == 1
 
 
+def check_completed_before(bench, count, fault_cycle, faulting=0):
+    """The ``count`` buffers queued before a fault were used, published and notified
+    before it (C7: nothing taken before the fault is lost); the ``faulting`` ones not."""
+    bench.collect()
+    assert bench.function.commands == count and len(bench.driver.in_flight) == faulting
+    assert all(write.done_cycle < fault_cycle for write in bench.dma.writes)
+    bench.check_interrupts()
+
+
 @pytest.mark.parametrize("kind", ["head", "next", "loop", "indirect-next", "indirect-loop",
                                   "nested", "length-0", "length-24"])
 def test_ring_fault(kind):
-    bench = Bench(new_seed(), size=8, indirect=True)
+    """The faulting chain is walked while the function still works on the one before;
+    the fault waits for that one to be completed."""
+    bench = Bench(new_seed(), size=8, indirect=True, function_options={"hold_cycles": 300})
 
     async def testbench(ctx):
         expected = build_fault(bench, kind)
         await bench.configure(ctx)
         cycle, fault = await bench.wait_fault(ctx)
         assert fault == expected
+        assert cycle > 300
         await check_stopped(bench, ctx, cycle)
+        check_completed_before(bench, 1, cycle, faulting=1)
 
     bench.run(testbench)
 
 
 def test_avail_ahead_fault():
-    bench = Bench(new_seed(), size=8)
+    """A runaway avail index read while the buffers before it are still being walked
+    (chains of scattered descriptors, slow reads): they complete, then the fault."""
+    bench = Bench(new_seed(), size=32, dma_options={"read_latency": (40, 60)},
+                  function_options={"ready": 1.0, "delay": (0, 0)})
 
     async def testbench(ctx):
         await bench.configure(ctx)
-        await stream_commands(bench, ctx, 5)
-        struct.pack_into("<H", bench.memory, bench.driver.avail + 2,
-                         bench.driver.avail_idx + bench.size + 1)
+        await stream_commands(bench, ctx, 3)
+        driver = bench.driver
+        for _ in range(6):
+            assert driver.virtqueue_add(bytes(8), 0, readable_pieces=4)
+        await bench.kick(ctx)
+        await ctx.tick().repeat(150)
+        struct.pack_into("<H", bench.memory, driver.avail + 2,
+                         driver.avail_idx + bench.size + 1)
         await bench.notify(ctx)
         cycle, fault = await bench.wait_fault(ctx)
         assert fault == c.RingFault.AVAIL_AHEAD
         await check_stopped(bench, ctx, cycle)
+        check_completed_before(bench, 9, cycle)
+
+    bench.run(testbench)
+
+
+def test_ring_read_error_after_some_entries():
+    """A ring read that fails after returning some entries: those buffers complete, then
+    the fault (as if entries were read one at a time)."""
+    bench = Bench(new_seed(), size=8, dma_options={"partial_reads": "all"})
+
+    async def testbench(ctx):
+        driver = bench.driver
+        for _ in range(6):
+            assert driver.virtqueue_add(bytes(8), 0, max_pieces=1)
+        entry = driver.avail + 4 + 2 * 5
+        bench.dma.fail_reads.append((entry, entry + 2))
+        await bench.configure(ctx)
+        cycle, fault = await bench.wait_fault(ctx)
+        assert fault == c.RingFault.DMA_READ
+        await check_stopped(bench, ctx, cycle)
+        check_completed_before(bench, 4, cycle, faulting=2)
 
     bench.run(testbench)
 

@@ -32,6 +32,11 @@ def _fifo(m, name, shape, depth, producer, consumer, reset):
         consumer.valid.eq(fifo.r_rdy),
         fifo.r_en.eq(consumer.ready),
     ]
+    return fifo
+
+
+#: The ReadPort's clients, first served first.
+_READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "data_fetcher")
 
 
 class VirtqueueEngine(wiring.Component):
@@ -72,7 +77,10 @@ class VirtqueueEngine(wiring.Component):
         is written before.
     fault : Out(1)
         Pulse: a C7 ring fault, of kind ``fault_kind``; the queue stops (no DMA) until
-        ``reset``, and a command the function is taking stays unfinished.
+        ``reset``. A fault in the ring ahead of the function is raised once the commands
+        before it are completed and published (the faulting chain never reaches the
+        function); a DMA fault while a command is read or completed stops at once, and
+        that command stays unfinished.
     fault_kind : Out(c.RingFault)
         The kind of the last fault; NONE after ``reset``.
     reset : In(1)
@@ -133,7 +141,7 @@ class VirtqueueEngine(wiring.Component):
                             ("used_writer", used)):
             m.submodules[name] = ResetInserter(halt)(block)
 
-        m.submodules.read_port = read_port = ReadPort(clients=4)
+        m.submodules.read_port = read_port = ReadPort(clients=len(_READ_CLIENTS))
         m.submodules.write_port = write_port = WritePort(clients=2)
         for port in (read_port, write_port):
             m.d.comb += [port.allow.eq(self.run), port.halt.eq(halt)]
@@ -142,7 +150,8 @@ class VirtqueueEngine(wiring.Component):
         wiring.connect(m, write_port.write_cmd, wiring.flipped(self.dma.write_cmd))
         wiring.connect(m, write_port.write_data, wiring.flipped(self.dma.write_data))
         wiring.connect(m, wiring.flipped(self.dma.write_done), write_port.write_done)
-        for index, block in enumerate((used, avail, walker, fetcher)):
+        for index, name in enumerate(_READ_CLIENTS):
+            block = getattr(self, name)
             wiring.connect(m, block.read, read_port.requests[index])
             wiring.connect(m, read_port.responses[index], block.response)
         for index, block in enumerate((used, avail)):
@@ -175,8 +184,10 @@ class VirtqueueEngine(wiring.Component):
         # A header goes out when its completion can be queued for the UsedWriter.
         queued_header = stream.Signature(CommandHeader).create()
         completion = stream.Signature(PendingCompletion).create()
-        _fifo(m, "header_queue", CommandHeader, 4, walker.chains, queued_header, halt)
-        _fifo(m, "completion_queue", PendingCompletion, 4, completion, used.completions, halt)
+        header_queue = _fifo(m, "header_queue", CommandHeader, 4, walker.chains,
+                             queued_header, halt)
+        completion_queue = _fifo(m, "completion_queue", PendingCompletion, 4, completion,
+                                 used.completions, halt)
         header = self.command.header
         m.d.comb += [
             header.payload.eq(queued_header.payload),
@@ -190,17 +201,39 @@ class VirtqueueEngine(wiring.Component):
         ]
 
         # --- C7: the first fault stops the queue until reset -------------------------------
+        # A fault found ahead of the function (ring and descriptor reads, the ring's
+        # structure) waits until every command walked before it is completed and
+        # published, as if buffers were taken one at a time; a fault while a command is
+        # being read or completed (its data, its writes, the suppression read) stops the
+        # queue at once.
+        walker_fault = Signal()
+        walker_kind = Signal(c.RingFault)
+        avail_fault = Signal()
+        avail_kind = Signal(c.RingFault)
+        with m.If(walker.fault):
+            m.d.sync += [walker_fault.eq(1), walker_kind.eq(walker.fault_kind)]
+        with m.If(avail.fault):
+            m.d.sync += [avail_fault.eq(1), avail_kind.eq(avail.fault_kind)]
+        # FIFO levels, not their outputs, which lag behind a write.
+        completed = (header_queue.level == 0) & (completion_queue.level == 0) & used.idle
+        read_error = Signal()
+        for name in ("used_writer", "data_fetcher"):
+            response = read_port.responses[_READ_CLIENTS.index(name)]
+            with m.If(response.valid & response.payload.error):
+                m.d.comb += read_error.eq(1)
         faults = (
-            (read_port.error, c.RingFault.DMA_READ),
             (write_port.error, c.RingFault.DMA_WRITE),
-            (walker.fault, walker.fault_kind),
-            (avail.ahead, c.RingFault.AVAIL_AHEAD),
+            (read_error, c.RingFault.DMA_READ),
+            (walker_fault & completed, walker_kind),
+            (avail_fault & completed & walker.idle & ~avail.heads_queued, avail_kind),
         )
         m.d.sync += self.fault.eq(0)
         with m.If(self.reset):
             m.d.sync += [
                 stopped.eq(0),
                 self.fault_kind.eq(c.RingFault.NONE),
+                walker_fault.eq(0),
+                avail_fault.eq(0),
             ]
         with m.Elif(~stopped):
             for index, (detected, kind) in enumerate(faults):

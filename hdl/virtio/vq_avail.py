@@ -5,6 +5,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from ... import constants as c
 from .common_cfg import QueueConfig
 from .vq_read_port import ReadRequest, ReadResponse
 from .vq_write_port import WriteRequest
@@ -37,10 +38,14 @@ class AvailFetcher(wiring.Component):
         The ``WritePort`` has no write outstanding.
     heads : Out(stream.Signature(16))
         Heads of available descriptor chains, in ring order.
+    heads_queued : Out(1)
+        Heads read from the ring wait in the queue (``heads.valid`` may lag behind).
     last_avail : Out(16)
         The next ring index to read (``last_avail_idx``); counts modulo 2**16.
-    ahead : Out(1)
-        Pulse, C7 fault: ``avail->idx`` is more than the queue size ahead of ``last_avail``.
+    fault : Out(1)
+        Pulse, C7: ``avail->idx`` is more than the queue size ahead of ``last_avail``
+        (AVAIL_AHEAD), or a ring read failed (DMA_READ); the fetcher then stops.
+    fault_kind : Out(c.RingFault)
     """
 
     def __init__(self, max_heads=16):
@@ -54,8 +59,10 @@ class AvailFetcher(wiring.Component):
             "write": Out(stream.Signature(WriteRequest)),
             "write_idle": In(1),
             "heads": Out(stream.Signature(16)),
+            "heads_queued": Out(1),
             "last_avail": Out(16),
-            "ahead": Out(1),
+            "fault": Out(1),
+            "fault_kind": Out(c.RingFault),
         })
 
     def elaborate(self, platform):
@@ -66,6 +73,7 @@ class AvailFetcher(wiring.Component):
             self.heads.payload.eq(queue.r_data),
             self.heads.valid.eq(queue.r_rdy),
             queue.r_en.eq(self.heads.ready),
+            self.heads_queued.eq(queue.level != 0),
         ]
 
         avail_idx = Signal(16)          # avail->idx as last read
@@ -92,6 +100,10 @@ class AvailFetcher(wiring.Component):
         with m.If(self.kick):
             m.d.sync += kick_pending.eq(1)
 
+        def fail(kind):
+            m.d.comb += [self.fault.eq(1), self.fault_kind.eq(kind)]
+            m.next = "Faulted"
+
         beat = self.response.payload
         with m.FSM():
             with m.State("Idle"):
@@ -111,13 +123,15 @@ class AvailFetcher(wiring.Component):
             with m.State("Wait-Index"):
                 m.d.comb += self.response.ready.eq(1)
                 with m.If(self.response.valid):
-                    m.d.sync += avail_idx.eq(beat.data[:16])
-                    m.next = "Check"
+                    with m.If(beat.error):
+                        fail(c.RingFault.DMA_READ)
+                    with m.Else():
+                        m.d.sync += avail_idx.eq(beat.data[:16])
+                        m.next = "Check"
 
             with m.State("Check"):
                 with m.If(pending > config.size):
-                    m.d.comb += self.ahead.eq(1)
-                    m.next = "Faulted"
+                    fail(c.RingFault.AVAIL_AHEAD)
                 with m.Elif(pending != 0):
                     with m.If(batch != 0):
                         m.d.sync += ring_batch.eq(batch)
@@ -141,10 +155,12 @@ class AvailFetcher(wiring.Component):
                 last_entry = entry == (beat.count >> 1) - 1
                 m.d.comb += [
                     queue.w_data.eq(beat.data.word_select(entry, 16)),
-                    queue.w_en.eq(self.response.valid),
-                    self.response.ready.eq(last_entry),
+                    queue.w_en.eq(self.response.valid & ~beat.error),
+                    self.response.ready.eq(last_entry | beat.error),
                 ]
-                with m.If(self.response.valid):
+                with m.If(self.response.valid & beat.error):
+                    fail(c.RingFault.DMA_READ)
+                with m.Elif(self.response.valid):
                     m.d.sync += [
                         last_avail.eq(last_avail + 1),
                         entry.eq(Mux(last_entry, 0, entry + 1)),

@@ -61,7 +61,8 @@ class ChainWalker(wiring.Component):
     C7 faults: a head or next index outside its table (queue size, or table entries);
     more buffer descriptors in the chain than the queue size (a loop; the INDIRECT
     descriptor itself does not count, it describes no buffer); an indirect descriptor
-    inside a table; a table length of 0 or not a multiple of 16. The walker then stops.
+    inside a table; a table length of 0 or not a multiple of 16; a failed descriptor
+    read. The walker then stops; the chain's header never goes out.
 
     Attributes
     ----------
@@ -78,6 +79,8 @@ class ChainWalker(wiring.Component):
     fault : Out(1)
         Pulse: a C7 fault, of kind ``fault_kind``.
     fault_kind : Out(c.RingFault)
+    idle : Out(1)
+        Between chains: every chain taken so far has been described.
     """
 
     def __init__(self, direct_window=2, table_window=4):
@@ -94,6 +97,7 @@ class ChainWalker(wiring.Component):
             "writable": Out(stream.Signature(WritableSegment)),
             "fault": Out(1),
             "fault_kind": Out(c.RingFault),
+            "idle": Out(1),
         })
 
     def elaborate(self, platform):
@@ -142,7 +146,10 @@ class ChainWalker(wiring.Component):
 
         with m.FSM():
             with m.State("Idle"):
-                m.d.comb += self.heads.ready.eq(1)
+                m.d.comb += [
+                    self.idle.eq(1),
+                    self.heads.ready.eq(1),
+                ]
                 with m.If(self.heads.valid):
                     m.d.sync += [
                         head.eq(self.heads.payload),
@@ -181,7 +188,9 @@ class ChainWalker(wiring.Component):
 
             with m.State("Receive"):
                 m.d.comb += self.response.ready.eq(1)
-                with m.If(self.response.valid):
+                with m.If(self.response.valid & self.response.payload.error):
+                    fail(c.RingFault.DMA_READ)
+                with m.Elif(self.response.valid):
                     m.d.sync += [
                         window.as_value().word_select(beat_index, 64).eq(
                             self.response.payload.data),

@@ -85,7 +85,8 @@ class DataFetcher(wiring.Component):
             arrived.data.eq(self.response.payload.data),
             arrived.count.eq(self.response.payload.count),
             arrived.end.eq(self.response.payload.mark & self.response.payload.last),
-            buffer.w_en.eq(self.response.valid),
+            # A failed read stops the queue (C7, the engine sees it): nothing to buffer.
+            buffer.w_en.eq(self.response.valid & ~self.response.payload.error),
             buffer.w_data.eq(arrived),
         ]
         m.d.sync += [

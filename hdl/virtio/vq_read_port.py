@@ -15,11 +15,12 @@ class ReadRequest(data.Struct):
 
 
 class ReadResponse(data.Struct):
-    """One beat of a read, byte-packed as ``DmaReadBeat`` says; never an error beat (the
-    port reports failed reads itself)."""
+    """One beat of a read, byte-packed as ``DmaReadBeat`` says (``error``: the read failed,
+    this is its last beat and its data is meaningless)."""
     data: 64
     count: 4
     last: 1
+    error: 1
     mark: 1
 
 
@@ -35,7 +36,8 @@ class ReadPort(wiring.Component):
     requests : In(stream.Signature(ReadRequest)).array(clients)
         Reads to issue; the lowest index wins.
     responses : Out(stream.Signature(ReadResponse)).array(clients)
-        The beats of each block's reads, in order.
+        The beats of each block's reads, in order, failed reads included (C7: the block
+        that asked knows what the failure means).
     read_cmd, read_data :
         The engine's DMA read channel (``DmaSignature``).
     allow : In(1)
@@ -44,8 +46,6 @@ class ReadPort(wiring.Component):
         Abandon everything (reset, C9; a fault, C7): a read not yet issued is withdrawn,
         the beats of issued ones are consumed and dropped until none is left, and no new
         read is taken before that.
-    error : Out(1)
-        Pulse: a read failed (C7), unless halted.
     busy : Out(1)
         Issued reads whose last beat has not arrived.
     """
@@ -60,7 +60,6 @@ class ReadPort(wiring.Component):
             "read_data": In(stream.Signature(DmaReadBeat)),
             "allow": In(1),
             "halt": In(1),
-            "error": Out(1),
             "busy": Out(1),
         })
 
@@ -112,23 +111,18 @@ class ReadPort(wiring.Component):
                 response.payload.data.eq(beat.data),
                 response.payload.count.eq(beat.count),
                 response.payload.last.eq(beat.last),
+                response.payload.error.eq(beat.error),
                 response.payload.mark.eq(mark),
             ]
         with m.If(self.halt | draining):
             m.d.comb += self.read_data.ready.eq(1)
         with m.Elif(issued.r_rdy):
-            with m.If(beat.error):
-                m.d.comb += [
-                    self.read_data.ready.eq(1),
-                    self.error.eq(self.read_data.valid),
-                ]
-            with m.Else():
-                for index, response in enumerate(self.responses):
-                    with m.If(owner == index):
-                        m.d.comb += [
-                            response.valid.eq(self.read_data.valid),
-                            self.read_data.ready.eq(response.ready),
-                        ]
+            for index, response in enumerate(self.responses):
+                with m.If(owner == index):
+                    m.d.comb += [
+                        response.valid.eq(self.read_data.valid),
+                        self.read_data.ready.eq(response.ready),
+                    ]
         m.d.comb += [
             issued.r_en.eq(self.read_data.valid & self.read_data.ready & beat.last),
             self.busy.eq(issued.r_rdy),

@@ -48,6 +48,8 @@ class UsedWriter(wiring.Component):
         The next used element's index (counts modulo 2**16).
     interrupt : Out(1)
         Pulse: send a used-buffer notification.
+    idle : Out(1)
+        Every result taken is published and its notification decided.
     """
 
     def __init__(self, max_batch=8):
@@ -64,6 +66,7 @@ class UsedWriter(wiring.Component):
             "response": In(stream.Signature(ReadResponse)),
             "used_idx": Out(16),
             "interrupt": Out(1),
+            "idle": Out(1),
         })
 
     def elaborate(self, platform):
@@ -89,6 +92,7 @@ class UsedWriter(wiring.Component):
         m.d.sync += self.interrupt.eq(0)
         with m.FSM():
             with m.State("Idle"):
+                m.d.comb += self.idle.eq(unpublished == 0)
                 with m.If(self.results.valid & self.completions.valid):
                     m.d.comb += [
                         self.results.ready.eq(1),
@@ -183,7 +187,8 @@ class UsedWriter(wiring.Component):
                 need_event = (new_idx - value - 1)[:16] < (new_idx - old_idx)[:16]
                 no_interrupt = (value & c.VRING_AVAIL_F_NO_INTERRUPT).any()
                 m.d.comb += self.response.ready.eq(1)
-                with m.If(self.response.valid):
+                # A failed read stops the queue (C7, the engine sees it).
+                with m.If(self.response.valid & ~self.response.payload.error):
                     m.d.sync += self.interrupt.eq(Mux(self.event_idx, need_event, ~no_interrupt))
                     m.next = "Idle"
 
