@@ -35,6 +35,9 @@ def _fifo(m, name, shape, depth, producer, consumer, reset):
     return fifo
 
 
+#: Readable segments walked ahead of the data reads, at most: a chain of more readable
+#: buffers than the queue holds is walked twice (``ChainWalker``).
+READABLE_QUEUE_DEPTH = 32
 #: The ReadPort's clients, first served first.
 _READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "data_fetcher")
 
@@ -55,9 +58,6 @@ class VirtqueueEngine(wiring.Component):
     ``WritePort``. Reads of data are credited against their buffer so that no beat ever
     waits on the function, and the in-order read channel cannot deadlock.
 
-    The readable-segment queue holds ``params.max_queue_size`` entries: a whole chain
-    (C7 bounds it by the queue size), so the walk of a chain always finishes, and its
-    header reaches the function, even while that chain's words wait for it.
 
     Attributes
     ----------
@@ -173,7 +173,9 @@ class VirtqueueEngine(wiring.Component):
 
         # --- Queues between the stages, emptied by a halt --------------------------------
         wiring.connect(m, avail.heads, walker.heads)
-        _fifo(m, "readable_queue", Segment, self._params.max_queue_size,
+        # A direct chain has at most max_queue_size buffers.
+        _fifo(m, "readable_queue", Segment,
+              min(READABLE_QUEUE_DEPTH, self._params.max_queue_size),
               walker.readable, fetcher.segments, halt)
         _fifo(m, "writable_queue", WritableSegment, 2 * RESULT_BYTES,
               walker.writable, used.segments, halt)
@@ -210,7 +212,7 @@ class VirtqueueEngine(wiring.Component):
         walker_kind = Signal(c.RingFault)
         avail_fault = Signal()
         avail_kind = Signal(c.RingFault)
-        with m.If(walker.fault):
+        with m.If(walker.fault & ~walker.header_sent):
             m.d.sync += [walker_fault.eq(1), walker_kind.eq(walker.fault_kind)]
         with m.If(avail.fault):
             m.d.sync += [avail_fault.eq(1), avail_kind.eq(avail.fault_kind)]
@@ -224,6 +226,8 @@ class VirtqueueEngine(wiring.Component):
         faults = (
             (write_port.error, c.RingFault.DMA_WRITE),
             (read_error, c.RingFault.DMA_READ),
+            # A chain changed under its second walk: its header is out already.
+            (walker.fault & walker.header_sent, walker.fault_kind),
             (walker_fault & completed, walker_kind),
             (avail_fault & completed & walker.idle & ~avail.heads_queued, avail_kind),
         )

@@ -56,13 +56,20 @@ class ChainWalker(wiring.Component):
 
     An INDIRECT descriptor (only with VIRTIO_F_INDIRECT_DESC; without it the flag means
     nothing) continues the chain in its table and ends it there: INDIRECT together with
-    NEXT is the driver's error (virtio 1.2 2.7.5.3.1) and its NEXT is ignored.
+    NEXT is the driver's error (virtio 1.2 2.7.5.3.1), its NEXT and WRITE are ignored.
 
-    C7 faults: a head or next index outside its table (queue size, or table entries);
-    more buffer descriptors in the chain than the queue size (a loop; the INDIRECT
-    descriptor itself does not count, it describes no buffer); an indirect descriptor
+    The header can only follow the whole walk, and the function takes a command's words
+    only after its header. So when the readable queue is full in the middle of a chain
+    (a chain of more buffers than the queue holds, whose data waits for the function),
+    the walker finishes the walk counting only, sends the header, and walks again from
+    where it stopped to describe the rest: any chain is walked, whatever its length.
+
+    C7 faults, as the reference model: a head or next index outside its table (queue
+    size, or table entries); more descriptors walked in a table than it has entries (a
+    loop; the INDIRECT descriptor counts in the descriptor table); an indirect descriptor
     inside a table; a table length of 0 or not a multiple of 16; a failed descriptor
-    read. The walker then stops; the chain's header never goes out.
+    read. The walker then stops, before the chain's header goes out (but for a driver
+    that changes a chain under a second walk).
 
     Attributes
     ----------
@@ -73,12 +80,14 @@ class ChainWalker(wiring.Component):
     read, response :
         Descriptor reads, through the engine's ``ReadPort``.
     chains : Out(stream.Signature(CommandHeader))
-        One per chain, after its segments. The totals saturate at 2**32 - 1.
+        One per chain. The totals saturate at 2**32 - 1.
     readable : Out(stream.Signature(Segment))
     writable : Out(stream.Signature(WritableSegment))
     fault : Out(1)
         Pulse: a C7 fault, of kind ``fault_kind``.
     fault_kind : Out(c.RingFault)
+    header_sent : Out(1)
+        The current chain's header has gone out (its second walk).
     idle : Out(1)
         Between chains: every chain taken so far has been described.
     """
@@ -97,6 +106,7 @@ class ChainWalker(wiring.Component):
             "writable": Out(stream.Signature(WritableSegment)),
             "fault": Out(1),
             "fault_kind": Out(c.RingFault),
+            "header_sent": Out(1),
             "idle": Out(1),
         })
 
@@ -113,15 +123,23 @@ class ChainWalker(wiring.Component):
 
         head = Signal(16)
         index = Signal(16)
-        buffers = Signal(range(2 ** 16 + 1))     # buffer descriptors walked in this chain
         in_table = Signal()
         table_address = Signal(64)
         table_entries = Signal(28)
+        walked = Signal(29)                     # descriptors walked in the current table
         readable_total = Signal(32)
         writable_total = Signal(32)
         writable_covered = Signal(range(RESULT_BYTES + 1))
         held = Signal(Segment)                  # readable segment waiting for its successor
         held_valid = Signal()
+        offered = Signal()                      # ... and offered on ``readable``
+        counting = Signal()                     # first walk, past a full readable queue
+        header_sent = self.header_sent
+        # Where the second walk starts.
+        resume_index = Signal.like(index)
+        resume_in_table = Signal()
+        resume_walked = Signal.like(walked)
+        resume_covered = Signal.like(writable_covered)
 
         limit = Mux(in_table, table_entries, size)
         table = Mux(in_table, table_address, self.config.desc)
@@ -140,9 +158,12 @@ class ChainWalker(wiring.Component):
             self.chains.payload.head.eq(head),
             self.chains.payload.readable.eq(readable_total),
             self.chains.payload.writable.eq(writable_total),
+            self.readable.valid.eq(offered),
             self.readable.payload.address.eq(held.address),
             self.readable.payload.length.eq(held.length),
         ]
+        with m.If(self.readable.valid & self.readable.ready):
+            m.d.sync += [held_valid.eq(0), offered.eq(0)]
 
         with m.FSM():
             with m.State("Idle"):
@@ -154,12 +175,14 @@ class ChainWalker(wiring.Component):
                     m.d.sync += [
                         head.eq(self.heads.payload),
                         index.eq(self.heads.payload),
-                        buffers.eq(0),
+                        walked.eq(0),
                         in_table.eq(0),
                         readable_total.eq(0),
                         writable_total.eq(0),
                         writable_covered.eq(0),
                         window_filled.eq(0),
+                        counting.eq(0),
+                        header_sent.eq(0),
                     ]
                     with m.If(self.heads.payload >= size):
                         fail(c.RingFault.DESC_INDEX)
@@ -203,15 +226,38 @@ class ChainWalker(wiring.Component):
 
             with m.State("Descriptor"):
                 flags = descriptor.flags
-                is_indirect = self.indirect & (flags & c.VRING_DESC_F_INDIRECT).any()
-                is_writable = (flags & c.VRING_DESC_F_WRITE).any()
-                has_next = (flags & c.VRING_DESC_F_NEXT).any()
                 length = descriptor.length
+                looped = walked == limit
+                is_indirect = self.indirect & (flags & c.VRING_DESC_F_INDIRECT).any()
+                is_buffer = ~looped & ~is_indirect & (length != 0)
+                is_readable = is_buffer & ~(flags & c.VRING_DESC_F_WRITE).any()
+                is_writable = is_buffer & (flags & c.VRING_DESC_F_WRITE).any()
+                has_next = (flags & c.VRING_DESC_F_NEXT).any()
                 writable_piece = Mux(length < RESULT_BYTES - writable_covered,
                                      length, RESULT_BYTES - writable_covered)
+                # The held segment goes before this one takes its place; if the queue
+                # is full, the first walk goes on counting only.
+                start_counting = (~counting & ~header_sent & is_readable & held_valid &
+                                  offered & ~self.readable.ready)
+                describe = ~counting & ~start_counting
                 stall = Signal()
+                with m.If(describe & is_readable & held_valid):
+                    with m.If(~offered):
+                        m.d.sync += offered.eq(1)
+                        m.d.comb += stall.eq(1)
+                    with m.Else():
+                        m.d.comb += stall.eq(~self.readable.ready)
+                with m.If(describe & is_writable & (writable_covered != RESULT_BYTES)):
+                    m.d.comb += [
+                        self.writable.valid.eq(1),
+                        self.writable.payload.address.eq(descriptor.address),
+                        self.writable.payload.length.eq(writable_piece),
+                        stall.eq(~self.writable.ready),
+                    ]
 
-                with m.If(is_indirect):
+                with m.If(looped):
+                    fail(c.RingFault.CHAIN_LOOP)
+                with m.Elif(is_indirect):
                     with m.If(in_table):
                         fail(c.RingFault.NESTED_INDIRECT)
                     with m.Elif((length == 0) | (length[:4] != 0)):
@@ -222,57 +268,61 @@ class ChainWalker(wiring.Component):
                             table_address.eq(descriptor.address),
                             table_entries.eq(length[4:]),
                             index.eq(0),
+                            walked.eq(0),
                             window_filled.eq(0),
                         ]
                         m.next = "Fetch"
-                with m.Elif(buffers == size):
-                    fail(c.RingFault.CHAIN_LOOP)
-                with m.Else():
-                    with m.If(length != 0):
-                        with m.If(is_writable):
-                            with m.If(writable_covered != RESULT_BYTES):
-                                m.d.comb += [
-                                    self.writable.valid.eq(1),
-                                    self.writable.payload.address.eq(descriptor.address),
-                                    self.writable.payload.length.eq(writable_piece),
-                                    stall.eq(~self.writable.ready),
-                                ]
-                        with m.Elif(held_valid):
-                            m.d.comb += [
-                                self.readable.valid.eq(1),
-                                stall.eq(~self.readable.ready),
+                with m.Elif(~stall):
+                    m.d.sync += walked.eq(walked + 1)
+                    with m.If(start_counting):
+                        m.d.sync += [
+                            counting.eq(1),
+                            resume_index.eq(index),
+                            resume_in_table.eq(in_table),
+                            resume_walked.eq(walked),
+                            resume_covered.eq(writable_covered),
+                        ]
+                    with m.If(is_readable):
+                        m.d.sync += readable_total.eq(_saturating_add(readable_total, length))
+                        with m.If(describe):
+                            m.d.sync += [
+                                held.address.eq(descriptor.address),
+                                held.length.eq(length),
+                                held_valid.eq(1),
                             ]
-                    with m.If(~stall):
-                        m.d.sync += buffers.eq(buffers + 1)
-                        with m.If(length != 0):
-                            with m.If(is_writable):
-                                m.d.sync += [
-                                    writable_total.eq(_saturating_add(writable_total, length)),
-                                    writable_covered.eq(writable_covered + writable_piece),
-                                ]
-                            with m.Else():
-                                m.d.sync += [
-                                    readable_total.eq(_saturating_add(readable_total, length)),
-                                    held.address.eq(descriptor.address),
-                                    held.length.eq(length),
-                                    held_valid.eq(1),
-                                ]
-                        with m.If(~has_next):
-                            m.next = "Finish"
-                        with m.Elif(descriptor.next >= limit):
-                            fail(c.RingFault.DESC_INDEX)
-                        with m.Else():
-                            m.d.sync += index.eq(descriptor.next)
-                            m.next = "Fetch"
+                    with m.If(is_writable):
+                        m.d.sync += writable_total.eq(_saturating_add(writable_total, length))
+                        with m.If(describe):
+                            m.d.sync += writable_covered.eq(writable_covered + writable_piece)
+                    with m.If(~has_next):
+                        m.next = "Finish"
+                    with m.Elif(descriptor.next >= limit):
+                        fail(c.RingFault.DESC_INDEX)
+                    with m.Else():
+                        m.d.sync += index.eq(descriptor.next)
+                        m.next = "Fetch"
 
             with m.State("Finish"):
-                with m.If(held_valid):
-                    m.d.comb += [
-                        self.readable.valid.eq(1),
-                        self.readable.payload.last.eq(1),
-                    ]
-                    with m.If(self.readable.ready):
-                        m.d.sync += held_valid.eq(0)
+                with m.If(counting):
+                    # The header now, then the second walk for the rest of the segments.
+                    m.d.comb += self.chains.valid.eq(1)
+                    with m.If(self.chains.ready):
+                        m.d.sync += [
+                            index.eq(resume_index),
+                            in_table.eq(resume_in_table),
+                            walked.eq(resume_walked),
+                            writable_covered.eq(resume_covered),
+                            window_filled.eq(0),
+                            counting.eq(0),
+                            header_sent.eq(1),
+                        ]
+                        m.next = "Fetch"
+                with m.Elif(held_valid):
+                    with m.If(~offered):
+                        m.d.sync += offered.eq(1)
+                    m.d.comb += self.readable.payload.last.eq(1)
+                with m.Elif(header_sent):
+                    m.next = "Idle"
                 with m.Else():
                     m.d.comb += self.chains.valid.eq(1)
                     with m.If(self.chains.ready):
