@@ -50,7 +50,8 @@ class DmaMemory:
     ``fail_reads`` / ``fail_writes`` are lists of ``(start, end)`` ranges; tests may change
     them at any time. A failing read first returns some of the whole beats before its
     first failing byte: a random number of them, or with ``partial_reads="all"`` all of
-    them. ``reads`` and ``writes`` log the commands; ``cycle`` counts clocks.
+    them. ``hold_writes`` (tests may set it any time) keeps the write command and data
+    streams not ready. ``reads`` and ``writes`` log the commands; ``cycle`` counts clocks.
     """
 
     def __init__(self, port, memory, rng, *, read_latency=(1, 16), done_latency=(0, 6),
@@ -63,6 +64,7 @@ class DmaMemory:
         self.stall = stall
         self.idle = idle
         self.partial_reads = partial_reads
+        self.hold_writes = False
         self.fail_reads = []
         self.fail_writes = []
         self.reads = []
@@ -162,8 +164,9 @@ class DmaMemory:
 
             # Outputs for the next cycle; an offered beat or done stays until taken.
             ctx.set(rc.ready, self._chance(self.stall))
-            ctx.set(wc.ready, self._chance(self.stall))
-            ctx.set(wd.ready, bool(self._writes) and self._chance(self.stall))
+            ctx.set(wc.ready, not self.hold_writes and self._chance(self.stall))
+            ctx.set(wd.ready, not self.hold_writes and bool(self._writes) and
+                    self._chance(self.stall))
             offer_beat = bool(self._beats) and self._beats[0][0] <= self.cycle and (
                 (rd_valid and not rd_ready) or self._chance(self.idle))
             ctx.set(rd.valid, offer_beat)

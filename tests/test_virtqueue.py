@@ -1006,6 +1006,34 @@ def test_reset_while_busy():
     bench.run(testbench)
 
 
+def test_reset_withdraws_unsent_write():
+    """A write the DMA engine has not taken any of when the reset comes is dropped: busy
+    falls and nothing is written after the reset."""
+    bench = Bench(new_seed(), size=8, function_options={"write_counts": (1, 16)})
+
+    async def testbench(ctx):
+        bench.dma.hold_writes = True
+        assert bench.driver.virtqueue_add(bytes(8), 8, max_pieces=1)
+        await bench.configure(ctx)
+        for _ in range(2000):
+            if bench.function.commands and ctx.get(bench.dut.busy):
+                break
+            await ctx.tick()
+        await ctx.tick().repeat(20)
+        assert ctx.get(bench.dut.busy) and not bench.dma.writes
+        ctx.set(bench.dut.run, 0)
+        ctx.set(bench.dut.reset, 1)
+        await ctx.tick()
+        ctx.set(bench.dut.reset, 0)
+        await ctx.tick().repeat(3)
+        assert not ctx.get(bench.dut.busy)
+        bench.dma.hold_writes = False
+        await ctx.tick().repeat(100)
+        assert not bench.dma.writes
+
+    bench.run(testbench)
+
+
 def test_reset_after_fault():
     """A reset clears a fault: the queue works again on a fresh ring."""
     bench = Bench(new_seed(), size=8, indirect=True)
