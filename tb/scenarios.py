@@ -527,6 +527,7 @@ async def window_base(rig):
     base = page_addr(3 * rig.params.bitmap_pages)
     await set_window_base(rig, base)
     vb = await probe(rig, pool_pages=0)
+    await vb.vdev.vp_modern_get_status()            # flushes the posted DRIVER_OK write
     await set_window_base(rig, 0)                   # ignored while DRIVER_OK is set
     assert await rig.mgmt_read(c.MGMT_WINDOW_BASE_LO) == base & U32
     assert await rig.mgmt_read(c.MGMT_WINDOW_BASE_HI) == base >> 32
@@ -677,6 +678,11 @@ async def _fault_avail_ahead(rig, vq):
     await vq.write_avail_idx(vq.avail_idx_shadow + vq.num + 1)
 
 
+async def _fault_avail_backwards(rig, vq):
+    # One behind the device: 65535 ahead in 16-bit arithmetic.
+    await vq.write_avail_idx(vq.avail_idx_shadow - 1 & 0xFFFF)
+
+
 def _fault_dma_read(how):
     async def inject(rig, vq):
         data = cmd(GIVE, page_addr(40))
@@ -704,6 +710,7 @@ RING_FAULTS = {
     "indirect_length_odd": (_fault_indirect_length_odd, c.RingFault.INDIRECT_LENGTH, False),
     "indirect_loop": (_fault_indirect_loop, c.RingFault.CHAIN_LOOP, False),
     "avail_ahead": (_fault_avail_ahead, c.RingFault.AVAIL_AHEAD, False),
+    "avail_backwards": (_fault_avail_backwards, c.RingFault.AVAIL_AHEAD, False),
     "dma_read_ur": (_fault_dma_read("UR"), c.RingFault.DMA_READ, False),
     "dma_read_ca": (_fault_dma_read("CA"), c.RingFault.DMA_READ, False),
     "dma_read_timeout": (_fault_dma_read("timeout"), c.RingFault.DMA_READ, False),

@@ -5,8 +5,10 @@
 master; every memory request the device sends to the root complex is logged exact to the
 byte (C12) and can be made to fail (C7): an Unsupported Request or Completer Abort
 completion, or no completion at all. A posted write cannot fail on PCIe except by Bus
-Master Enable going low under the device, so :meth:`SimRig.fail_writes_after` drops
-Bus Master Enable the moment the device has taken the last completion of a given read.
+Master Enable going low under the device, so :meth:`SimRig.fail_writes_after` holds the
+RQ interface from the last read of a given range on, waits for the device to present a
+write there, and then drops Bus Master Enable: that write is dropped by the hard IP and
+the next one cannot be issued.
 
 :class:`Lockstep` drives two rigs with the same operations, each through its own driver
 model, and after every step compares what the contract fixes: the bitmap (read over the
@@ -17,10 +19,11 @@ used lengths, MIN_BALLOON values) and the driver's own view of the balloon.
 :class:`ScoreboardMismatch` naming the seed and step.
 """
 
+import itertools
 import random
 
 import cocotb
-from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.triggers import ClockCycles, Event, RisingEdge
 from cocotbext.pcie.core.tlp import Tlp, TlpType
 from cocotbext.pcie.core.utils import PcieId
 
@@ -29,6 +32,7 @@ from memballoon.virtio_memballoon import DeviceNeedsReset
 from memballoon.virtio_ring import sg_split
 
 from . import scenarios as s
+from .harness import BACKPRESSURE_PATTERNS, pause_pattern
 from .scenarios import Rig
 
 __all__ = ["SimRig", "Lockstep", "ScoreboardMismatch", "random_stream"]
@@ -38,6 +42,11 @@ __all__ = ["SimRig", "Lockstep", "ScoreboardMismatch", "random_stream"]
 SETTLE_CYCLES = 200
 #: How many times a comparison settles and looks again before it calls a difference real.
 SETTLE_TRIES = 20
+#: UltraScale+ RQ descriptor (PG213): request type bits of the first beat.
+RQ_TYPE_SHIFT, RQ_TYPE_MASK, RQ_TYPE_MEM_WRITE = 75, 0xF, 0b0001
+#: Cycles Bus Master Enable is low before the RQ interface runs again: the hard IP model
+#: updates cfg_function_status on its next clock, the device samples it after that.
+BME_SETTLE_CYCLES = 4
 
 
 class SimRig(Rig):
@@ -49,10 +58,9 @@ class SimRig(Rig):
         self.params = tb.params
         self.dma_log = []
         self._read_faults = []
-        self._trigger = None            # end address of the read that drops bus mastering
-        self._cpl_sent = 0              # completions the root complex sent since arming
-        self._cpl_target = None         # ... up to the trigger read's last one
-        self._fired = None
+        self._trigger = None            # end address of the read that holds RQ
+        self._armed = None              # set once that read came
+        self._fired = None              # the task that drops bus mastering
         rc = tb.rc
         self._read = rc.rx_tlp_handler[TlpType.MEM_READ]
         self._write = rc.rx_tlp_handler[TlpType.MEM_WRITE]
@@ -60,13 +68,6 @@ class SimRig(Rig):
             rc.register_rx_tlp_handler(fmt_type, self._on_read)
         for fmt_type in (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64):
             rc.register_rx_tlp_handler(fmt_type, self._on_write)
-        send = rc.send
-
-        async def counting_send(tlp):
-            if tlp.fmt_type in (TlpType.CPL, TlpType.CPL_DATA):
-                self._cpl_sent += 1
-            await send(tlp)
-        rc.send = counting_send
 
     async def mgmt_read(self, offset):
         return await self.tb.mgmt_read(offset)
@@ -89,9 +90,12 @@ class SimRig(Rig):
                     Tlp.create_ca_completion_for_tlp
                 await self.tb.rc.send(make(tlp, PcieId(0, 0, 0)))
                 return
-        await self._read(tlp)
         if self._trigger is not None and addr < self._trigger <= addr + length:
-            self._cpl_target = self._cpl_sent
+            self._trigger = None
+            self.tb.dev.rq_sink.set_pause_generator(itertools.repeat(1))
+            self._fired = cocotb.start_soon(self._drop_bus_master())
+            self._armed.set()
+        await self._read(tlp)
 
     async def _on_write(self, tlp):
         addr, length = self._span(tlp)
@@ -108,28 +112,27 @@ class SimRig(Rig):
 
     def fail_writes_after(self, addr, length):
         self._trigger = addr + length
-        self._cpl_sent = 0
-        self._cpl_target = None
-        self._fired = cocotb.start_soon(self._drop_bus_master())
+        self._armed = Event()
 
     async def _drop_bus_master(self):
-        """Count the completions the device takes (one ``tlast`` each: no straddling);
-        once it has taken the trigger read's last one, clear Bus Master Enable as the
-        host's command-register write would."""
+        """RQ is held: once the device presents a memory write, clear Bus Master Enable as
+        the host's command-register write would, then let RQ run again."""
         dut = self.tb.dut
-        taken = 0
-        while self._cpl_target is None or taken < self._cpl_target:
+        while True:
             await RisingEdge(dut.user_clk)
-            if dut.s_axis_rc_tvalid.value and dut.s_axis_rc_tready.value and \
-                    dut.s_axis_rc_tlast.value:
-                taken += 1
+            if dut.m_axis_rq_tvalid.value and int(dut.m_axis_rq_tdata.value) >> \
+                    RQ_TYPE_SHIFT & RQ_TYPE_MASK == RQ_TYPE_MEM_WRITE:
+                break
         self.tb.function.bus_master_enable = False
+        await ClockCycles(dut.user_clk, BME_SETTLE_CYCLES)
+        self.tb.dev.rq_sink.set_pause_generator(pause_pattern(*BACKPRESSURE_PATTERNS["rq"]))
 
     async def clear_faults(self):
         self._read_faults = []
-        if self._fired is not None:
+        if self._armed is not None:
+            await self._armed.wait()
             await self._fired
-            self._fired = self._trigger = None
+            self._armed = self._fired = None
             self.tb.function.bus_master_enable = True
 
     async def flr(self):
@@ -168,12 +171,30 @@ class Lockstep:
         self.sides = (_Side(self.ref, seed), _Side(self.dut, seed))
 
     async def each(self, op, what):
-        """Run ``op(side)`` on both sides; both results must be equal. Returns it."""
-        results = [await op(side) for side in self.sides]
-        if results[0] != results[1]:
-            raise ScoreboardMismatch(f"{self.context}: {what}: reference {results[0]!r}, "
-                                     f"device {results[1]!r}")
-        return results[0]
+        """Run ``op(side)`` on both sides; both must return the same (or raise the same
+        error, which then ends the stream). Returns the result."""
+        outcomes = []
+        for side in self.sides:
+            try:
+                outcomes.append((None, await op(side)))
+            except Exception as exc:        # the driver's or a scenario's: compared below
+                outcomes.append((exc, f"{type(exc).__name__}: {exc}"))
+        (ref_exc, ref), (dut_exc, dut) = outcomes
+        if ref != dut:
+            raise ScoreboardMismatch(f"{self.context}: {what}: reference {ref!r}, device "
+                                     f"{dut!r} ({await self.device_state()})") from dut_exc
+        if ref_exc is not None:
+            raise ref_exc
+        return ref
+
+    async def device_state(self):
+        """The device's status and last C7 fault, for a mismatch message."""
+        rig = self.dut
+        status = await rig.mgmt_read(c.MGMT_DEVICE_STATUS)
+        info = await rig.mgmt_read(c.MGMT_FAULT_INFO)
+        names = " ".join(flag.name for flag in c.DeviceStatus if status & flag) or "0"
+        fault = c.RingFault(info & 0xF).name
+        return f"device_status {names}, last fault {fault} on queue {info >> 8}"
 
     @staticmethod
     async def _snapshot(side, words):
@@ -202,7 +223,8 @@ class Lockstep:
                      for key in ref if ref[key] != dut[key]]
             if not diffs:
                 return
-        raise ScoreboardMismatch(f"{self.context}: " + "; ".join(diffs))
+        raise ScoreboardMismatch(f"{self.context}: " + "; ".join(diffs) +
+                                 f" ({await self.device_state()})")
 
 
 def random_sg_policy(rng, vb):

@@ -1,11 +1,16 @@
-"""``make sim``: build ``memballoon_usp``, bring the device up as a driver would and print
-what it looks like.
+"""``make sim``: build ``memballoon_usp``, bring the device up as a driver would, print
+what it looks like, then tell a balloon's story.
 
-``python -m memballoon.tb.sim [--width 512|256] [--verbose]`` builds the DUT, runs the
-cocotb test :func:`device_summary` (enumerate, negotiate, set up both queues, DRIVER_OK)
-and prints IDs, capabilities with BAR/offset/length, offered and accepted features by
-name, the queues, MSI-X vectors and device status, and the simulated user_clk cycles
-against wall time. ``WAVES=1`` also writes an FST waveform and prints its path.
+``python -m memballoon.tb.sim [--width 512|256] [--verbose]`` builds the DUT and runs two
+cocotb tests. :func:`device_summary` (enumerate, negotiate, set up both queues,
+DRIVER_OK) prints IDs, capabilities with BAR/offset/length, offered and accepted features
+by name, the queues, MSI-X vectors and device status, and the simulated user_clk cycles
+against wall time. :func:`balloon_story` runs the memballoon driver and the host side
+(C10 management port) through a readable scenario: inflate, the host raises the minimum
+and the driver follows, the host limits its return budget and the driver deflates with
+partial grants, an exchange, and extra memory taking the balloon below zero; it prints
+the balloon size and the counters after each step. ``WAVES=1`` also writes an FST
+waveform and prints its path.
 """
 
 import argparse
@@ -19,6 +24,8 @@ from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.tb.harness import LINK_CONFIG, MemballoonTb
 from memballoon.tb.runner import params_from_env, run_cocotb
+from memballoon.tb.scenarios import story
+from memballoon.tb.scoreboard import SimRig
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
 
 CAP_NAMES = {0x01: "Power Management", 0x05: "MSI", c.PCI_CAP_ID_MSIX: "MSI-X",
@@ -99,6 +106,21 @@ async def device_summary(dut):
     print("\n".join(["", *lines, ""]), flush=True)
 
 
+@cocotb.test(timeout_time=20000, timeout_unit="us")
+async def balloon_story(dut):
+    """The driver and the host through inflate, minimum, budgeted deflate, exchange and
+    extra memory (tb/scenarios.py ``story``); balloon size and counters after each step."""
+    tb = MemballoonTb(dut, params_from_env())
+    await tb.init()
+    await tb.enumerate()
+    lines = await story(SimRig(tb))
+    cycles, wall, rate = tb.clock_rate()
+    lines.append(f"  Simulated  {cycles:.0f} user_clk cycles ({cycles / 250:.1f} us at 250 MHz)"
+                 f" in {wall:.2f} s wall: {rate:.0f} cycles/s")
+    tb.check_errors()
+    print("\n".join(["", *lines, ""]), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, choices=(512, 256), default=512,
@@ -111,7 +133,7 @@ def main():
                                    "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     try:
         run_cocotb("memballoon.tb.sim", "sim", DeviceParams(data_width=args.width),
-                   testcase=["device_summary"], extra_env=env)
+                   testcase=["device_summary", "balloon_story"], extra_env=env)
     except AssertionError as exc:
         print(f"sim failed: {exc}", file=sys.stderr)
         return 1
