@@ -861,6 +861,12 @@ async def reset_under_load(rig):
         await vq.virtqueue_add_outbuf(
             [cmd(GIVE, *(page_addr(64 * i + k) for k in range(64)))], i)
     await vq.virtqueue_notify()
+    # The reset goes in once the device has published a first command, the others in
+    # flight behind it (the model has done them all by then).
+    deadline = rig.backend.now() + WAIT
+    while not await vq.used.read16(c.VRING_USED_IDX):
+        assert rig.backend.now() < deadline, "no command completed"
+        await rig.backend.sleep(0.1e-6)
     await vb.vdev.vp_modern_set_status(0)
     await wait_reset_done(rig, vb)
     touched = len(rig.dma_log)
@@ -1088,7 +1094,7 @@ async def story(rig):
     await vb.virtballoon_probe(page_size=page)
     lines = [f"Balloon story: {c.size_name(page)} pages, features "
              f"{' '.join(c.feature_names(vb.vdev.accepted_features))}",
-             f"  {'step':<56} {'balloon pages':>20}  {'GIVE':>4} {'GET':>4} {'XCHG':>4} "
+             f"  {'step':<60} {'balloon pages':>20}  {'GIVE':>4} {'GET':>4} {'XCHG':>4} "
              f"{'entered':>7} {'left':>5} {'short':>5} {'min':>3}  budget"]
 
     async def step(text):
@@ -1098,7 +1104,7 @@ async def story(rig):
         budget = await rig.mgmt_read(c.MGMT_RETURN_BUDGET)
         budget = "unlimited" if budget == c.MGMT_UNLIMITED_BUDGET else str(budget)
         size = f"{pages:>6} ({pages * page / MIB:+g} MiB)"
-        lines.append(f"  {text:<56} {size:>20}  " +
+        lines.append(f"  {text:<60} {size:>20}  " +
                      " ".join(f"{n:>{w}}" for n, w in zip(counts, (4, 4, 4, 7, 5, 5, 3))) +
                      f"  {budget}")
 
