@@ -106,8 +106,10 @@ class MemballoonDevice(wiring.Component):
             wiring.connect(m, engine.dma, dma_mux.clients[queue])
             m.d.comb += [
                 engine.config.eq(config),
-                # C12: nothing before DRIVER_OK; a virtio reset stops everything.
-                engine.run.eq(config.enable & common_cfg.driver_ok & ~common_cfg.resetting),
+                # C12: nothing before DRIVER_OK or while Bus Master Enable is clear (the
+                # work waits: the engine drains when `run` rises); a reset stops everything.
+                engine.run.eq(config.enable & common_cfg.driver_ok & ~common_cfg.resetting &
+                              self.status.bus_master_enable),
                 engine.event_idx.eq(features[c.VIRTIO_F_RING_EVENT_IDX]),
                 engine.indirect.eq(features[c.VIRTIO_F_INDIRECT_DESC]),
                 engine.notify.eq(notify.notify[queue]),
