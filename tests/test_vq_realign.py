@@ -6,10 +6,7 @@ import random
 from amaranth.sim import Simulator
 
 from memballoon.hdl.virtio.vq_realign import Realigner
-
-
-def new_seed():
-    return int(os.environ["SEED"]) if os.environ.get("SEED") else random.randrange(1 << 32)
+from memballoon.tb.seed import new_seed
 
 
 def beats_of(rng, command):
