@@ -149,16 +149,22 @@ class DmaReadCommand(data.Struct):
     length: 20
 
 
+#: Bytes per DMA read beat: two le64 words, so a virtqueue engine can hand the balloon two
+#: command words (two pages) a clock.
+DMA_READ_BEAT_BYTES = 16
+
+
 class DmaReadBeat(data.Struct):
     """Read data, in command order, byte-packed: byte 0 of a read is byte 0 (bits 7..0) of
-    its first beat; every beat holds 8 bytes except the last, which holds ``count``.
+    its first beat; every beat holds ``DMA_READ_BEAT_BYTES`` bytes except the last, which
+    holds ``count``.
 
     A failed read (error completion, completion timeout, bus mastering off; C7, C12) ends
     early with one beat that has ``last`` and ``error`` set; its data is meaningless and
     the beats before it may be partial data of the read.
     """
-    data: 64
-    count: 4
+    data: 8 * DMA_READ_BEAT_BYTES
+    count: 5
     last: 1
     error: 1
 

@@ -3,7 +3,7 @@
 The engine owns the ring (avail, descriptors, indirect tables, used, event index, C7
 faults); the function sees one *command* per available buffer (C5: each descriptor chain
 is one command): a header with the chain's byte counts, then the chain's device-readable
-bytes as a packed stream of le64 words, and it answers with one *result* that the engine
+bytes as a packed stream of le64 words (two a beat), and it answers with one *result* that the engine
 writes into the chain's device-writable bytes before it publishes the used element.
 """
 
@@ -20,12 +20,22 @@ class CommandHeader(data.Struct):
     writable: 32
 
 
-class CommandWord(data.Struct):
-    """Eight device-readable bytes of the current command (le64, byte 0 = bits 7..0),
-    whatever descriptor boundaries they came across (C5). ``ceil(readable / 8)`` words
-    follow each header (none when ``readable`` is 0); the last one has ``last`` set and is
-    zero-padded past the readable bytes."""
-    data: 64
+#: Command words per beat: two le64 words, so the balloon executes two pages a clock.
+COMMAND_LANES = 2
+
+
+class CommandWords(data.Struct):
+    """Up to ``COMMAND_LANES`` le64 words of the current command's device-readable bytes
+    (byte 0 = bits 7..0 of ``data[0]``), whatever descriptor boundaries they came across
+    (C5): ``data[0] .. data[count - 1]`` are valid.
+
+    The first beat of a command holds its first word (the command code) alone; every
+    later beat holds ``COMMAND_LANES`` words but the last, so payload word ``i`` is lane
+    ``i % COMMAND_LANES`` of beat ``1 + i // COMMAND_LANES``. ``ceil(readable / 8)`` words
+    follow each header (no beat when ``readable`` is 0); the last beat has ``last`` set and
+    its last word is zero-padded past the readable bytes."""
+    data: data.ArrayLayout(64, COMMAND_LANES)
+    count: range(COMMAND_LANES + 1)
     last: 1
 
 
@@ -44,6 +54,6 @@ class CommandSignature(wiring.Signature):
     def __init__(self):
         super().__init__({
             "header": Out(stream.Signature(CommandHeader)),
-            "words": Out(stream.Signature(CommandWord)),
+            "words": Out(stream.Signature(CommandWords)),
             "result": In(stream.Signature(CommandResult)),
         })
