@@ -1,4 +1,5 @@
-"""The balloon bitmap (C8, C9): pipelined page operations, clear, fill and reads."""
+"""The balloon bitmap (C8, C9): two-lane pipelined page operations on two banks, clear,
+fill and reads."""
 
 import gc
 import random
@@ -11,24 +12,38 @@ from amaranth.hdl._ir import build_netlist
 
 from balloon_sim import simulate, stream_put, wait_until_clear
 from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap, BitmapAction
+from memballoon.tb.seed import new_seed
 
 PAGES = 2 ** 10
 WORDS = PAGES // WORD_BITS
 
 
+def beat(*operations):
+    """A request beat: the operations in lanes 0, 1, ..., each enabled."""
+    return {"lanes": [dict(operation, enable=1) for operation in operations]}
+
+
+def op(page, action, allowed=1, chained=0, tag=0):
+    return {"page": page, "action": action, "allowed": allowed, "chained": chained, "tag": tag}
+
+
+SET, CLEAR = BitmapAction.SET, BitmapAction.CLEAR
+
+
 class BitmapModel:
-    """The bits, and the request semantics of Bitmap's docstring."""
+    """The bits, and the operation semantics of Bitmap's docstring, one after the other."""
 
     def __init__(self, pages=PAGES):
         self.bits = [0] * pages
         self.last_changed = False
 
-    def apply(self, request):
-        bit = self.bits[request["page"]]
-        takes_effect = request["allowed"] and (not request.get("chained") or self.last_changed)
-        changed = bool(takes_effect and bit == (request["action"] == BitmapAction.CLEAR))
+    def apply(self, operation):
+        bit = self.bits[operation["page"]]
+        takes_effect = operation["allowed"] and (not operation.get("chained") or
+                                                 self.last_changed)
+        changed = bool(takes_effect and bit == (operation["action"] == CLEAR))
         if changed:
-            self.bits[request["page"]] ^= 1
+            self.bits[operation["page"]] ^= 1
         self.last_changed = changed
         return changed
 
@@ -41,16 +56,22 @@ class BitmapModel:
             self.bits[page] = 1
 
 
-def random_request(rng, tag, hot_words):
+def random_operation(rng, tag, hot_words):
     word = rng.choice(hot_words)
-    return {
-        "page": word * WORD_BITS + rng.randrange(WORD_BITS) if rng.random() < 0.2 else
-        word * WORD_BITS + rng.randrange(4),
-        "action": rng.choice([BitmapAction.SET, BitmapAction.CLEAR]),
-        "allowed": rng.random() < 0.9,
-        "chained": rng.random() < 0.3,
-        "tag": tag % 256,
-    }
+    return op(word * WORD_BITS + rng.randrange(WORD_BITS) if rng.random() < 0.2 else
+              word * WORD_BITS + rng.randrange(4),
+              rng.choice([SET, CLEAR]), allowed=rng.random() < 0.9,
+              chained=rng.random() < 0.3, tag=tag % 256)
+
+
+def random_beat(rng, tag, hot_words):
+    """Two lanes, one of them possibly disabled (its contents still random)."""
+    lanes = [random_operation(rng, 2 * tag + lane, hot_words) for lane in range(2)]
+    roll = rng.random()
+    for lane, operation in enumerate(lanes):
+        operation["enable"] = int(not (roll < 0.1 and lane == 0 or
+                                       0.1 <= roll < 0.2 and lane == 1 or roll < 0.03))
+    return {"lanes": lanes}
 
 
 async def read_word(ctx, dut, index):
@@ -73,22 +94,53 @@ async def pulse(ctx, signal):
     ctx.set(signal, 0)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_random_requests_and_reads_match_the_model(seed):
-    """Requests bunched on a few words (back-to-back read-modify-writes of one word need
-    forwarding), seeded idle, with management reads cutting in at random."""
+def response_monitor(dut, sink):
+    """A process collecting ``(tag, changed)`` of every answered lane, in order."""
+    async def process(ctx):
+        async for _, _, valid, response in ctx.tick().sample(dut.response.valid,
+                                                             dut.response.payload):
+            if valid:
+                sink.extend((lane.tag, lane.changed) for lane in response.lanes
+                            if lane.enable)
+    return process
+
+
+async def issue_beats(ctx, dut, beats):
+    """Offer the beats back to back; the clocks it took."""
+    cycles = 0
+    ctx.set(dut.request.valid, 1)
+    for request in beats:
+        ctx.set(dut.request.payload, request)
+        while True:
+            _, _, ready = await ctx.tick().sample(dut.request.ready)
+            cycles += 1
+            if ready:
+                break
+    ctx.set(dut.request.valid, 0)
+    await ctx.tick().repeat(2)
+    return cycles
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_random_beats_and_reads_match_the_model(index):
+    """Beats of two lanes bunched on a few words of both banks (same word, same page,
+    same bank and different words, different banks; back-to-back read-modify-writes of
+    one word need forwarding), seeded idle, with management reads cutting in at random."""
+    seed = new_seed()
+    print("seed", seed)
     rng = random.Random(seed)
     dut = Bitmap(PAGES, tag_shape=8)
     model = BitmapModel()
-    hot_words = rng.sample(range(WORDS), 3)
-    requests = [random_request(rng, tag, hot_words) for tag in range(1500)]
-    in_order = deque(requests)
-    responses = []
+    hot_words = rng.sample(range(WORDS), 4)
+    beats = [random_beat(rng, tag, hot_words) for tag in range(1000)]
+    in_order = deque(operation for request in beats for operation in request["lanes"]
+                     if operation["enable"])
+    answered = []
     reads_checked = []
     done = []
 
     async def producer(ctx):
-        for request in requests:
+        for request in beats:
             await stream_put(ctx, dut.request, request, rng, idle=0.3)
         done.append(1)
 
@@ -104,7 +156,7 @@ def test_random_requests_and_reads_match_the_model(seed):
 
     async def monitor(ctx):
         read_index = None
-        async for _, _, read_valid, index, response_valid, response, data_valid, data in \
+        async for _, _, read_valid, index_, response_valid, response, data_valid, data in \
                 ctx.tick().sample(dut.read.valid, dut.read.payload, dut.response.valid,
                                   dut.response.payload, dut.read_data.valid,
                                   dut.read_data.payload):
@@ -112,83 +164,112 @@ def test_random_requests_and_reads_match_the_model(seed):
                 assert read_index is not None
                 assert data == model.word(read_index), f"seed {seed}: read of {read_index}"
                 reads_checked.append(read_index)
-            read_index = index if read_valid else None
-            if response_valid:
-                request = in_order.popleft()
-                assert response.tag == request["tag"], f"seed {seed}: order"
-                assert response.changed == model.apply(request), \
-                    f"seed {seed}: request {request}"
-                responses.append(request)
+            read_index = index_ if read_valid else None
+            if not response_valid:
+                continue
+            for lane in response.lanes:
+                if lane.enable:
+                    operation = in_order.popleft()
+                    assert lane.tag == operation["tag"], f"seed {seed}: order"
+                    assert lane.changed == model.apply(operation), \
+                        f"seed {seed}: operation {operation}"
+                    answered.append(operation)
 
     async def checker(ctx):
         await ctx.tick().until(dut.request.valid == 0)
         while not done or in_order:
             await ctx.tick()
         await ctx.tick().repeat(2)
-        for index in range(WORDS):
-            assert await read_word(ctx, dut, index) == model.word(index), f"seed {seed}"
+        for word in range(WORDS):
+            assert await read_word(ctx, dut, word) == model.word(word), f"seed {seed}"
 
     simulate(dut, [producer, checker], background=[reader], processes=[monitor])
-    assert len(responses) == len(requests)
+    assert len(answered) == sum(len([o for o in b["lanes"] if o["enable"]]) for b in beats)
     assert len(reads_checked) > 20
 
 
-def test_one_request_per_clock_on_one_word():
-    """Back-to-back SET/CLEAR of the same page each see the previous one (forwarding);
-    2000 requests are taken in 2000 consecutive clocks."""
+def test_two_operations_per_clock_on_one_word():
+    """Back-to-back SET/CLEAR of two pages of one word, both lanes each clock, each see
+    the previous one (forwarding and lane 0 before lane 1): 2000 operations are taken in
+    1000 consecutive clocks."""
     dut = Bitmap(PAGES, tag_shape=8)
-    count = 2000
-    changed = []
+    count = 1000
+    answered = []
 
     async def producer(ctx):
-        ctx.set(dut.request.valid, 1)
-        cycles = 0
-        taken = 0
-        while taken < count:
-            ctx.set(dut.request.payload, {
-                "page": 77 + (taken // 2) % 2, "allowed": 1, "tag": taken % 256,
-                "action": BitmapAction.SET if taken % 2 == 0 else BitmapAction.CLEAR})
-            await ctx.tick()
-            cycles += 1
-            if ctx.get(dut.request.ready):
-                taken += 1
-        ctx.set(dut.request.valid, 0)
-        await ctx.tick().repeat(2)
-        assert cycles == count
+        beats = [beat(op(77, SET if i % 2 == 0 else CLEAR, tag=i % 256),
+                      op(78, SET if i % 2 == 0 else CLEAR, tag=i % 256)) for i in range(count)]
+        assert await issue_beats(ctx, dut, beats) == count
 
-    async def monitor(ctx):
-        async for _, _, valid, response in ctx.tick().sample(dut.response.valid,
-                                                             dut.response.payload):
-            if valid:
-                changed.append(response.changed)
-
-    simulate(dut, [producer], processes=[monitor])
-    assert changed == [1] * count
+    simulate(dut, [producer], processes=[response_monitor(dut, answered)])
+    assert [changed for _, changed in answered] == [1] * 2 * count
 
 
-def test_chained_requests_stop_after_the_first_refusal():
+# (lane 0, lane 1, clocks): both lanes in one clock unless they are on different words of
+# one bank. Words 1 and 3 share bank 1; words 1 and 2 are in different banks.
+LANE_PAIRS = {
+    "same word": (op(64 + 5, SET), op(64 + 9, SET), 1),
+    "same page": (op(64 + 5, SET), op(64 + 5, SET), 1),
+    "different banks": (op(64 + 5, SET), op(128 + 5, SET), 1),
+    "same bank, different words": (op(64 + 5, SET), op(192 + 5, SET), 2),
+}
+
+
+@pytest.mark.parametrize("name", LANE_PAIRS)
+def test_lane_pairs(name):
+    """Each pair as one beat, cleared in reverse lane order, then set three times: the
+    second SET of the same page in one beat is refused (it sees the first)."""
+    lane_0, lane_1, clocks = LANE_PAIRS[name]
     dut = Bitmap(PAGES, tag_shape=8)
-    changed = []
+    answered = []
+    model = BitmapModel()
+    clear_0, clear_1 = dict(lane_0, action=CLEAR), dict(lane_1, action=CLEAR)
 
     async def testbench(ctx):
-        for page in (1, 2, 4):
-            await stream_put(ctx, dut.request, {"page": page, "action": BitmapAction.SET,
-                                                "allowed": 1})
-        # A GET of 1, 2, 3, 4: page 3 is not set, so 4 is refused too.
-        for i, page in enumerate((1, 2, 3, 4)):
-            await stream_put(ctx, dut.request, {"page": page, "action": BitmapAction.CLEAR,
-                                                "allowed": 1, "chained": i != 0})
-        await ctx.tick().repeat(2)
-        assert await read_word(ctx, dut, 0) == 1 << 4
+        assert await issue_beats(ctx, dut, [beat(lane_0, lane_1)]) == clocks
+        assert await issue_beats(ctx, dut, [beat(clear_1, clear_0)]) == clocks
+        assert await issue_beats(ctx, dut, [beat(lane_0, lane_1)] * 3) == 3 * clocks
+        assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
-    async def monitor(ctx):
-        async for _, _, valid, response in ctx.tick().sample(dut.response.valid,
-                                                             dut.response.payload):
-            if valid:
-                changed.append(response.changed)
+    expected = [model.apply(operation) for operation in
+                [lane_0, lane_1, clear_1, clear_0] + [lane_0, lane_1] * 3]
+    simulate(dut, [testbench], processes=[response_monitor(dut, answered)])
+    assert [changed for _, changed in answered] == expected
+    same_page = lane_0["page"] == lane_1["page"]
+    assert expected[:6] == [1, not same_page, 1, not same_page, 1, not same_page]
 
-    simulate(dut, [testbench], processes=[monitor])
-    assert changed == [1, 1, 1, 1, 1, 0, 0]
+
+def test_chained_operations_stop_after_the_first_refusal_in_either_lane():
+    """C5's GET prefix over lanes and beats: refusals in lane 0, in lane 1, and in the
+    first half of a split beat."""
+    dut = Bitmap(PAGES, tag_shape=8)
+    answered = []
+    model = BitmapModel()
+
+    def get(*pages):
+        operations = [op(page, CLEAR, chained=i != 0) for i, page in enumerate(pages)]
+        return [beat(*operations[i:i + 2]) for i in range(0, len(operations), 2)]
+
+    requests = [
+        beat(*[op(page, SET) for page in (1, 2)]), beat(*[op(page, SET) for page in (4, 5)]),
+        beat(*[op(page, SET) for page in (70, 200)]), beat(op(6, SET)),
+        *get(1, 2, 3, 4),           # lane 0 of beat 2 refused: 4 is too
+        *get(5, 9, 6),              # lane 1 of beat 1 refused: 6 (lane 0 of beat 2) too
+        *get(70, 200),              # the same bank (words 1, 3): split beat, both granted
+        beat(op(70, SET)),
+        *get(200, 70),              # split beat: its first half refused, so is lane 1
+    ]
+    operations = [operation for request in requests for operation in request["lanes"]]
+
+    async def testbench(ctx):
+        await issue_beats(ctx, dut, requests)
+        assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
+
+    expected = [model.apply(operation) for operation in operations]
+    simulate(dut, [testbench], processes=[response_monitor(dut, answered)])
+    assert [changed for _, changed in answered] == expected
+    assert expected[7:] == [1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0]
+    assert model.bits[4] and model.bits[6] and model.bits[70]
 
 
 RANGES = [(0, 0), (5, 6), (60, 70), (64, 128), (0, PAGES), (PAGES - 1, PAGES), (130, 900)]
@@ -202,14 +283,15 @@ def test_fill_sets_the_range_and_keeps_other_bits(first, end):
 
     async def testbench(ctx):
         for _ in range(200):
-            request = {"page": rng.randrange(PAGES), "action": BitmapAction.SET, "allowed": 1}
-            await stream_put(ctx, dut.request, request, rng, idle=0.2)
-            model.apply(request)
+            operations = [op(rng.randrange(PAGES), SET) for _ in range(2)]
+            await stream_put(ctx, dut.request, beat(*operations), rng, idle=0.2)
+            for operation in operations:
+                model.apply(operation)
         ctx.set(dut.extra_first, first)
         ctx.set(dut.extra_end, end)
         # A request offered with the fill pulse waits for the fill to end.
         ctx.set(dut.request.valid, 1)
-        ctx.set(dut.request.payload, {"page": 3, "action": BitmapAction.CLEAR, "allowed": 1})
+        ctx.set(dut.request.payload, beat(op(3, CLEAR)))
         ctx.set(dut.fill, 1)
         await ctx.tick()
         ctx.set(dut.fill, 0)
@@ -223,7 +305,7 @@ def test_fill_sets_the_range_and_keeps_other_bits(first, end):
         words = (end - 1) // WORD_BITS - first // WORD_BITS + 1 if end > first else 0
         assert cycles <= words + 2
         model.fill(first, end)
-        model.apply({"page": 3, "action": BitmapAction.CLEAR, "allowed": 1, "chained": 0})
+        model.apply(op(3, CLEAR))
         await ctx.tick().repeat(2)
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
@@ -238,13 +320,14 @@ def test_clear_leaves_only_the_range_and_is_busy_until_done(first, end):
 
     async def testbench(ctx):
         for _ in range(300):
-            await stream_put(ctx, dut.request, {"page": rng.randrange(PAGES), "allowed": 1,
-                                                "action": BitmapAction.SET}, rng, idle=0.2)
+            await stream_put(ctx, dut.request, beat(op(rng.randrange(PAGES), SET),
+                                                    op(rng.randrange(PAGES), SET)),
+                             rng, idle=0.2)
         ctx.set(dut.extra_first, first)
         ctx.set(dut.extra_end, end)
         # In the clear's cycle a request is not taken; busy rises in the next one.
         ctx.set(dut.request.valid, 1)
-        ctx.set(dut.request.payload, {"page": 9, "action": BitmapAction.SET, "allowed": 1})
+        ctx.set(dut.request.payload, beat(op(9, SET)))
         ctx.set(dut.clear, 1)
         assert not ctx.get(dut.request.ready)
         await ctx.tick()
@@ -252,10 +335,10 @@ def test_clear_leaves_only_the_range_and_is_busy_until_done(first, end):
         ctx.set(dut.request.valid, 0)
         busy_cycles = 0
         while ctx.get(dut.busy):
-            assert not ctx.get(dut.request.ready) and busy_cycles < WORDS
+            assert not ctx.get(dut.request.ready) and busy_cycles < WORDS // 2
             await ctx.tick()
             busy_cycles += 1
-        assert busy_cycles == WORDS
+        assert busy_cycles == WORDS // 2            # a word of each bank a clock
         model.fill(first, end)
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
@@ -267,8 +350,7 @@ def test_clear_supersedes_a_fill_and_a_fill_waits_for_a_clear():
     model = BitmapModel()
 
     async def testbench(ctx):
-        await stream_put(ctx, dut.request, {"page": 1000, "action": BitmapAction.SET,
-                                            "allowed": 1})
+        await stream_put(ctx, dut.request, beat(op(1000, SET)))
         ctx.set(dut.extra_first, 0)
         ctx.set(dut.extra_end, PAGES)
         await pulse(ctx, dut.fill)
@@ -292,11 +374,11 @@ def test_elaborates_at_the_largest_size_and_refuses_bad_sizes():
     m = Module()
     m.submodules.bitmap = bitmap = Bitmap(2 ** 24, tag_shape=2)
     build_netlist(Fragment.get(m, None), ports=[])
-    assert len(bitmap.request.payload.page) == 24
+    assert len(bitmap.request.payload.lanes[1].page) == 24
     assert len(bitmap.read.payload) == 24 - 6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnusedElaboratable)   # the half-built objects
-        for pages in (3 * 2 ** 10, 2 ** 25, 64):
+        for pages in (3 * 2 ** 10, 2 ** 25, 128):
             with pytest.raises(ValueError):
                 Bitmap(pages, tag_shape=2)
         gc.collect()

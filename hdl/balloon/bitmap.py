@@ -5,11 +5,18 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from ..virtio.interface import COMMAND_LANES
+
 #: Bits per RAM word: one UltraRAM row (4K x 72) or one BRAM36 row in 512 x 72 mode.
 WORD_BITS = 64
 _OFFSET_BITS = WORD_BITS.bit_length() - 1
 _ONES = Const(2 ** WORD_BITS - 1, WORD_BITS)
 MAX_PAGES = 2 ** 24
+#: Page operations per request beat: one per command word lane.
+LANES = COMMAND_LANES
+#: RAM banks, interleaved on the word address: word ``w`` is row ``w // BANKS`` of bank
+#: ``w % BANKS``.
+BANKS = 2
 
 
 class BitmapAction(enum.Enum, shape=1):
@@ -17,9 +24,10 @@ class BitmapAction(enum.Enum, shape=1):
     CLEAR = 1       # a page leaves the balloon: its bit must be set
 
 
-def bitmap_request_layout(page_bits, tag_shape):
-    """One page operation; see :class:`Bitmap`."""
+def bitmap_operation_layout(page_bits, tag_shape):
+    """One page operation of a request beat; see :class:`Bitmap`."""
     return data.StructLayout({
+        "enable": 1,
         "page": page_bits,
         "action": BitmapAction,
         "allowed": 1,
@@ -28,8 +36,19 @@ def bitmap_request_layout(page_bits, tag_shape):
     })
 
 
+def bitmap_request_layout(page_bits, tag_shape):
+    """Up to ``LANES`` page operations, applied in lane order."""
+    return data.StructLayout({
+        "lanes": data.ArrayLayout(bitmap_operation_layout(page_bits, tag_shape), LANES),
+    })
+
+
 def bitmap_response_layout(tag_shape):
-    return data.StructLayout({"tag": tag_shape, "changed": 1})
+    """The outcome of the enabled operations of one request beat (or of part of it)."""
+    return data.StructLayout({
+        "lanes": data.ArrayLayout(data.StructLayout({
+            "enable": 1, "tag": tag_shape, "changed": 1}), LANES),
+    })
 
 
 class _Access(enum.Enum, shape=2):
@@ -39,30 +58,41 @@ class _Access(enum.Enum, shape=2):
 
 
 class Bitmap(wiring.Component):
-    """``pages`` bits in a ``lib.memory.Memory`` of ``WORD_BITS``-bit words; bit set = the
-    host owns the page (C8).
+    """``pages`` bits in ``BANKS`` ``lib.memory.Memory`` banks of ``WORD_BITS``-bit words,
+    interleaved on the word address; bit set = the host owns the page (C8).
 
-    Page operations are a read-modify-write pipeline of two stages: the cycle that accepts
-    a request addresses the RAM, the next one changes the word, writes it back and
-    responds. A write is seen by a read of the same word only one edge later, so the
-    modify stage takes the word from the previous cycle's write when the addresses match:
-    back-to-back operations on one word see each other. One request per clock is
-    sustained; the single RAM read port is the limit (``B`` banks interleaved on the word
-    address would take ``B`` requests per clock from a wider request stream).
+    Each bank is a read-modify-write pipeline of two stages: the cycle that accepts a
+    request addresses the RAMs, the next one changes the words, writes them back and
+    responds. A write is seen by a read of the same row only one edge later, so the modify
+    stage takes a bank's word from that bank's previous write when the rows match:
+    back-to-back operations on one word see each other.
 
-    A clear (C9) writes every word, one per clock, with the bits of the extra-memory
-    range set (``pages / 64`` clocks: 16384 at 2**20 pages); a fill (C8) ORs the range
-    into the words it covers, one per clock, through the pipeline. Both latch the range
-    when they start. Page requests wait while either runs; bitmap reads go first always.
+    A request beat carries up to ``LANES`` operations (lanes with ``enable``), applied in
+    lane order. Both lanes go through in one clock when they hit different banks, or the
+    same word: lane 1 then sees lane 0's change of that word (one write of the word with
+    both changes), so the same page twice behaves as two beats would. Lanes on different
+    words of one bank conflict (one read port per bank): the beat is split, lane 0 in one
+    clock, lane 1 in the next, and answered in two response beats. Contiguous pages never
+    conflict; pages at random do in half of the beats.
+
+    A clear (C9) writes every word, one row of each bank per clock, with the bits of the
+    extra-memory range set (``pages / 128`` clocks: 8192 at 2**20 pages); a fill (C8) ORs
+    the range into the words it covers, one word per clock, through the pipeline. Both
+    latch the range when they start. Page requests wait while either runs; bitmap reads go
+    first always (a split beat's second half waits for them too).
 
     Attributes
     ----------
     request : In(stream.Signature(bitmap_request_layout(page_bits, tag_shape)))
-        ``action`` SET or CLEAR on ``page``. It takes effect only if ``allowed`` and, when
-        ``chained``, the previous request took effect (C5's GET prefix: once one page is
-        refused, the chained ones after it are too). ``tag`` is carried to the response.
+        ``lanes[i]``: if ``enable``, ``action`` SET or CLEAR on ``page``. It takes effect
+        only if ``allowed`` and, when ``chained``, the previous enabled operation (in this
+        beat or an earlier one) took effect (C5's GET prefix: once one page is refused, the
+        chained ones after it are too). ``tag`` is carried to the response. A beat
+        without an enabled lane is taken and dropped. ``ready`` depends on the payload
+        (a conflicting beat is taken in its second clock).
     response : Out(stream.Signature(bitmap_response_layout(tag_shape), always_ready=True))
-        One per request, in the cycle after it was accepted: ``changed`` if it took effect.
+        The enabled lanes, in request order, in the cycle after they were issued:
+        ``changed`` if the operation took effect. A split beat's lanes come in two beats.
     read : In(stream.Signature(word_bits))
         Read a RAM word (management, C10); always ready.
     read_data : Out(stream.Signature(WORD_BITS, always_ready=True))
@@ -72,7 +102,8 @@ class Bitmap(wiring.Component):
         The extra-memory range: pages ``extra_first`` .. ``extra_end - 1``.
     clear : In(1)
         Pulse: clear the bitmap except the extra range, which is set (C9). Restarts a
-        clear that is running and supersedes a fill.
+        clear that is running, supersedes a fill and forgets the first half of a split
+        beat (the requester is reset with the bitmap).
     fill : In(1)
         Pulse: set the bits of the extra range (C8), after a running clear or fill.
     busy : Out(1)
@@ -80,9 +111,9 @@ class Bitmap(wiring.Component):
     """
 
     def __init__(self, pages, tag_shape):
-        if pages & (pages - 1) or not 2 * WORD_BITS <= pages <= MAX_PAGES:
-            raise ValueError(f"pages must be a power of two in {2 * WORD_BITS}..{MAX_PAGES}, "
-                             f"not {pages}")
+        if pages & (pages - 1) or not 2 * BANKS * WORD_BITS <= pages <= MAX_PAGES:
+            raise ValueError(f"pages must be a power of two in {2 * BANKS * WORD_BITS}.."
+                             f"{MAX_PAGES}, not {pages}")
         self._pages = pages
         page_bits = pages.bit_length() - 1
         word_bits = page_bits - _OFFSET_BITS
@@ -102,27 +133,39 @@ class Bitmap(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         words = self._pages // WORD_BITS
-        request = self.request.payload
+        rows = words // BANKS
+        lanes = self.request.payload.lanes
 
-        m.submodules.ram = ram = Memory(shape=WORD_BITS, depth=words, init=[])
-        ram_read = ram.read_port()
-        ram_write = ram.write_port()
+        read_ports, write_ports = [], []
+        for bank in range(BANKS):
+            ram = Memory(shape=WORD_BITS, depth=rows, init=[])
+            m.submodules[f"ram{bank}"] = ram
+            read_ports.append(ram.read_port())
+            write_ports.append(ram.write_port())
+
+        def bank_of(word):
+            return word[:1]
+
+        def row_of(word):
+            return word[1:]
 
         # --- Clear and fill engines (C8, C9) ------------------------------------------------
         target_first = Signal.like(self.extra_first)
         target_end = Signal.like(self.extra_end)
-        engine_word = Signal.like(ram_read.addr)
+        engine_word = Signal(range(words))
         fill_pending = Signal()
 
         target_last = (target_end - 1)[:len(target_end)]
         first_word = target_first[_OFFSET_BITS:]
         last_word = target_last[_OFFSET_BITS:]
-        in_range = (target_end > target_first) & \
-            (engine_word >= first_word) & (engine_word <= last_word)
-        low_bits = Mux(engine_word == first_word,
-                       (_ONES << target_first[:_OFFSET_BITS])[:WORD_BITS], _ONES)
-        high_bits = Mux(engine_word == last_word, _ONES >> ~target_last[:_OFFSET_BITS], _ONES)
-        range_mask = Mux(in_range, low_bits & high_bits, 0)
+
+        def range_mask(word):
+            """The bits of the latched range in RAM word ``word``."""
+            in_range = (target_end > target_first) & (word >= first_word) & (word <= last_word)
+            low_bits = Mux(word == first_word,
+                           (_ONES << target_first[:_OFFSET_BITS])[:WORD_BITS], _ONES)
+            high_bits = Mux(word == last_word, _ONES >> ~target_last[:_OFFSET_BITS], _ONES)
+            return Mux(in_range, low_bits & high_bits, 0)
 
         s1_writes = Signal()
         fill_issue = Signal()
@@ -150,14 +193,14 @@ class Bitmap(wiring.Component):
                     m.next = "Fill"
 
             with m.State("Clear"):
-                # The bits are all rewritten: no read, one word per clock, after a write
-                # still in the modify stage.
+                # The bits are all rewritten: no read, one row of every bank per clock,
+                # after a write still in the modify stage.
                 m.d.comb += clear_write.eq(~s1_writes)
                 with m.If(self.clear):
                     start_clear()
                 with m.Elif(clear_write):
-                    m.d.sync += engine_word.eq(engine_word + 1)
-                    with m.If(engine_word == words - 1):
+                    m.d.sync += engine_word.eq(engine_word + BANKS)
+                    with m.If(engine_word == words - BANKS):
                         m.next = "Ready"
 
             with m.State("Fill"):
@@ -177,32 +220,48 @@ class Bitmap(wiring.Component):
             m.d.sync += fill_pending.eq(0)
         m.d.comb += self.busy.eq(~fsm.ongoing("Ready") | fill_pending)
 
-        # --- Stage 0: address the RAM (reads first, then the fill, then page requests) ------
+        # --- Stage 0: issue lanes, address the banks (reads, then the fill, then pages) ----
+        lane_word = [lane.page[_OFFSET_BITS:] for lane in lanes]
+        conflict = (lanes[0].enable & lanes[1].enable &
+                    (bank_of(lane_word[0]) == bank_of(lane_word[1])) &
+                    (lane_word[0] != lane_word[1]))
+        second_half = Signal()          # lane 0 of the conflicting beat offered was issued
+        pages_open = fsm.ongoing("Ready") & ~fill_pending & ~self.clear & ~self.read.valid
+        issue_pages = self.request.valid & pages_open
+        issued = Signal(LANES)
         m.d.comb += [
             self.read.ready.eq(1),
-            self.request.ready.eq(fsm.ongoing("Ready") & ~fill_pending & ~self.clear &
-                                  ~self.read.valid),
+            self.request.ready.eq(pages_open & (~conflict | second_half)),
+            issued[0].eq(issue_pages & lanes[0].enable & ~(conflict & second_half)),
+            issued[1].eq(issue_pages & lanes[1].enable & ~(conflict & ~second_half)),
         ]
-        take_page = self.request.valid & self.request.ready
-        with m.If(self.read.valid):
-            m.d.comb += ram_read.addr.eq(self.read.payload)
-        with m.Elif(fill_issue):
-            m.d.comb += ram_read.addr.eq(engine_word)
-        with m.Else():
-            m.d.comb += ram_read.addr.eq(request.page[_OFFSET_BITS:])
+        with m.If(issue_pages & conflict):
+            m.d.sync += second_half.eq(~second_half)
+        with m.If(self.clear):
+            m.d.sync += second_half.eq(0)
+
+        for bank, read_port in enumerate(read_ports):
+            with m.If(self.read.valid):
+                m.d.comb += read_port.addr.eq(row_of(self.read.payload))
+            with m.Elif(fill_issue):
+                m.d.comb += read_port.addr.eq(row_of(engine_word))
+            with m.Elif(issued[1] & (bank_of(lane_word[1]) == bank)):
+                m.d.comb += read_port.addr.eq(row_of(lane_word[1]))
+            with m.Else():
+                m.d.comb += read_port.addr.eq(row_of(lane_word[0]))
 
         s1_valid = Signal()
         s1_access = Signal(_Access)
-        s1_word = Signal.like(ram_read.addr)
-        s1_offset = Signal(_OFFSET_BITS)
+        s1_word = Signal.like(engine_word)              # of a read or fill
         s1_mask = Signal(WORD_BITS)
-        s1_request = Signal(request.shape())
+        s1_issued = Signal(LANES)
+        s1_lanes = Signal.like(lanes)
         m.d.sync += [
-            s1_valid.eq(self.read.valid | fill_issue | take_page),
-            s1_word.eq(ram_read.addr),
-            s1_offset.eq(request.page[:_OFFSET_BITS]),
-            s1_mask.eq(range_mask),
-            s1_request.eq(request),
+            s1_valid.eq(self.read.valid | fill_issue | issued.any()),
+            s1_word.eq(Mux(self.read.valid, self.read.payload, engine_word)),
+            s1_mask.eq(range_mask(engine_word)),
+            s1_issued.eq(issued),
+            s1_lanes.eq(lanes),
         ]
         with m.If(self.read.valid):
             m.d.sync += s1_access.eq(_Access.READ)
@@ -212,44 +271,77 @@ class Bitmap(wiring.Component):
             m.d.sync += s1_access.eq(_Access.PAGE)
 
         # --- Stage 1: modify, write back, respond --------------------------------------------
-        last_write_valid = Signal()
-        last_write_addr = Signal.like(ram_write.addr)
-        last_write_data = Signal.like(ram_write.data)
-        m.d.sync += [
-            last_write_valid.eq(ram_write.en),
-            last_write_addr.eq(ram_write.addr),
-            last_write_data.eq(ram_write.data),
-        ]
-        forwarded = last_write_valid & (last_write_addr == s1_word)
-        word = Mux(forwarded, last_write_data, ram_read.data)
-
-        last_changed = Signal()
-        bit = word.bit_select(s1_offset, 1)
-        takes_effect = s1_request.allowed & (~s1_request.chained | last_changed)
-        changed = takes_effect & (bit == (s1_request.action == BitmapAction.CLEAR))
-        page_access = s1_valid & (s1_access == _Access.PAGE)
-        page_write = page_access & changed
-        fill_write = s1_valid & (s1_access == _Access.FILL)
-        with m.If(page_access):
-            m.d.sync += last_changed.eq(changed)
-
-        m.d.comb += s1_writes.eq(page_write | fill_write)
-        m.d.comb += ram_write.en.eq(s1_writes | clear_write)
-        with m.If(page_write):
-            m.d.comb += [
-                ram_write.addr.eq(s1_word),
-                ram_write.data.eq(word ^ (Const(1, WORD_BITS) << s1_offset)[:WORD_BITS]),
+        bank_words = []
+        for bank, (read_port, write_port) in enumerate(zip(read_ports, write_ports)):
+            s1_row = Signal.like(read_port.addr, name=f"s1_row{bank}")
+            last_write_valid = Signal(name=f"last_write_valid{bank}")
+            last_write_row = Signal.like(write_port.addr, name=f"last_write_row{bank}")
+            last_write_data = Signal.like(write_port.data, name=f"last_write_data{bank}")
+            m.d.sync += [
+                s1_row.eq(read_port.addr),
+                last_write_valid.eq(write_port.en),
+                last_write_row.eq(write_port.addr),
+                last_write_data.eq(write_port.data),
             ]
-        with m.Elif(fill_write):
-            m.d.comb += [ram_write.addr.eq(s1_word), ram_write.data.eq(word | s1_mask)]
-        with m.Else():
-            m.d.comb += [ram_write.addr.eq(engine_word), ram_write.data.eq(range_mask)]
+            forwarded = last_write_valid & (last_write_row == s1_row)
+            bank_words.append(Mux(forwarded, last_write_data, read_port.data))
 
+        page_access = s1_valid & (s1_access == _Access.PAGE)
+        s1_lane_word = [lane.page[_OFFSET_BITS:] for lane in s1_lanes]
+        same_word = s1_lane_word[0] == s1_lane_word[1]
+        last_changed = Signal()             # of the last enabled operation so far
+        previous_changed = last_changed
+        lane_changed, lane_result = [], []
+        for index, lane in enumerate(s1_lanes):
+            enabled = page_access & s1_issued[index]
+            word = Mux(bank_of(s1_lane_word[index]), bank_words[1], bank_words[0])
+            if index:
+                # Lane 1 on lane 0's word sees lane 0's change.
+                word = Mux(lane_changed[0] & same_word, lane_result[0], word)
+            offset = lane.page[:_OFFSET_BITS]
+            bit = word.bit_select(offset, 1)
+            takes_effect = lane.allowed & (~lane.chained | previous_changed)
+            changed = Signal(name=f"changed{index}")
+            m.d.comb += changed.eq(enabled & takes_effect &
+                                   (bit == (lane.action == BitmapAction.CLEAR)))
+            lane_changed.append(changed)
+            lane_result.append(word ^ (changed << offset)[:WORD_BITS])
+            previous_changed = Mux(enabled, changed, previous_changed)
+        m.d.sync += last_changed.eq(previous_changed)
+
+        fill_write = s1_valid & (s1_access == _Access.FILL)
+        bank_writes = []
+        for bank, write_port in enumerate(write_ports):
+            on_bank = [bank_of(word) == bank for word in s1_lane_word]
+            # Both lanes on one bank are on one word: lane 1's result holds both changes.
+            lane_1_writes = lane_changed[1] & on_bank[1]
+            page_write = lane_1_writes | lane_changed[0] & on_bank[0]
+            this_fill = fill_write & (bank_of(s1_word) == bank)
+            bank_writes.append(page_write | this_fill)
+            m.d.comb += write_port.en.eq(page_write | this_fill | clear_write)
+            with m.If(page_write):
+                m.d.comb += [
+                    write_port.addr.eq(row_of(Mux(lane_1_writes, s1_lane_word[1],
+                                                  s1_lane_word[0]))),
+                    write_port.data.eq(Mux(lane_1_writes, lane_result[1], lane_result[0])),
+                ]
+            with m.Elif(this_fill):
+                m.d.comb += [write_port.addr.eq(row_of(s1_word)),
+                             write_port.data.eq(bank_words[bank] | s1_mask)]
+            with m.Else():
+                m.d.comb += [write_port.addr.eq(row_of(engine_word)),
+                             write_port.data.eq(range_mask(engine_word + bank))]
+        m.d.comb += s1_writes.eq(bank_writes[0] | bank_writes[1])
+
+        m.d.comb += self.response.valid.eq(page_access)
+        for index, lane in enumerate(s1_lanes):
+            m.d.comb += [
+                self.response.payload.lanes[index].enable.eq(s1_issued[index]),
+                self.response.payload.lanes[index].tag.eq(lane.tag),
+                self.response.payload.lanes[index].changed.eq(lane_changed[index]),
+            ]
         m.d.comb += [
-            self.response.valid.eq(page_access),
-            self.response.payload.tag.eq(s1_request.tag),
-            self.response.payload.changed.eq(changed),
             self.read_data.valid.eq(s1_valid & (s1_access == _Access.READ)),
-            self.read_data.payload.eq(word),
+            self.read_data.payload.eq(Mux(bank_of(s1_word), bank_words[1], bank_words[0])),
         ]
         return m
