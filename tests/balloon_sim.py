@@ -7,6 +7,8 @@ from collections import deque
 
 from amaranth.sim import Simulator
 
+from memballoon.hdl.virtio.interface import COMMAND_LANES
+
 
 def simulate(dut, testbenches, background=(), processes=()):
     sim = Simulator(dut)
@@ -60,19 +62,26 @@ async def wait_until_clear(ctx, signal, timeout=10_000):
     raise AssertionError(f"{signal!r} still high after {timeout} cycles")
 
 
-def le64_words(readable):
-    """The CommandWord payloads of ``readable`` bytes: le64, zero-padded, last marked."""
+def command_beats(readable):
+    """The CommandWords payloads of ``readable`` bytes (interface.CommandWords): le64
+    words, zero-padded; the first word alone in its beat, then ``COMMAND_LANES`` a beat;
+    the last beat marked."""
     padded = readable + bytes(-len(readable) % 8)
     values = struct.unpack(f"<{len(padded) // 8}Q", padded)
-    return [{"data": value, "last": i == len(values) - 1} for i, value in enumerate(values)]
+    groups = [values[:1]] + [values[i:i + COMMAND_LANES]
+                             for i in range(1, len(values), COMMAND_LANES)]
+    groups = [group for group in groups if group]
+    return [{"data": list(group) + [0] * (COMMAND_LANES - len(group)), "count": len(group),
+             "last": i == len(groups) - 1} for i, group in enumerate(groups)]
 
 
 class EngineModel:
     """The virtqueue engine side of a ``CommandSignature``: submitted buffers go out as
-    headers and words on two independent producers, results come back with backpressure.
+    headers and word beats on two independent producers, results come back with
+    backpressure.
 
     ``results[i]`` is ``(used_len, write_data, write_count)`` of buffer ``i``; a result
-    before the last word of its buffer was taken fails the test (interface.py: results
+    before the last beat of its buffer was taken fails the test (interface.py: results
     are sent after the command's last word).
     """
 
@@ -82,20 +91,20 @@ class EngineModel:
         self._idle = idle
         self._backpressure = backpressure
         self._headers = deque()
-        self._words = deque()
-        self._word_counts = []          # words of each submitted buffer
-        self._words_taken = 0
+        self._beats = deque()
+        self._beat_counts = []          # beats of each submitted buffer
+        self._beats_taken = 0
         self.results = []
 
     def submit(self, readable, writable, head=0):
-        words = le64_words(readable)
+        beats = command_beats(readable)
         self._headers.append({"head": head, "readable": len(readable), "writable": writable})
-        self._words.extend(words)
-        self._word_counts.append(len(words))
+        self._beats.extend(beats)
+        self._beat_counts.append(len(beats))
 
     @property
     def submitted(self):
-        return len(self._word_counts)
+        return len(self._beat_counts)
 
     async def _produce(self, ctx, stream, queue, on_taken=None):
         while True:
@@ -106,8 +115,8 @@ class EngineModel:
             if on_taken:
                 on_taken()
 
-    def _word_taken(self):
-        self._words_taken += 1
+    def _beat_taken(self):
+        self._beats_taken += 1
 
     async def _consume(self, ctx):
         result = self._port.result
@@ -119,8 +128,8 @@ class EngineModel:
             if valid and ready:
                 index = len(self.results)
                 assert index < self.submitted, "result without a buffer"
-                assert self._words_taken >= sum(self._word_counts[:index + 1]), \
-                    f"result of buffer {index} before its last word"
+                assert self._beats_taken >= sum(self._beat_counts[:index + 1]), \
+                    f"result of buffer {index} before its last beat"
                 self.results.append((payload.used_len, payload.write_data,
                                      payload.write_count))
             stalled = payload if valid and not ready else None
@@ -132,7 +141,7 @@ class EngineModel:
             await self._produce(ctx, self._port.header, self._headers)
 
         async def words(ctx):
-            await self._produce(ctx, self._port.words, self._words, self._word_taken)
+            await self._produce(ctx, self._port.words, self._beats, self._beat_taken)
         return [headers, words, self._consume]
 
     async def wait_results(self, ctx, count=None, timeout=100_000):

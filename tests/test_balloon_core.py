@@ -145,16 +145,16 @@ class CoreBench:
 
     async def reset(self, ctx):
         """C9: a reset pulse; busy rises in the next cycle and stays up until the clear is
-        done, pages / 64 cycles."""
+        done, pages / 128 cycles (a 64-bit word of each bank a clock)."""
         ctx.set(self.dut.reset, 1)
         await ctx.tick()
         ctx.set(self.dut.reset, 0)
         cycles = 0
         while ctx.get(self.dut.busy):
-            assert ctx.get(self.dut.host.busy) and cycles < self.pages // 64
+            assert ctx.get(self.dut.host.busy) and cycles < self.pages // 128
             await ctx.tick()
             cycles += 1
-        assert cycles == self.pages // 64
+        assert cycles == self.pages // 128
         self.model.reset()
 
     async def write_budget(self, ctx, budget):

@@ -24,7 +24,7 @@ class BalloonCore(wiring.Component):
     and the extra range (host settings; the range is refilled, not forgotten).
 
     Host settings (C10): a budget write replaces the budget (it then decrements per
-    granted page, never below 0, not at all when all-ones). An extra-range commit is
+    granted page, up to two a clock, never below 0, not at all when all-ones). An extra-range commit is
     clipped to the window and becomes the range in force at once; its pages become
     host-owned by a fill, without counting in ``balloon_pages``. Pages of the range that
     were already in the balloon stay in it and stay counted; bits set by an earlier range
@@ -91,9 +91,9 @@ class BalloonCore(wiring.Component):
 
         # --- Return budget (C10) ---------------------------------------------------------------
         budget = Signal(32, init=c.MGMT_UNLIMITED_BUDGET)
-        with m.If(executor.events.granted & (budget != 0) &
-                  (budget != c.MGMT_UNLIMITED_BUDGET)):
-            m.d.sync += budget.eq(budget - 1)
+        spent = executor.events.granted             # 0..2 pages a clock
+        with m.If(budget != c.MGMT_UNLIMITED_BUDGET):
+            m.d.sync += budget.eq(Mux(budget > spent, budget - spent, 0))
         with m.If(host.return_budget_write.valid):
             m.d.sync += budget.eq(host.return_budget_write.payload)
 
@@ -110,8 +110,7 @@ class BalloonCore(wiring.Component):
             for name, _ in data.Layout.cast(events.shape()):
                 if name in counter_names:
                     counter = getattr(counters, name)
-                    with m.If(getattr(events, name)):
-                        m.d.sync += counter.eq(counter + 1)
+                    m.d.sync += counter.eq(counter + getattr(events, name))
 
         # --- Bitmap reads: 32-bit words of 64-bit RAM words ---------------------------------
         read = host.bitmap_read

@@ -1,13 +1,13 @@
 """The todevq command executor (C5): GIVE_PAGES, GET_PAGES and EXCHANGE_PAGES."""
 
-from amaranth.hdl import Const, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from memballoon import constants as c
 
 from ..virtio.interface import CommandSignature
-from .bitmap import BitmapAction, bitmap_request_layout, bitmap_response_layout
+from .bitmap import LANES, BitmapAction, bitmap_request_layout, bitmap_response_layout
 
 _ADDRESS_ONES = Const(2 ** 64 - 1, 64)
 
@@ -21,53 +21,69 @@ class OpTag(enum.Enum, shape=3):
     GRANT_OUT_OF_WINDOW = 4  # the first refusal
 
 
+_EVENT_COUNT = range(LANES + 1)
+
+
 class ExecutorEvents(data.Struct):
-    """One-cycle strobes; the names match :class:`.interface.BalloonCounters`."""
+    """Per-cycle counts (0..``LANES``; the command counters 0..1); the names match
+    :class:`.interface.BalloonCounters`."""
     cmd_give: 1
     cmd_get: 1
     cmd_exchange: 1
     cmd_malformed: 1
-    violation_misaligned: 1
-    violation_out_of_window: 1
-    violation_double_give: 1
-    violation_not_in_balloon: 1
+    violation_misaligned: _EVENT_COUNT
+    violation_out_of_window: _EVENT_COUNT
+    violation_double_give: _EVENT_COUNT
+    violation_not_in_balloon: _EVENT_COUNT
     get_short: 1
-    pages_entered: 1
-    pages_left: 1
-    #: A GET granted a page: one page of the return budget is spent (C10).
-    granted: 1
+    pages_entered: _EVENT_COUNT
+    pages_left: _EVENT_COUNT
+    #: Pages a GET granted: as many pages of the return budget are spent (C10).
+    granted: _EVENT_COUNT
+
+
+def _count(bits):
+    """How many of ``bits`` are set, as a small sum."""
+    total = bits[0]
+    for bit in bits[1:]:
+        total = total + bit
+    return total
 
 
 class CommandExecutor(wiring.Component):
-    """Executes each todevq command (C5) on the bitmap (C8).
+    """Executes each todevq command (C5) on the bitmap (C8), two pages a clock.
 
     A command is checked from its header and first word before anything changes; a
     malformed one (unknown code, readable length not a multiple of 8, no payload, EXCHANGE
     with an odd payload count, GET without exactly 8 writable bytes, writable bytes on
     GIVE or EXCHANGE) is drained and completed with ``used_len`` 0.
 
-    Each payload word is decoded in the cycle it is taken (C4: granularity = the
-    negotiated page size; C8: the window starts at ``window_base`` rounded down to the
-    page size, page = ``(address - base) >> page_shift``) into one bitmap request, one
-    word per clock:
+    The first beat holds the code alone; each later beat holds up to ``LANES`` payload
+    words (word ``i`` in lane ``i % 2``). Each lane is decoded in the cycle its
+    beat is taken (C4: granularity = the negotiated page size; C8: the window starts at
+    ``window_base`` rounded down to the page size, page = ``(address - base) >>
+    page_shift``) into one lane of a bitmap request, one beat per clock:
 
     - GIVE and the second half of EXCHANGE: SET. An invalid address is counted by kind
-      (misaligned first, then out of window) and skipped; a refused SET is a double give.
+      (misaligned first, then out of window) and its lane left disabled; a refused SET is
+      a double give.
     - the first half of EXCHANGE: CLEAR, refused for a page of the extra range without
       EXTRA_MEM (C8); a refused CLEAR is counted as not in the balloon. Its pages leave
-      before the second half's enter because the bitmap keeps request order.
+      before the second half's enter because the bitmap keeps lane and request order, so
+      the boundary may fall between the lanes of one beat (N odd).
     - GET: a chained CLEAR per address, allowed when the address is valid, the page is
       not extra memory without EXTRA_MEM (C8), and the budget covers it. Because grants
       are a prefix, page ``i`` is granted only after ``i`` grants, so the budget check is
-      ``i < budget`` on the budget taken when the GET starts (C10): a host write of the
-      budget takes effect from the next GET. The bitmap's chaining stops the prefix at
-      the first page whose bit is clear. An invalid address goes to the bitmap too, as a
-      request that is never allowed: it stops the prefix, and its violation is counted
-      only if it is the first refusal (the addresses after it are not looked at). A
-      valid page that cannot be granted counts nothing but ``get_short``.
+      ``i < budget`` per lane on the budget taken when the GET starts (C10): a host write
+      of the budget takes effect from the next GET. The bitmap's chaining (across lanes
+      and beats) stops the prefix at the first page whose bit is clear. An invalid
+      address goes to the bitmap too, as an operation that is never allowed: it stops
+      the prefix, and its violation is counted only if it is the first refusal (the
+      addresses after it are not looked at). A valid page that cannot be granted counts
+      nothing but ``get_short``.
 
-    GIVE and EXCHANGE complete as soon as their last word is taken (their result does not
-    depend on the bitmap); GET waits for its last response and writes K (le64).
+    GIVE and EXCHANGE complete as soon as their last beat is taken (their result does
+    not depend on the bitmap); GET waits for its last response and writes K (le64).
 
     Attributes
     ----------
@@ -108,7 +124,7 @@ class CommandExecutor(wiring.Component):
         m = Module()
         page_bits = self._page_bits
         header, words, result = self.command.header, self.command.words, self.command.result
-        word = words.payload
+        beat = words.payload
         events = self.events
 
         readable = Signal(32)
@@ -120,48 +136,65 @@ class CommandExecutor(wiring.Component):
         budget = Signal(32)                 # the return budget when the GET started
         granted = Signal(32)                # K
         refused = Signal()                  # this GET has had its first refusal
-        in_flight = Signal(2)               # bitmap requests without their response yet
+        # Operations handed to the bitmap without their response yet. A split beat's
+        # first lane may answer before the beat is taken: the count dips below zero then.
+        in_flight = Signal(signed(4))
 
         is_get = kind == c.GuestCmd.GET_PAGES.value
         is_give = kind == c.GuestCmd.GIVE_PAGES.value
         is_exchange = kind == c.GuestCmd.EXCHANGE_PAGES.value
-
-        # --- Decode of the payload word (C4, C5, C8) ----------------------------------------
-        address = word.data
         page_mask = ~(_ADDRESS_ONES << self.page_shift)[:64]
-        misaligned = (address & page_mask).any()
-        offset = address - (self.window_base & ~page_mask)     # bit 64 set: below the window
-        page_number = offset[:64] >> self.page_shift
-        in_window = ~offset[64] & (page_number[page_bits:] == 0)
-        valid = ~misaligned & in_window
-        page = page_number[:page_bits]
-        in_extra = (page >= self.extra_first) & (page < self.extra_end)
-        grantable = ~in_extra | self.extra_mem
+        window_start = self.window_base & ~page_mask
         unlimited = budget == c.MGMT_UNLIMITED_BUDGET
-        wanted = is_exchange & (index < addresses[1:])
+        payload_taken = Signal()
 
+        # --- Decode of the payload words, one per lane (C4, C5, C8) -------------------------
         decoded = Signal(self.bitmap_request.payload.shape())
-        m.d.comb += decoded.page.eq(page)
-        with m.If(is_get):
+        skipped_misaligned, skipped_out_of_window = [], []
+        for lane in range(LANES):
+            address = beat.data[lane]
+            position = index + lane         # the payload word's index in the command
+            present = lane < beat.count
+            misaligned = (address & page_mask).any()
+            offset = address - window_start                 # bit 64 set: below the window
+            page_number = offset[:64] >> self.page_shift
+            in_window = ~offset[64] & (page_number[page_bits:] == 0)
+            valid = ~misaligned & in_window
+            page = page_number[:page_bits]
+            in_extra = (page >= self.extra_first) & (page < self.extra_end)
+            grantable = ~in_extra | self.extra_mem
+            wanted = is_exchange & (position < addresses[1:])
+
+            operation = decoded.lanes[lane]
             m.d.comb += [
-                decoded.action.eq(BitmapAction.CLEAR),
-                decoded.allowed.eq(valid & grantable & (unlimited | (index < budget))),
-                decoded.chained.eq(index != 0),
-                decoded.tag.eq(Mux(valid, OpTag.GRANT, Mux(misaligned, OpTag.GRANT_MISALIGNED,
-                                                           OpTag.GRANT_OUT_OF_WINDOW))),
+                operation.page.eq(page),
+                operation.enable.eq(present & (is_get | valid)),
             ]
-        with m.Elif(wanted):
-            m.d.comb += [
-                decoded.action.eq(BitmapAction.CLEAR),
-                decoded.allowed.eq(grantable),
-                decoded.tag.eq(OpTag.LEAVE),
-            ]
-        with m.Else():
-            m.d.comb += [
-                decoded.action.eq(BitmapAction.SET),
-                decoded.allowed.eq(1),
-                decoded.tag.eq(OpTag.ENTER),
-            ]
+            with m.If(is_get):
+                m.d.comb += [
+                    operation.action.eq(BitmapAction.CLEAR),
+                    operation.allowed.eq(valid & grantable & (unlimited | (position < budget))),
+                    operation.chained.eq(position != 0),
+                    operation.tag.eq(Mux(valid, OpTag.GRANT,
+                                         Mux(misaligned, OpTag.GRANT_MISALIGNED,
+                                             OpTag.GRANT_OUT_OF_WINDOW))),
+                ]
+            with m.Elif(wanted):
+                m.d.comb += [
+                    operation.action.eq(BitmapAction.CLEAR),
+                    operation.allowed.eq(grantable),
+                    operation.tag.eq(OpTag.LEAVE),
+                ]
+            with m.Else():
+                m.d.comb += [
+                    operation.action.eq(BitmapAction.SET),
+                    operation.allowed.eq(1),
+                    operation.tag.eq(OpTag.ENTER),
+                ]
+            # GIVE/EXCHANGE: an invalid address is counted and skipped.
+            skipped = payload_taken & present & ~is_get & ~valid
+            skipped_misaligned.append(skipped & misaligned)
+            skipped_out_of_window.append(skipped & ~misaligned)
 
         # --- The decoded request waits here while the bitmap is busy ------------------------
         request_valid = Signal()
@@ -173,40 +206,53 @@ class CommandExecutor(wiring.Component):
         issued = self.bitmap_request.valid & self.bitmap_request.ready
         with m.If(self.bitmap_request.ready):
             m.d.sync += request_valid.eq(0)
-        payload_taken = Signal()
-        skipped = payload_taken & ~is_get & ~valid      # GIVE/EXCHANGE: counted, skipped
-        with m.If(payload_taken & (is_get | valid)):
-            m.d.sync += [request_valid.eq(1), request.eq(decoded)]
+        with m.If(payload_taken):
+            m.d.sync += [
+                request_valid.eq(Cat(lane.enable for lane in decoded.lanes).any()),
+                request.eq(decoded),
+            ]
 
         # --- Responses ------------------------------------------------------------------------
         response = self.bitmap_response
-        tag, changed = response.payload.tag, response.payload.changed
-        m.d.sync += in_flight.eq(in_flight + issued - response.valid)
-        grant_tag = (tag == OpTag.GRANT) | (tag == OpTag.GRANT_MISALIGNED) | \
-            (tag == OpTag.GRANT_OUT_OF_WINDOW)
-        first_refusal = response.valid & grant_tag & ~changed & ~refused
-        with m.If(first_refusal):
-            m.d.sync += refused.eq(1)
-        # A GET has all its responses before the next command's words are taken, so these
-        # never count one address of each kind in the same cycle.
+        answered, entered, double_give, left, not_in_balloon, grants = [], [], [], [], [], []
+        refusals = {OpTag.GRANT_MISALIGNED: [], OpTag.GRANT_OUT_OF_WINDOW: []}
+        refused_before = refused
+        for lane in response.payload.lanes:
+            valid = response.valid & lane.enable
+            tag, changed = lane.tag, lane.changed
+            grant_tag = (tag == OpTag.GRANT) | (tag == OpTag.GRANT_MISALIGNED) | \
+                (tag == OpTag.GRANT_OUT_OF_WINDOW)
+            refusal = valid & grant_tag & ~changed
+            first_refusal = refusal & ~refused_before
+            refused_before = refused_before | refusal
+            for refusal_tag, firsts in refusals.items():
+                firsts.append(first_refusal & (tag == refusal_tag))
+            answered.append(valid)
+            entered.append(valid & (tag == OpTag.ENTER) & changed)
+            double_give.append(valid & (tag == OpTag.ENTER) & ~changed)
+            left.append(valid & (tag != OpTag.ENTER) & changed)
+            not_in_balloon.append(valid & (tag == OpTag.LEAVE) & ~changed)
+            grants.append(valid & (tag == OpTag.GRANT) & changed)
+        m.d.sync += refused.eq(refused_before)
+        handed_over = _count([issued & lane.enable for lane in request.lanes])
+        m.d.sync += in_flight.eq(in_flight + handed_over - _count(answered))
+        # A GET has all its responses before the next command's words are taken, so the
+        # skipped addresses and a first refusal never add up in one cycle.
         m.d.comb += [
-            events.violation_misaligned.eq(skipped & misaligned |
-                                           first_refusal & (tag == OpTag.GRANT_MISALIGNED)),
-            events.violation_out_of_window.eq(skipped & ~misaligned |
-                                              first_refusal &
-                                              (tag == OpTag.GRANT_OUT_OF_WINDOW)),
-            events.pages_entered.eq(response.valid & (tag == OpTag.ENTER) & changed),
-            events.violation_double_give.eq(response.valid & (tag == OpTag.ENTER) & ~changed),
-            events.pages_left.eq(response.valid & (tag != OpTag.ENTER) & changed),
-            events.violation_not_in_balloon.eq(response.valid & (tag == OpTag.LEAVE) &
-                                               ~changed),
-            events.granted.eq(response.valid & (tag == OpTag.GRANT) & changed),
+            events.violation_misaligned.eq(
+                _count(skipped_misaligned + refusals[OpTag.GRANT_MISALIGNED])),
+            events.violation_out_of_window.eq(
+                _count(skipped_out_of_window + refusals[OpTag.GRANT_OUT_OF_WINDOW])),
+            events.pages_entered.eq(_count(entered)),
+            events.violation_double_give.eq(_count(double_give)),
+            events.pages_left.eq(_count(left)),
+            events.violation_not_in_balloon.eq(_count(not_in_balloon)),
+            events.granted.eq(_count(grants)),
         ]
-        with m.If(events.granted):
-            m.d.sync += granted.eq(granted + 1)
+        m.d.sync += granted.eq(granted + events.granted)
 
         # --- One command after the other ------------------------------------------------------
-        code = word.data
+        code = beat.data[0]
         count = (readable >> 3) - 1
         code_get = code == c.GuestCmd.GET_PAGES.value
         code_give = code == c.GuestCmd.GIVE_PAGES.value
@@ -231,6 +277,7 @@ class CommandExecutor(wiring.Component):
                         m.next = "Code"
 
             with m.State("Code"):
+                # The first beat holds the code word alone (interface.CommandWords).
                 m.d.comb += words.ready.eq(1)
                 with m.If(words.valid):
                     m.d.sync += [
@@ -244,7 +291,7 @@ class CommandExecutor(wiring.Component):
                     ]
                     with m.If(well_formed):
                         m.next = "Payload"
-                    with m.Elif(word.last):
+                    with m.Elif(beat.last):
                         m.next = "Result"
                     with m.Else():
                         m.next = "Drain"
@@ -255,20 +302,20 @@ class CommandExecutor(wiring.Component):
                     payload_taken.eq(words.valid & words.ready),
                 ]
                 with m.If(payload_taken):
-                    m.d.sync += index.eq(index + 1)
-                    with m.If(word.last & is_get):
+                    m.d.sync += index.eq(index + beat.count)
+                    with m.If(beat.last & is_get):
                         m.next = "Finish"
-                    with m.Elif(word.last):
+                    with m.Elif(beat.last):
                         m.next = "Result"
 
             with m.State("Finish"):
-                # K is final once the last request has its response.
+                # K is final once the last operation has its response.
                 with m.If(~request_valid & (in_flight == 0)):
                     m.next = "Result"
 
             with m.State("Drain"):
                 m.d.comb += words.ready.eq(1)
-                with m.If(words.valid & word.last):
+                with m.If(words.valid & beat.last):
                     m.next = "Result"
 
             with m.State("Result"):
