@@ -10,7 +10,9 @@ Reads are split into requests of at most Max_Read_Request_Size that never cross 
 (``read_buffer_bytes``, 8 KiB by default) reserved before it is sent. Completions may
 arrive in any order across tags, split at the read completion boundary; they are written
 into the buffer at their place, and the buffer is read out in request order and shifted
-to byte 0 of the client's range. Tags and buffer slices are used in a ring, so a request
+to byte 0 of the client's range. The buffer is four 32-bit banks, dword ``d`` in bank
+``d % 4``: a completion beat of up to four dwords lands in one clock at any dword
+alignment, and the read-out takes one 16-byte line (a client beat) a clock. Tags and buffer slices are used in a ring, so a request
 that completes early waits in the buffer until the ones before it are read out.
 
 The buffer bounds the bytes in flight, which is what keeps the hard IP's receive
@@ -37,11 +39,21 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In
 
-from .interface import (CplError, CplStatus, DmaReadBeat, DmaSignature, RequesterKind,
-                        RequesterRequest, RequesterSignature)
+from .interface import (DMA_READ_BEAT_BYTES, CompletionBeat, CplError, CplStatus,
+                        DmaReadBeat, DmaSignature, RequesterKind, RequesterRequest,
+                        RequesterSignature)
 
 #: Read tags in flight (the PCIE4 model accepts tags below 32 without extended tags).
 TAGS = 16
+
+#: Completion-buffer banks, one dword wide: a buffer line (one client read beat) is one
+#: dword of each.
+BANKS = DMA_READ_BEAT_BYTES // 4
+LINE_BYTES = DMA_READ_BEAT_BYTES
+
+#: Payload dwords per completion beat of the requester interface.
+CPL_BEAT_DWORDS = data.Layout.cast(CompletionBeat)["data"].shape // 32
+assert CPL_BEAT_DWORDS in (1, 2, 4), "a completion beat must fit one line at any alignment"
 
 
 def _size_bytes(encoding):
@@ -70,7 +82,7 @@ def _request_fields(address, length):
 
 class _TagEntry(data.Struct):
     """What the engine keeps of the read request (or failed-command marker) on one tag."""
-    word: 10                    # first completion-buffer word of its slice
+    line: 10                    # first completion-buffer line of its slice
     start: 7                    # address bits 6..0 of its first byte
     bytes: 13                   # its length (0: a marker that ends a command with an error)
     first: 1                    # first entry of a read command
@@ -79,11 +91,11 @@ class _TagEntry(data.Struct):
 
 
 class _Token(data.Struct):
-    """One step of the read-out: a buffer word to realign, or an error beat."""
+    """One step of the read-out: a buffer line to realign, or an error beat."""
     error: 1
-    first: 1                    # first word of the command
-    last: 1                     # last word of the command
-    shift: 3                    # byte offset of the command's first byte in its first word
+    first: 1                    # first line of the command
+    last: 1                     # last line of the command
+    shift: 4                    # byte offset of the command's first byte in its first line
     length: 20
 
 
@@ -122,7 +134,7 @@ class DmaEngine(wiring.Component):
         if read_buffer_bytes not in (4096, 8192):
             raise ValueError(f"read_buffer_bytes must be 4096 or 8192, not {read_buffer_bytes}")
         self._tick_cycles = timeout_cycles // 4
-        self._words = read_buffer_bytes // 8
+        self._lines = read_buffer_bytes // LINE_BYTES
         super().__init__({
             "client": In(DmaSignature()),
             "requester": In(RequesterSignature()),
@@ -133,21 +145,22 @@ class DmaEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        words = self._words
-        word_bits = words.bit_length() - 1
+        line_bits = self._lines.bit_length() - 1
 
         # Read state shared by the issuer, the completion writer and the read-out.
         m.submodules.tag_table = tag_table = Memory(shape=_TagEntry, depth=TAGS, init=[])
-        m.submodules.bank_even = bank_even = Memory(shape=32, depth=words, init=[])
-        m.submodules.bank_odd = bank_odd = Memory(shape=32, depth=words, init=[])
+        banks = []
+        for b in range(BANKS):
+            banks.append(Memory(shape=32, depth=self._lines, init=[]))
+            m.submodules[f"bank_{b}"] = banks[b]
         rd = SimpleNamespace(
             tag_write=tag_table.write_port(),
             # the ring of tags: entries are issued at issue_ptr and read out at read_ptr
             issue_ptr=Signal(5, name="issue_ptr"),
             read_ptr=Signal(5, name="read_ptr"),
-            # completion buffer words: reserved up to alloc_ptr, read out up to word_ptr
-            alloc_ptr=Signal(word_bits + 1, name="alloc_ptr"),
-            word_ptr=Signal(word_bits + 1, name="word_ptr"),
+            # completion buffer lines: reserved up to alloc_ptr, read out up to line_ptr
+            alloc_ptr=Signal(line_bits + 1, name="alloc_ptr"),
+            line_ptr=Signal(line_bits + 1, name="line_ptr"),
             # per tag: request sent and completions may still come
             pending=Signal(TAGS, name="pending"),
             # per tag: its data is not wanted (error, timeout, skipped, marker)
@@ -168,8 +181,8 @@ class DmaEngine(wiring.Component):
         write_header_taken = Signal()
 
         self._issue_reads(m, rd, read_header, read_header_valid, read_header_taken)
-        completion = self._write_completions(m, rd, tag_table, bank_even, bank_odd)
-        readout = self._read_out(m, rd, tag_table, bank_even, bank_odd)
+        completion = self._write_completions(m, rd, tag_table, banks)
+        readout = self._read_out(m, rd, tag_table, banks)
         self._track_tags(m, rd, completion, readout)
         self._write(m, write_header, write_header_valid, write_header_taken)
         self._arbitrate(m, read_header, read_header_valid, read_header_taken,
@@ -186,8 +199,8 @@ class DmaEngine(wiring.Component):
         first = Signal()
 
         size = _split(address, bytes_left, _size_bytes(self.max_read_request))
-        slice_words = (address[:3] + size + 7) >> 3
-        free_words = self._words - (rd.alloc_ptr - rd.word_ptr)[:len(rd.alloc_ptr)]
+        slice_lines = (address[:4] + size + LINE_BYTES - 1) >> 4
+        free_lines = self._lines - (rd.alloc_ptr - rd.line_ptr)[:len(rd.alloc_ptr)]
         slot_free = (rd.occupancy != TAGS) & ~rd.pending.bit_select(rd.slot, 1)
         dwords, first_be, last_be = _request_fields(address, size)
 
@@ -196,7 +209,7 @@ class DmaEngine(wiring.Component):
             entry.addr.eq(rd.slot),
             entry.data.first.eq(first),
             entry.data.length.eq(length),
-            entry.data.word.eq(rd.alloc_ptr[:-1]),
+            entry.data.line.eq(rd.alloc_ptr[:-1]),
         ]
 
         with m.FSM() as fsm:
@@ -224,7 +237,7 @@ class DmaEngine(wiring.Component):
                         ]
                         m.d.sync += rd.issue_ptr.eq(rd.issue_ptr + 1)
                         m.next = "Idle"
-                with m.Elif(slot_free & (slice_words <= free_words)):
+                with m.Elif(slot_free & (slice_lines <= free_lines)):
                     m.d.comb += [
                         entry.en.eq(1),
                         entry.data.start.eq(address[:7]),
@@ -238,7 +251,7 @@ class DmaEngine(wiring.Component):
                         header.first_be.eq(first_be),
                         header.last_be.eq(last_be),
                         header.tag.eq(rd.slot),
-                        rd.alloc_ptr.eq(rd.alloc_ptr + slice_words),
+                        rd.alloc_ptr.eq(rd.alloc_ptr + slice_lines),
                         address.eq(address + size),
                         bytes_left.eq(bytes_left - size),
                         first.eq(0),
@@ -255,11 +268,11 @@ class DmaEngine(wiring.Component):
                     with m.Else():
                         m.next = "Split"
 
-    def _write_completions(self, m, rd, tag_table, bank_even, bank_odd):
+    def _write_completions(self, m, rd, tag_table, banks):
         """Write completion payload into the buffer slice of its tag: payload dword ``i``
-        goes to buffer dword ``p + i``, even ones to one bank and odd ones to the other,
-        so a pair lands in one cycle whatever the parity of ``p``. The first payload beat
-        is taken with its header."""
+        goes to buffer dword ``p + i``, that is bank ``(p + i) % 4``, so the dwords of one
+        beat fall in different banks and land in one cycle whatever ``p`` is. The first
+        payload beat is taken with its header."""
         cpl, cpl_data = self.requester.cpl, self.requester.cpl_data
         header = cpl.payload
         tag = header.tag[:4]
@@ -276,11 +289,11 @@ class DmaEngine(wiring.Component):
         good = (header.status == CplStatus.SC) & (header.error == CplError.NONE) & \
             (header.byte_count <= entry.bytes) & \
             ((entry.start + offset)[:7] == header.lower_address)
-        header_position = ((entry.word << 1) + ((entry.start[:3] + offset) >> 2))[:len(
-            rd.word_ptr)]
+        position = Signal(len(rd.line_ptr) + 1)  # buffer dword of the next payload dword
+        header_position = ((entry.line << 2) + ((entry.start[:4] + offset) >> 2))[:len(
+            position)]
 
         busy = Signal()                 # the payload of a taken header is flowing
-        position = Signal(len(rd.word_ptr))     # buffer dword of the next payload dword
         dwords_left = Signal(11)
         writing = Signal()
         busy_known = Signal()
@@ -298,21 +311,19 @@ class DmaEngine(wiring.Component):
         write = Mux(busy, writing, known & good & ~rd.failed.bit_select(tag, 1))
         beat = cpl_data.valid & cpl_data.ready
         beat_ends = beat & cpl_data.payload.last
-        low, high = cpl_data.payload.data[:32], cpl_data.payload.data[32:]
-        odd = at[0]
-        even_port, odd_port = bank_even.write_port(), bank_odd.write_port()
-        m.d.comb += [
-            even_port.addr.eq(Mux(odd, (at >> 1) + 1, at >> 1)),
-            even_port.data.eq(Mux(odd, high, low)),
-            even_port.en.eq(beat & write & (~odd | (left >= 2))),
-            odd_port.addr.eq(at >> 1),
-            odd_port.data.eq(Mux(odd, low, high)),
-            odd_port.en.eq(beat & write & (odd | (left >= 2))),
-        ]
+        for b, bank in enumerate(banks):
+            lane = (b + BANKS - at[:2])[:2]     # the beat's dword that falls in this bank
+            port = bank.write_port()
+            m.d.comb += [
+                port.addr.eq((at + lane) >> 2),
+                port.data.eq(cpl_data.payload.data.word_select(
+                    lane[:(CPL_BEAT_DWORDS - 1).bit_length()], 32)),
+                port.en.eq(beat & write & (lane < CPL_BEAT_DWORDS) & (lane < left)),
+            ]
 
         m.d.sync += [
-            position.eq(Mux(beat, at + 2, at)),
-            dwords_left.eq(Mux(beat, left - 2, left)),
+            position.eq(Mux(beat, at + CPL_BEAT_DWORDS, at)),
+            dwords_left.eq(Mux(beat, left - CPL_BEAT_DWORDS, left)),
         ]
         with m.If(busy & beat_ends):
             m.d.sync += busy.eq(0)
@@ -340,17 +351,17 @@ class DmaEngine(wiring.Component):
             active=Mux(busy, 1 << busy_tag, Mux(taking_header, 1 << tag, 0))[:TAGS],
         )
 
-    def _read_out(self, m, rd, tag_table, bank_even, bank_odd):
-        """Read the buffer in request order and realign it to the client's first byte;
-        a failed entry becomes one error beat and the rest of its command is skipped."""
+    def _read_out(self, m, rd, tag_table, banks):
+        """Read the buffer in request order, a line a clock, and realign it to the client's
+        first byte; a failed entry becomes one error beat and the rest of its command is
+        skipped."""
         out = self.client.read_data
         lookup = tag_table.read_port(domain="comb")
         entry = lookup.data
         slot = rd.read_ptr[:4]
         m.d.comb += lookup.addr.eq(slot)
-        even_port = bank_even.read_port()
-        odd_port = bank_odd.read_port()
-        slice_words = (entry.start[:3] + entry.bytes + 7) >> 3
+        ports = [bank.read_port() for bank in banks]
+        slice_lines = (entry.start[:4] + entry.bytes + LINE_BYTES - 1) >> 4
         ring_empty = rd.occupancy == 0
         slot_ready = ~ring_empty & (~rd.pending.bit_select(slot, 1) |
                                     rd.failed.bit_select(slot, 1))
@@ -360,36 +371,32 @@ class DmaEngine(wiring.Component):
         token_valid = Signal()
         token_taken = Signal()
         stage_free = ~token_valid | token_taken
-        words_left = Signal(10)         # words of the current entry still to read
-        read_word = Signal()
+        lines_left = Signal(10)         # lines of the current entry still to read
+        read_line = Signal()
         skip = Signal()
-        m.d.comb += [
-            even_port.addr.eq(rd.word_ptr),
-            odd_port.addr.eq(rd.word_ptr),
-            even_port.en.eq(read_word),
-            odd_port.en.eq(read_word),
-        ]
+        for port in ports:
+            m.d.comb += [port.addr.eq(rd.line_ptr), port.en.eq(read_line)]
         with m.If(token_taken):
             m.d.sync += token_valid.eq(0)
 
-        def issue_word(first_word, last_word):
-            m.d.comb += read_word.eq(1)
+        def issue_line(first_line, last_line):
+            m.d.comb += read_line.eq(1)
             m.d.sync += [
                 token_valid.eq(1),
                 token.error.eq(0),
-                token.first.eq(first_word),
-                token.last.eq(entry.last & last_word),
-                token.shift.eq(entry.start[:3]),
+                token.first.eq(first_line),
+                token.last.eq(entry.last & last_line),
+                token.shift.eq(entry.start[:4]),
                 token.length.eq(entry.length),
-                rd.word_ptr.eq(rd.word_ptr + 1),
+                rd.line_ptr.eq(rd.line_ptr + 1),
             ]
-            with m.If(last_word):
+            with m.If(last_line):
                 m.d.sync += rd.read_ptr.eq(rd.read_ptr + 1)
 
         def pass_entry():
             m.d.sync += [
                 rd.read_ptr.eq(rd.read_ptr + 1),
-                rd.word_ptr.eq(rd.word_ptr + slice_words),
+                rd.line_ptr.eq(rd.line_ptr + slice_lines),
             ]
 
         with m.FSM():
@@ -401,16 +408,16 @@ class DmaEngine(wiring.Component):
                         with m.If(~entry.last):
                             m.next = "Skip"
                     with m.Else():
-                        issue_word(entry.first, slice_words == 1)
-                        m.d.sync += words_left.eq(slice_words - 1)
-                        with m.If(slice_words != 1):
+                        issue_line(entry.first, slice_lines == 1)
+                        m.d.sync += lines_left.eq(slice_lines - 1)
+                        with m.If(slice_lines != 1):
                             m.next = "Stream"
 
             with m.State("Stream"):
                 with m.If(stage_free):
-                    issue_word(0, words_left == 1)
-                    m.d.sync += words_left.eq(words_left - 1)
-                    with m.If(words_left == 1):
+                    issue_line(0, lines_left == 1)
+                    m.d.sync += lines_left.eq(lines_left - 1)
+                    with m.If(lines_left == 1):
                         m.next = "Entry"
 
             with m.State("Skip"):
@@ -425,11 +432,11 @@ class DmaEngine(wiring.Component):
                     m.d.comb += rd.abort.eq(1)
                     m.next = "Entry"
 
-        # Realign: out beat i is bytes 8i .. 8i+7 of the command, i.e. words i and i+1
-        # shifted down by the command's start offset; the last word may leave one more beat.
-        word = Cat(even_port.data, odd_port.data)
-        previous = Signal(64)
-        shift = Signal(3)
+        # Realign: out beat i is bytes 16i .. 16i+15 of the command, i.e. lines i and i+1
+        # shifted down by the command's start offset; the last line may leave one more beat.
+        line = Cat(*(port.data for port in ports))
+        previous = Signal(8 * LINE_BYTES)
+        shift = Signal(4)
         bytes_left = Signal(20)
         flush = Signal()
         out_valid = Signal()
@@ -456,20 +463,20 @@ class DmaEngine(wiring.Component):
             with m.If(token.error):
                 emit(0, 0, 1, error=1)
             with m.Elif(token.first & token.last):
-                emit(word >> Cat(Const(0, 3), token.shift), token.length, 1)
+                emit(line >> Cat(Const(0, 3), token.shift), token.length, 1)
             with m.Elif(token.first):
                 m.d.sync += [
-                    previous.eq(word),
+                    previous.eq(line),
                     shift.eq(token.shift),
                     bytes_left.eq(token.length),
                 ]
             with m.Else():
-                more = bytes_left > 8
-                emit((Cat(previous, word) >> Cat(Const(0, 3), shift))[:64],
-                     Mux(more, 8, bytes_left), ~more)
+                more = bytes_left > LINE_BYTES
+                emit((Cat(previous, line) >> Cat(Const(0, 3), shift))[:8 * LINE_BYTES],
+                     Mux(more, LINE_BYTES, bytes_left), ~more)
                 m.d.sync += [
-                    previous.eq(word),
-                    bytes_left.eq(Mux(more, bytes_left - 8, 0)),
+                    previous.eq(line),
+                    bytes_left.eq(Mux(more, bytes_left - LINE_BYTES, 0)),
                     flush.eq(token.last & more),
                 ]
         return SimpleNamespace(skip=skip, skip_tag=slot)
