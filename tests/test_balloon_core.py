@@ -1,4 +1,5 @@
-"""The balloon core against a small model of C5 and C8, plus reset (C9) and host side (C10)."""
+"""The balloon core against a small model of C5 and C8 and against the reference model
+(sw/refmodel.py), plus reset (C9) and host side (C10)."""
 
 import random
 import struct
@@ -11,6 +12,8 @@ from balloon_sim import EngineModel, simulate, wait_until_clear
 from memballoon import constants as c
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
+from memballoon.refmodel import MemballoonRef
+from memballoon.tb.seed import new_seed
 
 PAGES = 2 ** 10
 GET, GIVE, EXCHANGE = (c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES, c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES,
@@ -125,13 +128,69 @@ class BalloonModel:
         return 8, granted
 
 
+class ReferenceModel:
+    """sw/refmodel.py's :class:`MemballoonRef` with BalloonModel's interface: its todevq
+    command execution (C5, C8) and host controls (C10) at the command level, without the
+    virtqueues. The driver's negotiation is set as FEATURES_OK leaves it."""
+
+    def __init__(self, page_shift, base, extra_mem, pages=PAGES):
+        self.page_shift = page_shift
+        self.base = base
+        self.extra_mem = extra_mem
+        self.pages = pages
+        self.ref = MemballoonRef(bitmap_pages=pages, reset_time=0)
+        self.ref.set_window_base(base)
+        self._negotiate()
+
+    def _negotiate(self):
+        self.ref.driver_features = (1 << c.VIRTIO_F_VERSION_1 |
+                                    1 << c.feature_of_page_size(1 << self.page_shift) |
+                                    int(self.extra_mem) << c.VIRTIO_MEMBALLOON_F_EXTRA_MEM)
+        self.ref.status = (c.DeviceStatus.ACKNOWLEDGE | c.DeviceStatus.DRIVER |
+                           c.DeviceStatus.FEATURES_OK).value
+        assert self.ref.page_shift == self.page_shift
+
+    @property
+    def owned(self):
+        return self.ref.bitmap
+
+    @property
+    def balloon_pages(self):
+        return self.ref.balloon_pages
+
+    @property
+    def budget(self):
+        return self.ref.return_budget
+
+    @budget.setter
+    def budget(self, pages):
+        self.ref.set_return_budget(pages)
+
+    @property
+    def counters(self):
+        return {name[len("MGMT_"):].lower(): value for name, value in self.ref.counters.items()}
+
+    def commit_extra(self, first, count):
+        self.ref.set_extra_range(first, count)
+
+    def reset(self):
+        """C9 by a function-level reset, then the driver negotiates again."""
+        self.ref.flr()
+        self._negotiate()
+
+    def execute(self, readable, writable):
+        """The result (used_len, K or None) of one todevq command."""
+        used_len, written = self.ref._execute(readable, writable)
+        return used_len, int.from_bytes(written, "little") if used_len == 8 else None
+
+
 class CoreBench:
     def __init__(self, seed, page_shift=12, base=0x2_0000_0000, extra_mem=1, pages=PAGES,
-                 idle=0.3, backpressure=0.3):
+                 idle=0.3, backpressure=0.3, model_class=BalloonModel):
         self.rng = random.Random(seed)
         self.dut = BalloonCore(pages)
         self.pages = pages
-        self.model = BalloonModel(page_shift, base, extra_mem, pages)
+        self.model = model_class(page_shift, base, extra_mem, pages)
         self.todevq = EngineModel(self.dut.todevq, self.rng, idle, backpressure)
         self.fromdevq = EngineModel(self.dut.fromdevq, self.rng, idle, backpressure)
 
@@ -225,6 +284,8 @@ class CoreBench:
 class Workload:
     """Random commands over a few hot pages, with invalid addresses of every kind."""
 
+    SIZES = [1, 1, 2, 3, 5, 8, 17]
+
     MALFORMED = [
         lambda w: (b"", 0),
         lambda w: (command(w.rng.choice([3, 4, 0x8000, 2 ** 64 - 1]), w.addresses(2)), 0),
@@ -263,7 +324,7 @@ class Workload:
 
     def command(self):
         rng = self.rng
-        n = rng.choice([1, 1, 2, 3, 5, 8, 17])
+        n = rng.choice(self.SIZES)
         kind = rng.choices(["give", "get", "exchange", "malformed"], [4, 3, 2, 1])[0]
         if kind == "give":
             return command(GIVE, self.addresses(n)), 0
@@ -308,6 +369,60 @@ def test_random_commands_match_the_model(seed):
     assert counters["cmd_get"] and counters["cmd_exchange"] and counters["cmd_malformed"]
     assert counters["violation_double_give"] and counters["violation_misaligned"]
     assert counters["violation_out_of_window"] and counters["pages_left"]
+
+
+class LaneWorkload(Workload):
+    """Longer commands, of odd and even lengths; half of the address lists are runs of
+    consecutive pages (lanes on one word or on both banks), the others bunched on hot
+    pages (lanes on one page, or on one bank: split beats)."""
+
+    SIZES = [1, 2, 3, 4, 7, 16, 33, 64]
+
+    def addresses(self, n, owned_first=False):
+        if self.rng.random() < 0.5:
+            return super().addresses(n, owned_first)
+        owned = sorted(self.model.owned)
+        start = (self.rng.choice(owned) if owned_first and owned else
+                 self.rng.randrange(self.model.pages))
+        return [self.address((start + i) % self.model.pages) for i in range(n)]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_random_commands_match_the_reference_model(index):
+    """Seeded streams against sw/refmodel.py: after each batch the results (GET counts),
+    balloon_pages, the budget and every counter match MemballoonRef's, and the whole bitmap
+    does every few batches, with random beat idle and result backpressure."""
+    seed = new_seed()
+    print("seed", seed)
+    rng = random.Random(seed)
+    page_shift = rng.choice([12, 21, 30])
+    base = rng.randrange(1 << 14) << 34 | rng.choice([0, rng.randrange(1 << 34)])
+    bench = CoreBench(seed, page_shift, base, extra_mem=rng.random() < 0.6,
+                      idle=rng.choice([0, 0.2, 0.6]), backpressure=rng.choice([0, 0.3, 0.7]),
+                      model_class=ReferenceModel)
+    extra_first = rng.randrange(PAGES)
+    workload = LaneWorkload(rng, bench.model, range(extra_first, extra_first + 6))
+
+    async def testbench(ctx, bench):
+        await bench.start(ctx)
+        await bench.commit_extra(ctx, extra_first, rng.choice([4, 40, PAGES]))
+        for batch in range(24):
+            await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 9))])
+            action = rng.random()
+            if action < 0.2:
+                await bench.write_budget(ctx, rng.choice([0, 1, 2, 7, 100, UNLIMITED]))
+            elif action < 0.25:
+                await bench.commit_extra(ctx, rng.randrange(PAGES + 10), rng.randrange(50))
+            elif action < 0.3:
+                await bench.reset(ctx)
+            bench.check_state(ctx)
+            if batch % 8 == 7:
+                assert await bench.owned_pages(ctx) == bench.model.owned, f"seed {seed}"
+
+    bench.run(testbench)
+    counters = bench.model.counters
+    assert counters["cmd_get"] and counters["cmd_exchange"] and counters["pages_left"]
+    assert counters["pages_entered"] > 100
 
 
 def test_reset_empties_the_balloon_and_keeps_host_state():
