@@ -87,8 +87,11 @@ def test_without_extra_mem_a_negative_minimum_is_sent_as_zero():
 
 
 @pytest.mark.parametrize("readable,writable", [
-    (b"\x01", 16), (bytes(8), 16), (bytes(20), 0), (b"", 15), (b"", 0), (b"", 8)])
+    (b"\x01", 16), (bytes(8), 16), (bytes(20), 0), (bytes(40), 16), (bytes(17), 24),
+    (b"", 15), (b"", 0), (b"", 8)])
 def test_malformed_buffers_are_used_empty_and_keep_the_pending_value(readable, writable):
+    """C6: readable bytes (drained, however many word beats they take) or fewer than 16
+    writable bytes."""
     async def testbench(ctx, bench):
         ctx.set(bench.dut.extra_mem, 1)
         await bench.commit(ctx, 12345 << 12)

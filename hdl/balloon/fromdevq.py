@@ -20,7 +20,8 @@ class MinBalloonSender(wiring.Component):
     """Fills fromdevq buffers with the minimum the host sets (C6).
 
     A buffer with device-readable bytes or fewer than 16 device-writable bytes is
-    malformed: its words are drained and it is used at once with ``used_len`` 0. A good
+    malformed: its word beats (one or two words each) are drained up to the one marked
+    ``last``, and it is used at once with ``used_len`` 0. A good
     buffer is held until a minimum is pending, then gets le64 ``HCMD_MIN_BALLOON`` and the
     le64 minimum, ``used_len`` 16. The pending minimum is the newest one committed: a value
     replaced before it was handed to a buffer is dropped (and counted); once handed over,
