@@ -15,7 +15,7 @@ MAX_PAGES = 2 ** 24
 #: Page operations per request beat: one per command word lane.
 LANES = COMMAND_LANES
 #: RAM banks, interleaved on the word address: word ``w`` is row ``w // BANKS`` of bank
-#: ``w % BANKS``.
+#: ``w % BANKS``. The logic pairs lane 0 with lane 1 and bank 0 with bank 1: two of each.
 BANKS = 2
 
 
@@ -69,8 +69,8 @@ class Bitmap(wiring.Component):
 
     A request beat carries up to ``LANES`` operations (lanes with ``enable``), applied in
     lane order. Both lanes go through in one clock when they hit different banks, or the
-    same word: lane 1 then sees lane 0's change of that word (one write of the word with
-    both changes), so the same page twice behaves as two beats would. Lanes on different
+    same word: one write of the word carries both changes, and lane 1 on lane 0's page
+    sees lane 0's change, so the same page twice behaves as two beats would. Lanes on different
     words of one bank conflict (one read port per bank): the beat is split, lane 0 in one
     clock, lane 1 in the next, and answered in two response beats. Contiguous pages never
     conflict; pages at random do in half of the beats.
@@ -288,42 +288,43 @@ class Bitmap(wiring.Component):
 
         page_access = s1_valid & (s1_access == _Access.PAGE)
         s1_lane_word = [lane.page[_OFFSET_BITS:] for lane in s1_lanes]
-        same_word = s1_lane_word[0] == s1_lane_word[1]
+        same_page = s1_lanes[0].page == s1_lanes[1].page
         last_changed = Signal()             # of the last enabled operation so far
         previous_changed = last_changed
-        lane_changed, lane_result = [], []
+        lane_changed = []
         for index, lane in enumerate(s1_lanes):
             enabled = page_access & s1_issued[index]
             word = Mux(bank_of(s1_lane_word[index]), bank_words[1], bank_words[0])
+            bit = word.bit_select(lane.page[:_OFFSET_BITS], 1)
             if index:
-                # Lane 1 on lane 0's word sees lane 0's change.
-                word = Mux(lane_changed[0] & same_word, lane_result[0], word)
-            offset = lane.page[:_OFFSET_BITS]
-            bit = word.bit_select(offset, 1)
+                # Lane 1 on lane 0's page sees lane 0's change.
+                bit = bit ^ (lane_changed[0] & same_page)
             takes_effect = lane.allowed & (~lane.chained | previous_changed)
             changed = Signal(name=f"changed{index}")
             m.d.comb += changed.eq(enabled & takes_effect &
                                    (bit == (lane.action == BitmapAction.CLEAR)))
             lane_changed.append(changed)
-            lane_result.append(word ^ (changed << offset)[:WORD_BITS])
             previous_changed = Mux(enabled, changed, previous_changed)
         m.d.sync += last_changed.eq(previous_changed)
 
         fill_write = s1_valid & (s1_access == _Access.FILL)
         bank_writes = []
         for bank, write_port in enumerate(write_ports):
-            on_bank = [bank_of(word) == bank for word in s1_lane_word]
-            # Both lanes on one bank are on one word: lane 1's result holds both changes.
-            lane_1_writes = lane_changed[1] & on_bank[1]
-            page_write = lane_1_writes | lane_changed[0] & on_bank[0]
+            # The lanes that changed a bit of this bank: both only on one word of it.
+            flips = [changed & (bank_of(word) == bank)
+                     for changed, word in zip(lane_changed, s1_lane_word)]
+            page_write = flips[0] | flips[1]
             this_fill = fill_write & (bank_of(s1_word) == bank)
             bank_writes.append(page_write | this_fill)
             m.d.comb += write_port.en.eq(page_write | this_fill | clear_write)
             with m.If(page_write):
+                flipped = bank_words[bank]
+                for flip, lane in zip(flips, s1_lanes):
+                    flipped = flipped ^ (flip << lane.page[:_OFFSET_BITS])[:WORD_BITS]
                 m.d.comb += [
-                    write_port.addr.eq(row_of(Mux(lane_1_writes, s1_lane_word[1],
+                    write_port.addr.eq(row_of(Mux(flips[1], s1_lane_word[1],
                                                   s1_lane_word[0]))),
-                    write_port.data.eq(Mux(lane_1_writes, lane_result[1], lane_result[0])),
+                    write_port.data.eq(flipped),
                 ]
             with m.Elif(this_fill):
                 m.d.comb += [write_port.addr.eq(row_of(s1_word)),
