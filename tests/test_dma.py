@@ -530,7 +530,8 @@ def test_short_reads_every_alignment():
     reads = []
     for offset in range(DMA_READ_BEAT_BYTES):
         for length in range(1, 41):
-            start = rng.choice([0, 128 - 16, 128 - 32, PAGE - 16, PAGE - 32, 16 * rng.randrange(256)])
+            start = rng.choice([0, 128 - 16, 128 - 32, PAGE - 16, PAGE - 32,
+                                16 * rng.randrange(256)])
             reads.append((BASE + PAGE * rng.randrange(15) + start + offset, length))
     rng.shuffle(reads)
     host, results, _, _ = run_engine(dict(mps=128, mrrs=128, rcb=64, cpl_idle=0.5),
