@@ -14,6 +14,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from memballoon.hdl.pcie.dma_mux import DmaMux
+from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
 
 
 def tag(client, command, beat=0):
@@ -21,8 +22,16 @@ def tag(client, command, beat=0):
     return client << 48 | command << 16 | beat
 
 
-def beats(length):
-    return (length + 7) // 8
+def beats(length, beat_bytes=8):
+    """Beats of a ``length``-byte transfer: 8 bytes a write beat, 16 a read beat."""
+    return (length + beat_bytes - 1) // beat_bytes
+
+
+def read_beats(length):
+    """(beat index, count, last) of each read beat of a ``length``-byte read."""
+    n = beats(length, DMA_READ_BEAT_BYTES)
+    return [(i, length - DMA_READ_BEAT_BYTES * i if i == n - 1 else DMA_READ_BEAT_BYTES,
+             i == n - 1) for i in range(n)]
 
 
 async def stream_put(ctx, stream, payload, rng, idle):
@@ -74,11 +83,9 @@ def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_
                 await ctx.tick()
                 continue
             client, command, length = read_answers.pop(0)
-            for i in range(beats(length)):
-                last = i == beats(length) - 1
+            for i, count, last in read_beats(length):
                 await stream_put(ctx, dma.read_data, dict(
-                    data=tag(client, command, i), count=length - 8 * i if last else 8,
-                    last=last, error=0), rng, idle)
+                    data=tag(client, command, i), count=count, last=last, error=0), rng, idle)
 
     def on_write_cmd(cmd):
         client, command = cmd.address >> 32, cmd.address & 0xFFFF_FFFF
@@ -172,9 +179,9 @@ def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_
 
 def check_answers(n, reads, writes, got_reads, got_dones):
     for c in range(n):
-        expected = [(tag(c, command, i), length - 8 * i if i == beats(length) - 1 else 8,
-                     i == beats(length) - 1)
-                    for command, length in enumerate(reads[c]) for i in range(beats(length))]
+        expected = [(tag(c, command, i), count, last)
+                    for command, length in enumerate(reads[c])
+                    for i, count, last in read_beats(length)]
         assert [(b.data, b.count, bool(b.last)) for b in got_reads[c]] == expected, \
             f"client {c} read data"
         assert [bool(error) for _, error in got_dones[c]] == \
