@@ -266,8 +266,11 @@ class DwordPairBeat(data.Struct):
 
 
 class CompletionBeat(data.Struct):
-    """Two payload dwords of a completion, packed like :class:`DwordPairBeat`."""
-    data: 64
+    """Four payload dwords of a completion: dword 4k + i in bits 32i + 31..32i, the
+    completion's first dword in bits 31..0 of its first beat whatever its address. Every
+    beat but the last holds four dwords; the last holds the remaining one to four (the
+    bits above them are meaningless); ``last`` marks it."""
+    data: 128
     last: 1
     #: On the last beat: the hard IP found the payload corrupt after passing on the header
     #: (the whole completion is to be discarded).
@@ -280,10 +283,11 @@ class RequesterSignature(wiring.Signature):
     ``req`` carries one header per TLP; a ``MEM_WRITE`` header is followed by its
     ``dwords`` of payload on ``req_data`` (two per beat, the last with ``last`` set); the
     shim takes a write header and its first payload beat in the same cycle when both are
-    there, and the next header only after the payload. A header on ``cpl`` is followed by
-    its ``dwords`` on ``cpl_data`` (none when ``dwords`` is 0); the first payload beat may
-    be valid in the same cycle as its header, never before it. 64 bits per cycle: 8 bytes
-    a clock, the rate of a DMA client port.
+    there, and the next header only after the payload: 8 bytes a clock, the rate of a DMA
+    client's write port. A header on ``cpl`` is followed by its ``dwords`` on ``cpl_data``
+    (four per beat, none when ``dwords`` is 0); the first payload beat may be valid in the
+    same cycle as its header, never before it: 16 bytes a clock, the rate of a DMA client's
+    read port (``DMA_READ_BEAT_BYTES``).
     """
     def __init__(self):
         super().__init__({

@@ -125,9 +125,10 @@ class UspShim(wiring.Component):
       payload beat are taken in one cycle, and a filled beat is handed on while the next one
       fills, so the payload flows at two dwords a clock.
     - RC: a completion descriptor becomes one :class:`RequesterCompletion`; its payload
-      (from lane 3 of the first beat on) leaves as two dwords a beat, the first beat in the
-      same cycle as the header; discontinue on its last beat marks the last neutral beat
-      corrupt.
+      (from lane 3 of the first beat on) leaves as four dwords a beat, the first beat in the
+      same cycle as the header, so a TLP's payload flows at 16 bytes a clock (at 256 bits
+      an RC beat lasts two clocks, at 512 bits four); discontinue on its last beat marks
+      the last neutral beat corrupt.
     - cfg_ext, MSI-X (external table), command/status and FLR map 1:1 for PF0.
 
     Attributes
@@ -528,36 +529,43 @@ class UspShim(wiring.Component):
                         m.next = "Descriptor"
 
     def _requester_completion(self, m):
-        """RC beats to completion headers and payload dword pairs."""
+        """RC beats to completion headers and payload beats of up to four dwords."""
         width = self._data_width
         lanes = width // 32
         cpl, cpl_data = self.requester.cpl, self.requester.cpl_data
+        beat_dwords = len(cpl_data.payload.data) // 32
         descriptor = RcDescriptor(self.s_axis_rc_tdata[:96])
 
         header = Signal(RequesterCompletion)
         header_valid = Signal()
-        held = Signal(width + 32)           # payload dwords not yet forwarded, next in lane 0
-        held_dwords = Signal(range(lanes + 2))
+        # Payload dwords not yet forwarded, next in lane 0: a new RC beat is appended behind
+        # the fewer than ``beat_dwords`` still held, so the register holds at most
+        # ``beat_dwords - 1`` of them plus a full beat.
+        held = Signal(width + 32 * (beat_dwords - 1))
+        held_dwords = Signal(range(lanes + beat_dwords))
         more_beats = Signal()               # the TLP goes on in later beats
         corrupt = Signal()                  # discontinue came with the TLP's last beat
         # PG213 RC tuser discontinue: bit 96 at 512 bits, bit 42 at 256 bits.
         discontinue = self.s_axis_rc_tuser[96 if width == 512 else 42]
 
+        # A beat leaves when it is full, or with the TLP's last one to four dwords.
+        ends_tlp = ~more_beats & (held_dwords <= beat_dwords)
         m.d.comb += [
             cpl.valid.eq(header_valid),
             cpl.payload.eq(header),
-            cpl_data.valid.eq((held_dwords >= 2) | ((held_dwords == 1) & ~more_beats)),
-            cpl_data.payload.data.eq(held[:64]),
-            cpl_data.payload.last.eq(~more_beats & (held_dwords <= 2)),
-            cpl_data.payload.corrupt.eq(~more_beats & (held_dwords <= 2) & corrupt),
+            cpl_data.valid.eq((held_dwords >= beat_dwords) | ((held_dwords != 0) & ~more_beats)),
+            cpl_data.payload.data.eq(held[:32 * beat_dwords]),
+            cpl_data.payload.last.eq(ends_tlp),
+            cpl_data.payload.corrupt.eq(ends_tlp & corrupt),
         ]
         with m.If(cpl.ready):
             m.d.sync += header_valid.eq(0)
 
         forwarded = cpl_data.valid & cpl_data.ready
         left = Signal.like(held_dwords)     # dwords still held after this cycle's beat
-        m.d.comb += left.eq(held_dwords - Mux(forwarded, Mux(held_dwords >= 2, 2, 1), 0))
-        remaining = Mux(forwarded, held >> 64, held)
+        m.d.comb += left.eq(Mux(~forwarded, held_dwords,
+                                Mux(held_dwords >= beat_dwords, held_dwords - beat_dwords, 0)))
+        remaining = Mux(forwarded, held >> 32 * beat_dwords, held)
         kept = sum(self.s_axis_rc_tkeep[i] for i in range(lanes))
         m.d.sync += [held.eq(remaining), held_dwords.eq(left)]
 
@@ -572,12 +580,16 @@ class UspShim(wiring.Component):
         no_payload = (error == CplError.TIMEOUT) | (error == CplError.RESET)
 
         with m.If(more_beats):
-            # Next beat of the same TLP, appended behind the one or no dword still held.
-            m.d.comb += self.s_axis_rc_tready.eq(left <= 1)
+            # Next beat of the same TLP, appended behind the dwords still held (fewer than
+            # a completion beat's worth, so the register has room for a whole RC beat).
+            m.d.comb += self.s_axis_rc_tready.eq(left < beat_dwords)
             with m.If(self.s_axis_rc_tvalid & self.s_axis_rc_tready):
+                with m.Switch(left):
+                    for still_held in range(beat_dwords):
+                        with m.Case(still_held):
+                            m.d.sync += held.eq(Cat(remaining[:32 * still_held],
+                                                    self.s_axis_rc_tdata))
                 m.d.sync += [
-                    held.eq(Mux(left == 1, Cat(remaining[:32], self.s_axis_rc_tdata),
-                                self.s_axis_rc_tdata)),
                     held_dwords.eq(left + kept),
                     more_beats.eq(~self.s_axis_rc_tlast),
                     corrupt.eq(self.s_axis_rc_tlast & discontinue),
