@@ -711,19 +711,24 @@ def random_rc_completion(rng):
     return frame, expected, data
 
 
-def rc_beats(width, frame):
+def rc_beats(width, frame, short_beats=None):
     """AXI beats (tdata, tkeep, tlast, tuser) of one RC frame, DWORD-aligned, no straddle
     (PG213 RC tuser: byte_en, is_sop, is_eop and pointer, discontinue on the last beat,
-    parity)."""
+    parity). With the random generator ``short_beats``, beats before the last are cut
+    short at random (the first one after the descriptor at the earliest): the IP never
+    does that, it checks that any tkeep has a defined result."""
     lanes = width // 32
     if width == 512:
         sop_at, eop_at, eop_ptr_at, discontinue_at, parity_at = 64, 76, 80, 96, 97
     else:
         sop_at, eop_at, eop_ptr_at, discontinue_at, parity_at = 32, 34, 35, 42, 43
     beats = []
-    for start in range(0, len(frame.data), lanes):
-        chunk = frame.data[start:start + lanes]
-        last = start + lanes >= len(frame.data)
+    start = 0
+    while start < len(frame.data):
+        size = lanes if short_beats is None else short_beats.randint(3 if start == 0 else 1,
+                                                                     lanes)
+        chunk = frame.data[start:start + size]
+        last = start + size >= len(frame.data)
         tuser = int(start == 0) << sop_at
         if last:
             tuser |= 1 << eop_at | (len(chunk) - 1) << eop_ptr_at
@@ -734,6 +739,7 @@ def rc_beats(width, frame):
             tuser |= byte_en << 4 * lane | parity << parity_at + 4 * lane
         tdata = sum(d << 32 * i for i, d in enumerate(chunk))
         beats.append((tdata, (1 << len(chunk)) - 1, last, tuser))
+        start += size
     return beats
 
 
@@ -743,9 +749,10 @@ def test_rc_descriptor_packer_matches_cocotbext():
         random_rc_completion(rng)          # asserts the packer against Tlp_us
 
 
-def run_rc(width, completions, rng, idle, backpressure):
-    """RC frames through the shim; returns headers and data beats (with the cycle each
-    was taken and the cycle each header was first presented) and the cycles taken."""
+def run_rc(width, completions, rng, idle, backpressure, short_beats=False):
+    """RC frames through the shim (their beats cut short at random with ``short_beats``);
+    returns headers and data beats (with the cycle each was taken and the cycle each
+    header was first presented) and the cycles taken."""
     dut = UspShim(width)
     cpl, cpl_data = dut.requester.cpl, dut.requester.cpl_data
     headers, beats, presented, cycles = [], [], [], []
@@ -753,7 +760,8 @@ def run_rc(width, completions, rng, idle, backpressure):
 
     async def rc_source(ctx):
         for frame, _, _ in completions:
-            for tdata, tkeep, tlast, tuser in rc_beats(width, frame):
+            for tdata, tkeep, tlast, tuser in rc_beats(width, frame,
+                                                       rng if short_beats else None):
                 while rng.random() < idle:
                     await ctx.tick()
                 ctx.set(dut.s_axis_rc_tdata, tdata)
@@ -839,6 +847,52 @@ def test_rc_completions(width):
     rng = random.Random(width + 6)
     completions = [random_rc_completion(rng) for _ in range(150)]
     check_rc(completions, *run_rc(width, completions, rng, idle=0.3, backpressure=0.4)[:3])
+
+
+def sized_rc_completion(rng, dwords, start_lane):
+    """A successful completion of ``dwords`` dwords whose first byte is in dword lane
+    ``start_lane`` of a completion beat (address bits 3..2, any byte in that dword), its RC
+    frame (one time in ten with discontinue) and the neutral header expected."""
+    lower_address = 16 * rng.randrange(8) + 4 * start_lane + rng.randrange(4)
+    tlp = Tlp_us()
+    tlp.fmt_type = TlpType.CPL_DATA
+    tlp.tag = rng.randrange(256)
+    tlp.lower_address = lower_address
+    tlp.byte_count = rng.randint(4 * dwords - (lower_address & 3), 4096)
+    tlp.request_completed = rng.random() < 0.5
+    data = [rng.randrange(1 << 32) for _ in range(dwords)]
+    tlp.set_data(b"".join(w.to_bytes(4, "little") for w in data))
+    frame = tlp.pack_us_rc()
+    frame.discontinue = rng.random() < 0.1
+    expected = dict(tag=tlp.tag, status=CplStatus.SC, error=CplError.NONE,
+                    byte_count=tlp.byte_count, lower_address=lower_address,
+                    dwords=dwords, request_completed=int(tlp.request_completed))
+    return frame, expected, data
+
+
+@pytest.mark.parametrize("idle, backpressure", [(0, 0), (0.3, 0.4), (0.6, 0.1), (0.1, 0.6)])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_rc_every_size_and_start_lane(width, idle, backpressure):
+    """Completions of 1..40 dwords starting in every dword lane of a completion beat, so
+    their payload spans one to six RC beats and ends in every lane of both the RC beat and
+    the completion beat, back to back and with RC idle and cpl/cpl_data backpressure: each
+    payload arrives byte-exact in four-dword beats, discontinue marks the last one corrupt."""
+    rng = random.Random(width * 100 + int(10 * idle) * 10 + int(10 * backpressure))
+    completions = [sized_rc_completion(rng, dwords, start_lane)
+                   for dwords in range(1, 41) for start_lane in range(CPL_BEAT_DWORDS)]
+    rng.shuffle(completions)
+    check_rc(completions, *run_rc(width, completions, rng, idle, backpressure)[:3])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_rc_short_beats(width):
+    """RC beats before a TLP's last one that are not full (which the IP never sends) still
+    give each payload in order in four-dword beats, whatever is held when they come."""
+    rng = random.Random(width + 8)
+    completions = [sized_rc_completion(rng, rng.randint(1, 40), rng.randrange(4))
+                   for _ in range(200)]
+    check_rc(completions, *run_rc(width, completions, rng, idle=0.2, backpressure=0.3,
+                                  short_beats=True)[:3])
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -553,7 +553,8 @@ class UspShim(wiring.Component):
         m.d.comb += [
             cpl.valid.eq(header_valid),
             cpl.payload.eq(header),
-            cpl_data.valid.eq((held_dwords >= beat_dwords) | ((held_dwords != 0) & ~more_beats)),
+            cpl_data.valid.eq((held_dwords >= beat_dwords) |
+                              ((held_dwords != 0) & ~more_beats)),
             cpl_data.payload.data.eq(held[:32 * beat_dwords]),
             cpl_data.payload.last.eq(ends_tlp),
             cpl_data.payload.corrupt.eq(ends_tlp & corrupt),
@@ -582,6 +583,9 @@ class UspShim(wiring.Component):
         with m.If(more_beats):
             # Next beat of the same TLP, appended behind the dwords still held (fewer than
             # a completion beat's worth, so the register has room for a whole RC beat).
+            # The IP's beats before the last are full, which leaves one dword held here
+            # (3 descriptor dwords, beats of 8 or 16); taking any count keeps a short
+            # beat from stalling the stream.
             m.d.comb += self.s_axis_rc_tready.eq(left < beat_dwords)
             with m.If(self.s_axis_rc_tvalid & self.s_axis_rc_tready):
                 with m.Switch(left):
