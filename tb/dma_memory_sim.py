@@ -1,17 +1,19 @@
 """Host memory behind a ``DmaSignature`` port, for Amaranth simulator testbenches.
 
 The model plays the DMA engine's side of ``hdl/pcie/interface.py``: reads are answered in
-command order with byte-packed beats (8 bytes each, the last one ``count``), writes take
-``ceil(length / 8)`` beats and answer one ``DmaWriteDone``. Latency, backpressure and idle
-beats are random (seeded by the caller); reads or writes that touch an address range
-marked as failing fail as the docstrings say (a read ends early with an error beat, a
-write writes nothing and reports ``error``). It checks the client's side of the streams
-(payload held while ``valid`` and not ``ready``, ``last`` on the right beat) and logs
-every command with its cycle.
+command order with byte-packed beats (``DMA_READ_BEAT_BYTES`` each, at most one a clock,
+the last one ``count``), writes take ``ceil(length / 8)`` beats and answer one
+``DmaWriteDone``. Latency, backpressure and idle beats are random (seeded by the
+caller); reads or writes that touch an address range marked as failing fail as the
+docstrings say (a read ends early with an error beat, a write writes nothing and reports
+``error``). It checks the client's side of the streams (payload held while ``valid`` and
+not ``ready``, ``last`` on the right beat) and logs every command with its cycle.
 """
 
 from collections import deque
 from dataclasses import dataclass
+
+from ..hdl.pcie.interface import DMA_READ_BEAT_BYTES
 
 
 @dataclass
@@ -86,18 +88,20 @@ class DmaMemory:
         failing = _overlaps(self.fail_reads, address, length)
         self.reads.append(ReadRecord(self.cycle, address, length, data, failing is not None))
         start = self.cycle + self.rng.randint(*self.read_latency)
+        step = DMA_READ_BEAT_BYTES
         if failing is not None:
             # Some whole beats before the failing byte may come, then the error beat.
-            good = failing // 8
+            good = failing // step
             if self.partial_reads == "random":
                 good = self.rng.randint(0, good)
-            beats = [(data[8 * i:8 * i + 8], 8, False, False) for i in range(good)]
-            beats.append((b"", self.rng.randrange(16), True, True))
+            beats = [(data[step * i:step * (i + 1)], step, False, False) for i in range(good)]
+            beats.append((b"", self.rng.randrange(2 * step), True, True))
         else:
-            beats = [(data[i:i + 8], min(8, length - i), i + 8 >= length, False)
-                     for i in range(0, length, 8)]
+            beats = [(data[i:i + step], min(step, length - i), i + step >= length, False)
+                     for i in range(0, length, step)]
         for chunk, count, last, error in beats:
-            payload = int.from_bytes(chunk, "little") if not error else self.rng.getrandbits(64)
+            payload = (int.from_bytes(chunk, "little") if not error
+                       else self.rng.getrandbits(8 * DMA_READ_BEAT_BYTES))
             self._beats.append((start, payload, count, last, error))
 
     def _accept_write_beat(self, data, last):

@@ -13,6 +13,7 @@ from .interface import CommandHeader, CommandSignature
 from .vq_avail import AvailFetcher
 from .vq_chain import RESULT_BYTES, ChainWalker, Segment, WritableSegment
 from .vq_data import DataFetcher
+from .vq_narrow import ResponseNarrower
 from .vq_read_port import ReadPort
 from .vq_realign import Realigner
 from .vq_used import PendingCompletion, UsedWriter
@@ -40,6 +41,9 @@ def _fifo(m, name, shape, depth, producer, consumer, reset):
 READABLE_QUEUE_DEPTH = 32
 #: The ReadPort's clients, first served first.
 _READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "data_fetcher")
+#: Beats of the ChainWalker's largest descriptor read (4 descriptors of 16 bytes, one beat
+#: each), which the narrower in front of it holds without stalling the read channel.
+_DESCRIPTOR_READ_BEATS = 4
 
 
 class VirtqueueEngine(wiring.Component):
@@ -56,7 +60,9 @@ class VirtqueueEngine(wiring.Component):
     The blocks share the DMA read channel through a ``ReadPort`` (priority: used-ring
     suppression read, ring, descriptors, data) and the write channel through a
     ``WritePort``. Reads of data are credited against their buffer so that no beat ever
-    waits on the function, and the in-order read channel cannot deadlock.
+    waits on the function, and the in-order read channel cannot deadlock. Data moves
+    ``DMA_READ_BEAT_BYTES`` (16) a clock, two command words a beat; the ChainWalker takes
+    descriptors 8 bytes a beat, through a ``ResponseNarrower``.
 
 
     Attributes
@@ -98,12 +104,13 @@ class VirtqueueEngine(wiring.Component):
     data_buffer_depth : int
         Beats of readable data buffered ahead of the function.
     max_in_flight : int
-        Data beats requested and not yet arrived. One word per clock needs at least the
+        Data beats requested and not yet arrived. Two words per clock need at least the
         DMA read latency (in clocks) plus one read (32 beats); every descriptor read waits
-        behind them, so more slows the chain walk.
+        behind them, so more slows the chain walk, which has 256 clocks to walk the next
+        chain while a 4 KiB command goes by. 96 covers a latency of 64 clocks.
     """
 
-    def __init__(self, params: DeviceParams, *, data_buffer_depth=512, max_in_flight=128):
+    def __init__(self, params: DeviceParams, *, data_buffer_depth=512, max_in_flight=96):
         self._params = params
         self.avail_fetcher = AvailFetcher()
         self.chain_walker = ChainWalker()
@@ -150,10 +157,16 @@ class VirtqueueEngine(wiring.Component):
         wiring.connect(m, write_port.write_cmd, wiring.flipped(self.dma.write_cmd))
         wiring.connect(m, write_port.write_data, wiring.flipped(self.dma.write_data))
         wiring.connect(m, wiring.flipped(self.dma.write_done), write_port.write_done)
+        narrower = ResponseNarrower(depth=_DESCRIPTOR_READ_BEATS)
+        m.submodules.descriptor_narrower = ResetInserter(halt)(narrower)
         for index, name in enumerate(_READ_CLIENTS):
             block = getattr(self, name)
             wiring.connect(m, block.read, read_port.requests[index])
-            wiring.connect(m, read_port.responses[index], block.response)
+            if block is walker:
+                wiring.connect(m, read_port.responses[index], narrower.wide)
+                wiring.connect(m, narrower.narrow, block.response)
+            else:
+                wiring.connect(m, read_port.responses[index], block.response)
         for index, block in enumerate((used, avail)):
             wiring.connect(m, block.write, write_port.requests[index])
             m.d.comb += block.write_idle.eq(write_port.idle)

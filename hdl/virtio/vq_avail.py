@@ -6,6 +6,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ... import constants as c
+from ..pcie.interface import DMA_READ_BEAT_BYTES
 from .common_cfg import QueueConfig
 from .vq_read_port import ReadRequest, ReadResponse
 from .vq_write_port import WriteRequest
@@ -80,7 +81,7 @@ class AvailFetcher(wiring.Component):
         event_written = Signal(16)      # avail_event as last written ...
         event_valid = Signal()          # ... if it was
         kick_pending = Signal()
-        entry = Signal(2)               # ring entry within the current beat
+        entry = Signal(range(DMA_READ_BEAT_BYTES // 2))    # ring entry within the beat
 
         last_avail = self.last_avail
         pending = Signal(16)

@@ -5,15 +5,16 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from ..pcie.interface import DMA_READ_BEAT_BYTES
 from .vq_chain import Segment
 from .vq_read_port import ReadRequest, ReadResponse
 
 
 class DataBeat(data.Struct):
-    """``count`` (1..8) readable bytes of a command (byte 0 = bits 7..0), as read from one
-    buffer; ``end`` marks the command's last beat."""
-    data: 64
-    count: 4
+    """``count`` (1..``DMA_READ_BEAT_BYTES``) readable bytes of a command (byte 0 = bits
+    7..0), as read from one buffer; ``end`` marks the command's last beat."""
+    data: 8 * DMA_READ_BEAT_BYTES
+    count: range(DMA_READ_BEAT_BYTES + 1)
     end: 1
 
 
@@ -25,9 +26,10 @@ class DataFetcher(wiring.Component):
     the other blocks (chain walk, ring reads). Reads are at most ``max_read`` beats, and
     at most ``max_in_flight`` beats are requested but not yet arrived: a descriptor read
     of the next chain waits behind no more than that, so the walk keeps ahead of the data
-    (enough in flight to cover the read latency is what sustains one beat per clock).
-    A segment is read in pieces that are whole beats but for its last one, so only a
-    segment's final beat is partial.
+    (enough in flight to cover the read latency is what sustains one beat, two command
+    words, per clock). Credits and reads count ``DMA_READ_BEAT_BYTES`` beats. A segment
+    is read in pieces that are whole beats but for its last one, so only a segment's
+    final beat is partial.
 
     Attributes
     ----------
@@ -68,10 +70,11 @@ class DataFetcher(wiring.Component):
         last_segment = Signal()
         arrived = Signal(DataBeat)
 
-        remaining_beats = (remaining + 7) >> 3
+        beat_bits = (DMA_READ_BEAT_BYTES - 1).bit_length()
+        remaining_beats = (remaining + DMA_READ_BEAT_BYTES - 1) >> beat_bits
         whole = remaining_beats <= max_read         # the rest of the segment fits one read
         piece_beats = Mux(whole, remaining_beats, max_read)
-        piece_bytes = Mux(whole, remaining, max_read * 8)
+        piece_bytes = Mux(whole, remaining, max_read * DMA_READ_BEAT_BYTES)
         can_issue = (credits >= piece_beats) & (in_flight + piece_beats <= self._max_in_flight)
         issue = self.read.valid & self.read.ready
         arrive = self.response.valid & self.response.ready

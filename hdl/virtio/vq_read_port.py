@@ -5,7 +5,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from ..pcie.interface import DmaReadBeat, DmaReadCommand
+from ..pcie.interface import DMA_READ_BEAT_BYTES, DmaReadBeat, DmaReadCommand
 
 
 class ReadRequest(data.Struct):
@@ -15,10 +15,11 @@ class ReadRequest(data.Struct):
 
 
 class ReadResponse(data.Struct):
-    """One beat of a read, byte-packed as ``DmaReadBeat`` says (``error``: the read failed,
+    """One beat of a read, byte-packed as ``DmaReadBeat`` says: ``DMA_READ_BEAT_BYTES``
+    bytes but for the read's last beat, which holds ``count`` (``error``: the read failed,
     this is its last beat and its data is meaningless)."""
-    data: 64
-    count: 4
+    data: 8 * DMA_READ_BEAT_BYTES
+    count: range(DMA_READ_BEAT_BYTES + 1)
     last: 1
     error: 1
     mark: 1
