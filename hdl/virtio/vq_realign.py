@@ -36,6 +36,8 @@ class Realigner(wiring.Component):
         m = Module()
         beat = self.beats.payload
         data_bytes = len(beat.data) // 8
+        # Fewer than a beat of words' bytes wait, as long as a data beat is no wider.
+        assert data_bytes <= LANE_BYTES
         held_bytes = LANE_BYTES - 1
 
         held = Signal(8 * held_bytes)   # bytes 0 .. held_count - 1, zero above
