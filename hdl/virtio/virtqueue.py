@@ -41,9 +41,14 @@ def _fifo(m, name, shape, depth, producer, consumer, reset):
 READABLE_QUEUE_DEPTH = 32
 #: The ReadPort's clients, first served first.
 _READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "data_fetcher")
-#: Beats of the ChainWalker's largest descriptor read (4 descriptors of 16 bytes, one beat
-#: each), which the narrower in front of it holds without stalling the read channel.
-_DESCRIPTOR_READ_BEATS = 4
+#: Entries of an indirect table the ChainWalker reads at once: a table of up to 8 costs
+#: one round trip (a 4 KiB command goes by in 256 clocks, about two round trips behind the
+#: data in flight, while the next chain is walked). Its reads of the descriptor table stay
+#: at 2 descriptors, so that a chain of one or two costs no extra beats.
+_TABLE_WINDOW = 8
+#: Beats of the ChainWalker's largest descriptor read (one 16-byte descriptor a beat),
+#: which the narrower in front of it holds without stalling the read channel.
+_DESCRIPTOR_READ_BEATS = _TABLE_WINDOW
 
 
 class VirtqueueEngine(wiring.Component):
@@ -113,7 +118,7 @@ class VirtqueueEngine(wiring.Component):
     def __init__(self, params: DeviceParams, *, data_buffer_depth=512, max_in_flight=96):
         self._params = params
         self.avail_fetcher = AvailFetcher()
-        self.chain_walker = ChainWalker()
+        self.chain_walker = ChainWalker(table_window=_TABLE_WINDOW)
         self.data_fetcher = DataFetcher(buffer_depth=data_buffer_depth,
                                         max_in_flight=max_in_flight)
         self.realigner = Realigner()
