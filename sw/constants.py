@@ -14,6 +14,8 @@ from amaranth.lib import enum
 
 PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4
 VIRTIO_ID_MEMORY_BALLOON = 13
+#: virtio-rng: the device the VFIO backend is proven against in a VM (tests/test_vm_vfio.py).
+VIRTIO_ID_ENTROPY = 4
 VIRTIO_PCI_MODERN_DEVICE_ID_BASE = 0x1040
 MEMBALLOON_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_DEVICE_ID_BASE + VIRTIO_ID_MEMORY_BALLOON  # 0x104D
 MEMBALLOON_PCI_REVISION_ID = 0x01           # >= 1: non-transitional (C1)
