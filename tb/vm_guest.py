@@ -1,0 +1,137 @@
+"""The VFIO scenario that runs inside the VM of :mod:`memballoon.tb.vm` (as root).
+
+Against QEMU's virtio-rng-pci functions (``disable-legacy=on,iommu_platform=on``, behind
+the emulated intel-iommu) it runs the project's own ``memballoon vfio`` commands (their
+``main``, in this process: each Python start costs seconds under TCG) and the driver model
+over :class:`~memballoon.backend_vfio.VfioBackend`, and prints one line
+``MB-RESULT {json}`` per step for ``tests/test_vm_vfio.py`` to check:
+
+- ``bind`` refuses a function that is not a memballoon, and a function whose IOMMU group
+  has a member bound to another driver; neither changes any binding;
+- ``probe`` refuses a function not bound to vfio-pci;
+- ``bind --any-virtio`` hands the rng function to vfio-pci; ``probe`` reads it;
+- the transport and split ring: probe the capabilities, negotiate (ACCESS_PLATFORM
+  included), set up the queue, post a device-writable buffer, notify, receive the MSI-X
+  interrupt through the eventfd, take the used buffer the device filled by DMA, reset;
+  once on small pages and once with huge pages reserved (``MAP_HUGETLB``); while the
+  function is open, a second ``probe`` finds it busy;
+- a vector that never fires times out; ``selftest`` on a non-memballoon fails cleanly;
+- ``unbind`` gives the function back to virtio-pci, and nothing is left open.
+"""
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import pathlib
+import time
+
+from memballoon import cli
+from memballoon import constants as c
+from memballoon.backend import InterruptTimeout
+from memballoon.backend_vfio import VfioBackend
+from memballoon.virtio_pci_modern import VirtioPciModernDevice
+from memballoon.virtio_ring import vring_new_virtqueue
+
+DUT = "0000:00:03.0"
+IN_FOREIGN_GROUP = "0000:00:04.0"
+RNG_BYTES = 64
+TIMEOUT = 5.0
+HUGE_PAGES = "/proc/sys/vm/nr_hugepages"
+HUGE_PAGES_RESERVED = 4
+
+
+def report(step, **fields):
+    print("MB-RESULT " + json.dumps({"step": step, **fields}), flush=True)
+
+
+def driver_of(bdf):
+    link = pathlib.Path("/sys/bus/pci/devices", bdf, "driver")
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def memballoon(step, *args):
+    """Run ``memballoon ARGS``; report its exit status, output and the drivers after."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = cli.main(list(args))
+        except SystemExit as exc:           # argparse
+            status = exc.code
+    report(step, exit=status, stdout=stdout.getvalue(), stderr=stderr.getvalue(),
+           drivers={bdf: driver_of(bdf) for bdf in (DUT, IN_FOREIGN_GROUP)})
+
+
+def rng_through_vfio(bdf, step):
+    """Open the function, check a second open finds it busy, run :func:`rng_exchange`."""
+    with VfioBackend.open(bdf) as backend:
+        memballoon(f"{step}-busy", "vfio", "probe", "--any-virtio", bdf)
+        asyncio.run(rng_exchange(backend, step))
+
+
+async def rng_exchange(backend, step):
+    """The driver model on the rng function: init, one buffer by DMA, its interrupt."""
+    vdev = VirtioPciModernDevice(backend, device_id=c.VIRTIO_ID_ENTROPY)
+    start = time.monotonic()
+    [info] = await vdev.init(reset_timeout=TIMEOUT)
+    async def notify(vq):
+        await vdev.vp_notify(info.notify, info.index)
+    vq = vring_new_virtqueue(info.index, info.num, backend, notify,
+                             vdev.accepted_features, info.ring, info.desc_addr,
+                             info.avail_addr, info.used_addr, name="requestq")
+    buf = bytearray(RNG_BYTES)
+    await vq.virtqueue_add_inbuf([buf], "entropy")
+    await vq.virtqueue_kick()
+    await backend.wait_irq(info.vector, TIMEOUT)
+    used = await vq.virtqueue_get_buf()
+    elapsed = time.monotonic() - start
+    try:
+        await backend.wait_irq(0, 0.2)          # config changes: none happen
+        config_timeout = False
+    except InterruptTimeout:
+        config_timeout = True
+    status_before_reset = await vdev.vp_modern_get_status()
+    await vdev.vp_modern_reset(TIMEOUT)
+    report(step, caps=sorted(vdev.caps), offered=vdev.offered_features,
+           accepted=vdev.accepted_features, queue_size=info.num,
+           ring_iova=info.ring.iova,
+           used=list(used) if used else None, data=buf.hex(),
+           irqs=[backend.irq_count(v) for v in range(2)], vector=info.vector,
+           config_timeout=config_timeout, status=status_before_reset,
+           status_after_reset=await vdev.vp_modern_get_status(),
+           huge_pages=backend.huge_pages, seconds=elapsed)
+
+
+def main():
+    memballoon("bind-wrong-device", "vfio", "bind", DUT)
+    memballoon("bind-foreign-group", "vfio", "bind", "--any-virtio", IN_FOREIGN_GROUP)
+    memballoon("probe-unbound", "vfio", "probe", "--any-virtio", DUT)
+    memballoon("bind", "vfio", "bind", "--any-virtio", DUT)
+    memballoon("probe", "vfio", "probe", "--any-virtio", DUT)
+    rng_through_vfio(DUT, "rng")
+    pathlib.Path(HUGE_PAGES).write_text(f"{HUGE_PAGES_RESERVED}\n")
+    rng_through_vfio(DUT, "rng-huge-pages")
+    memballoon("selftest-not-memballoon", "vfio", "selftest", DUT)
+    memballoon("unbind", "vfio", "unbind", DUT)
+    open_vfio = [name for pid in os.listdir("/proc") if pid.isdigit()
+                 for name in _open_files(pid) if name.startswith("/dev/vfio/")]
+    report("released", open_vfio=open_vfio)
+
+
+def _open_files(pid):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    names = []
+    for fd in fds:
+        try:
+            names.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return names
+
+
+if __name__ == "__main__":
+    main()
