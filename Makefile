@@ -13,10 +13,14 @@ JOBS ?= 2
 #   g++, make, perl: Verilator compiles its C++ model with them.
 #   liblz4-dev: Verilator's FST writer (WAVES=1).
 #   python3-venv: the virtual environment.
-SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl /usr/include/lz4.h:liblz4-dev
+#   qemu-system-x86, busybox-static, kmod: the VM in which the VFIO backend drives QEMU's
+#     virtio-pci devices (tests/test_vm_vfio.py; its Debian kernel image is fetched into
+#     ~/.cache/memballoon/vm with apt-get download on first use).
+SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl /usr/include/lz4.h:liblz4-dev \
+	qemu-system-x86_64:qemu-system-x86 /bin/busybox:busybox-static /usr/sbin/depmod:kmod
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sim test test-fast lint verilog bench clean
+.PHONY: setup sim test test-fast lint verilog bench vm clean
 
 setup: $(SETUP_STAMP)
 
@@ -60,6 +64,10 @@ lint: $(SETUP_STAMP)
 
 bench: $(SETUP_STAMP)
 	$(BIN)/python -m memballoon.tb.bench
+
+# The VFIO scenario in the VM, console printed (tests/test_vm_vfio.py checks it).
+vm: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.tb.vm
 
 clean:
 	rm -rf build sim_build .pytest_cache
