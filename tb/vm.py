@@ -35,6 +35,7 @@ __all__ = ["VmUnavailable", "VmResult", "Kernel", "ensure_kernel", "run_in_vm",
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
+PT_INTERP = 3
 KERNEL_METAPACKAGE = "linux-image-amd64"
 #: Wall seconds a KVM boot may take to reach the initramfs before TCG is used instead.
 KVM_BOOT_TIMEOUT = 20
@@ -118,7 +119,7 @@ def ensure_kernel(cache=None):
             [deb] = pathlib.Path(tmp).glob("*.deb")
             root = pathlib.Path(tmp) / "root"
             _run(["dpkg", "-x", str(deb), str(root)])
-            _run(["depmod", "-b", str(root), release])
+            _run([shutil.which("depmod") or "/usr/sbin/depmod", "-b", str(root), release])
             shutil.rmtree(dest, ignore_errors=True)
             root.rename(dest)
         (dest / ".complete").touch()
@@ -208,16 +209,29 @@ def _shell_quote(text):
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+def _is_static_elf(image):
+    """True when the ELF64 ``image`` has no PT_INTERP (needs no dynamic loader)."""
+    phoff = int.from_bytes(image[0x20:0x28], "little")
+    phentsize = int.from_bytes(image[0x36:0x38], "little")
+    phnum = int.from_bytes(image[0x38:0x3A], "little")
+    return image[:4] == b"\x7fELF" and all(
+        int.from_bytes(image[phoff + i * phentsize:][:4], "little") != PT_INTERP
+        for i in range(phnum))
+
+
 def build_initramfs(kernel, command, out):
     """Write the initramfs that runs ``command`` (a shell command line) in the guest."""
     if not os.path.exists(BUSYBOX):
         raise VmUnavailable(f"{BUSYBOX} missing: `make setup` installs busybox-static")
+    busybox = pathlib.Path(BUSYBOX).read_bytes()
+    if not _is_static_elf(busybox):
+        raise VmUnavailable(f"{BUSYBOX} is dynamically linked: install busybox-static")
     modules = _module_order(kernel.modules, GUEST_MODULES)
     cpio = _Cpio()
     for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
         cpio.directory(directory)
     cpio.char_device("dev/console", 5, 1)
-    cpio.file("bin/busybox", pathlib.Path(BUSYBOX).read_bytes(), 0o755)
+    cpio.file("bin/busybox", busybox, 0o755)
     made = set()
     for module in modules:
         parts = pathlib.PurePosixPath(module).parts
