@@ -22,7 +22,7 @@ import sys
 from . import constants as c
 from .backend import BackendError, InterruptTimeout
 from .pci_sysfs import BarMissing, parse_bdf, vfio_bind, vfio_unbind
-from .virtio_memballoon import VirtioMemballoon
+from .virtio_memballoon import GET_RESULT_BYTES, VirtioMemballoon
 from .virtio_pci_modern import DeviceTimeout, VirtioError, VirtioPciModernDevice
 from .virtio_ring import VirtqueueError
 
@@ -154,12 +154,12 @@ async def _bench_one(balloon, kind, size, depth, next_page):
         wanted = _pages(balloon, page, size)
         page += size
         if kind == "GIVE":
-            commands.append(([(_command(c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES, wanted), False)]))
+            commands.append([(_command(c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES, wanted), False)])
             continue
         await balloon.give_pages(wanted)                # set-up, not measured
         if kind == "GET":
             commands.append([(_command(c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES, wanted), False),
-                             (bytearray(8), True)])
+                             (bytearray(GET_RESULT_BYTES), True)])
         else:
             give = _pages(balloon, page, size)
             page += size
@@ -169,9 +169,13 @@ async def _bench_one(balloon, kind, size, depth, next_page):
         await vq.virtqueue_add_sgs(sgs, token)
     start = balloon.backend.now()
     await vq.virtqueue_notify()
-    for _ in range(depth):
-        await balloon._wait_used(vq)
-    return balloon.backend.now() - start, page
+    used = [await balloon._wait_used(vq) for _ in range(depth)]
+    seconds = balloon.backend.now() - start
+    expected = GET_RESULT_BYTES if kind == "GET" else 0     # C5
+    if sorted(used) != [(token, expected) for token in range(depth)]:
+        raise VirtioError(f"bench {kind} x{depth}: used (token, len) {used}, expected len "
+                          f"{expected} each")
+    return seconds, page
 
 
 def _command(code, addrs):
@@ -192,8 +196,8 @@ async def bench(backend, timeout=DEFAULT_TIMEOUT):
         for size in BENCH_SIZES:
             for depth in BENCH_DEPTHS:
                 seconds, page = await _bench_one(balloon, kind, size, depth, page)
-                rate = size * depth / seconds if seconds > 0 else float("inf")
-                lines.append(f"| {kind} | {size} | {depth} | {seconds * 1e6:.1f} | {rate:.0f} |")
+                rate = f"{size * depth / seconds:.0f}" if seconds > 0 else "-"
+                lines.append(f"| {kind} | {size} | {depth} | {seconds * 1e6:.1f} | {rate} |")
     await balloon.vdev.vp_modern_reset(timeout)
     lines.append("EXCHANGE sizes are pairs; GET and EXCHANGE pages were given first "
                  "(not timed).")
