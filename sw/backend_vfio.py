@@ -100,11 +100,12 @@ class VfioDmaRegion(DmaRegion):
 class _Bar:
     """One BAR region: its size, file offset and (when mappable) mapped address."""
 
-    def __init__(self, device_fd, info):
+    def __init__(self, device_fd, info, use_mmap):
         self.size = info.size
         self.offset = info.offset
         self.addr = None
-        if info.flags & vfio.VFIO_REGION_INFO_FLAG_MMAP and info.size >= mmap.PAGESIZE:
+        if use_mmap and info.flags & vfio.VFIO_REGION_INFO_FLAG_MMAP \
+                and info.size >= mmap.PAGESIZE:
             try:
                 self.addr = _mmap(info.size, mmap.PROT_READ | mmap.PROT_WRITE,
                                   mmap.MAP_SHARED, device_fd, info.offset)
@@ -118,11 +119,14 @@ class _Bar:
 
 
 class VfioBackend(Backend):
-    """One PCI function bound to vfio-pci. Use :meth:`open` (a context manager)."""
+    """One PCI function bound to vfio-pci. Use :meth:`open` (a context manager).
+    ``mmap_bars=False`` makes every BAR access a ``pread``/``pwrite`` (the path taken for
+    a region vfio-pci does not let us map)."""
 
-    def __init__(self, bdf, sysfs="/sys"):
+    def __init__(self, bdf, sysfs="/sys", mmap_bars=True):
         self.bdf = bdf
         self.sysfs = sysfs
+        self.mmap_bars = mmap_bars
         self.container = self.group = self.device = None
         self.bars = []
         self.config_offset = None
@@ -139,9 +143,9 @@ class VfioBackend(Backend):
         self._irq_events = []
 
     @classmethod
-    def open(cls, bdf, sysfs="/sys"):
+    def open(cls, bdf, sysfs="/sys", mmap_bars=True):
         """Open ``bdf`` (bound to vfio-pci) with memory decoding and bus mastering on."""
-        backend = cls(bdf, sysfs)
+        backend = cls(bdf, sysfs, mmap_bars)
         try:
             backend._open()
         except BaseException:
@@ -180,7 +184,7 @@ class VfioBackend(Backend):
             raise
         self.iova = IovaAllocator(self.container.iova_ranges())
         self.config_offset = self.device.region_info(vfio.VFIO_PCI_CONFIG_REGION_INDEX).offset
-        self.bars = [_Bar(self.device.fd, self.device.region_info(index))
+        self.bars = [_Bar(self.device.fd, self.device.region_info(index), self.mmap_bars)
                      for index in range(vfio.VFIO_PCI_BAR0_REGION_INDEX,
                                         vfio.VFIO_PCI_BAR5_REGION_INDEX + 1)]
         self.msix_count = self.device.irq_info(vfio.VFIO_PCI_MSIX_IRQ_INDEX).count

@@ -48,15 +48,19 @@ MARK_UP = "MB-VM-UP"
 MARK_EXIT = "MB-VM-EXIT"
 MARK_ERROR = "MB-VM-ERROR"
 
-#: The PCI functions the guest sees, ``-device`` arguments by guest address. 03.0 is the
-#: device under test; 04.0 and 04.1 are one multifunction device, so one IOMMU group in
-#: which 04.1 stays bound to the guest's virtio-pci driver (a foreign member for 04.0).
+#: The PCI functions the guest sees, as ``-device`` arguments. Each device sits behind its
+#: own PCIe root port, as a card in a slot: an endpoint with function level reset. 01:00.0
+#: is the device under test; 02:00.0 and 02:00.1 are one multifunction device, so one
+#: IOMMU group in which 02:00.1 stays bound to the guest's virtio-pci driver (a foreign
+#: member for 02:00.0).
 VIRTIO_UNDER_IOMMU = "disable-legacy=on,iommu_platform=on"
-GUEST_DEVICES = {
-    "0000:00:03.0": f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},addr=03.0",
-    "0000:00:04.0": f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},addr=04.0,multifunction=on",
-    "0000:00:04.1": f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},addr=04.1",
-}
+GUEST_DEVICES = [
+    "pcie-root-port,id=rp1,chassis=1,addr=03.0",
+    f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},bus=rp1,addr=00.0",
+    "pcie-root-port,id=rp2,chassis=2,addr=04.0",
+    f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},bus=rp2,addr=00.0,multifunction=on",
+    f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},bus=rp2,addr=00.1",
+]
 
 
 class VmUnavailable(Exception):
@@ -256,7 +260,7 @@ def qemu_command(kernel, initramfs, accel):
            "no_timer_check",
            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]
-    for device in GUEST_DEVICES.values():
+    for device in GUEST_DEVICES:
         cmd += ["-device", device]
     return cmd
 

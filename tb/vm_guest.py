@@ -13,8 +13,9 @@ over :class:`~memballoon.backend_vfio.VfioBackend`, and prints one line
 - the transport and split ring: probe the capabilities, negotiate (ACCESS_PLATFORM
   included), set up the queue, post a device-writable buffer, notify, receive the MSI-X
   interrupt through the eventfd, take the used buffer the device filled by DMA, reset;
-  once on small pages and once with huge pages reserved (``MAP_HUGETLB``); while the
-  function is open, a second ``probe`` finds it busy;
+  once with mapped BARs and small pages, once with huge pages reserved (``MAP_HUGETLB``)
+  and every BAR access a ``pread``/``pwrite``; while the function is open, a second
+  ``probe`` finds it busy;
 - a vector that never fires times out; ``selftest`` on a non-memballoon fails cleanly;
 - ``unbind`` gives the function back to virtio-pci, and nothing is left open.
 """
@@ -29,13 +30,14 @@ import time
 
 from memballoon import cli
 from memballoon import constants as c
+from memballoon import vfio
 from memballoon.backend import InterruptTimeout
 from memballoon.backend_vfio import VfioBackend
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
 from memballoon.virtio_ring import vring_new_virtqueue
 
-DUT = "0000:00:03.0"
-IN_FOREIGN_GROUP = "0000:00:04.0"
+DUT = "0000:01:00.0"
+IN_FOREIGN_GROUP = "0000:02:00.0"
 RNG_BYTES = 64
 TIMEOUT = 5.0
 HUGE_PAGES = "/proc/sys/vm/nr_hugepages"
@@ -63,9 +65,9 @@ def memballoon(step, *args):
            drivers={bdf: driver_of(bdf) for bdf in (DUT, IN_FOREIGN_GROUP)})
 
 
-def rng_through_vfio(bdf, step):
+def rng_through_vfio(bdf, step, mmap_bars):
     """Open the function, check a second open finds it busy, run :func:`rng_exchange`."""
-    with VfioBackend.open(bdf) as backend:
+    with VfioBackend.open(bdf, mmap_bars=mmap_bars) as backend:
         memballoon(f"{step}-busy", "vfio", "probe", "--any-virtio", bdf)
         asyncio.run(rng_exchange(backend, step))
 
@@ -100,7 +102,10 @@ async def rng_exchange(backend, step):
            irqs=[backend.irq_count(v) for v in range(2)], vector=info.vector,
            config_timeout=config_timeout, status=status_before_reset,
            status_after_reset=await vdev.vp_modern_get_status(),
-           huge_pages=backend.huge_pages, seconds=elapsed)
+           huge_pages=backend.huge_pages, seconds=elapsed,
+           device_reset=bool(backend.device.flags & vfio.VFIO_DEVICE_FLAGS_RESET),
+           iova_ranges=backend.container.iova_ranges(),
+           mmap_bars=[bar for bar, region in enumerate(backend.bars) if region.addr])
 
 
 def main():
@@ -109,9 +114,9 @@ def main():
     memballoon("probe-unbound", "vfio", "probe", "--any-virtio", DUT)
     memballoon("bind", "vfio", "bind", "--any-virtio", DUT)
     memballoon("probe", "vfio", "probe", "--any-virtio", DUT)
-    rng_through_vfio(DUT, "rng")
+    rng_through_vfio(DUT, "rng", mmap_bars=True)
     pathlib.Path(HUGE_PAGES).write_text(f"{HUGE_PAGES_RESERVED}\n")
-    rng_through_vfio(DUT, "rng-huge-pages")
+    rng_through_vfio(DUT, "rng-huge-pages-pread", mmap_bars=False)
     memballoon("selftest-not-memballoon", "vfio", "selftest", DUT)
     memballoon("unbind", "vfio", "unbind", DUT)
     open_vfio = [name for pid in os.listdir("/proc") if pid.isdigit()

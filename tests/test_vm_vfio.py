@@ -15,8 +15,8 @@ import pytest
 from memballoon import constants as c
 from memballoon.tb import vm
 
-DUT = "0000:00:03.0"
-FOREIGN_GROUP = "0000:00:04.0"
+DUT = "0000:01:00.0"
+FOREIGN_GROUP = "0000:02:00.0"
 ACCESS_PLATFORM = 1 << c.VIRTIO_F_ACCESS_PLATFORM
 VERSION_1 = 1 << c.VIRTIO_F_VERSION_1
 #: The guest has 1 GiB of RAM (vm.qemu_command): an IOVA at or above 4 GiB reaches memory
@@ -53,7 +53,7 @@ def test_vfio_bring_up_in_vm(guest):
     # Negative cases: nothing is bound by a refused bind.
     refused("bind-wrong-device", "is 1af4:1044, not memballoon 1af4:104d")
     assert guest["bind-wrong-device"]["drivers"] == {DUT: "virtio-pci", FOREIGN_GROUP: "virtio-pci"}
-    refused("bind-foreign-group", "0000:00:04.1 (bound to virtio-pci)")
+    refused("bind-foreign-group", "0000:02:00.1 (bound to virtio-pci)")
     assert guest["bind-foreign-group"]["drivers"][FOREIGN_GROUP] == "virtio-pci"
     refused("probe-unbound", "not vfio-pci")
 
@@ -64,7 +64,7 @@ def test_vfio_bring_up_in_vm(guest):
                  "ACCESS_PLATFORM", "queues: 1", "device status after reset: 0x00"):
         assert text in probe["stdout"], (text, probe["stdout"])
 
-    for step, huge in (("rng", False), ("rng-huge-pages", True)):
+    for step, huge, mapped in (("rng", False, True), ("rng-huge-pages-pread", True, False)):
         rng = guest[step]
         assert rng["caps"] == [c.VIRTIO_PCI_CAP_COMMON_CFG, c.VIRTIO_PCI_CAP_NOTIFY_CFG,
                                c.VIRTIO_PCI_CAP_ISR_CFG, c.VIRTIO_PCI_CAP_DEVICE_CFG], rng
@@ -79,6 +79,9 @@ def test_vfio_bring_up_in_vm(guest):
         assert rng["config_timeout"], "an idle vector times out"
         assert rng["status_after_reset"] == 0
         assert rng["huge_pages"] is huge, rng
+        assert rng["device_reset"], "vfio-pci offers a reset (VFIO_DEVICE_RESET on close)"
+        assert rng["iova_ranges"], "VFIO_IOMMU_GET_INFO reports the usable IOVA ranges"
+        assert (4 in rng["mmap_bars"]) is mapped, rng["mmap_bars"]
         refused(f"{step}-busy", "open in another process")
         print(f"{step}: init to used buffer {rng['seconds'] * 1e3:.1f} ms (guest wall clock)")
 
