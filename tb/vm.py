@@ -119,7 +119,11 @@ def ensure_kernel(cache=None):
     if not (dest / ".complete").exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            _run(["apt-get", "download", package], cwd=tmp)
+            try:
+                _run(["apt-get", "download", package], cwd=tmp)
+            except VmUnavailable:               # stale package lists: the file moved
+                _run(["apt-get", "update", "-qq"])
+                _run(["apt-get", "download", package], cwd=tmp)
             [deb] = pathlib.Path(tmp).glob("*.deb")
             root = pathlib.Path(tmp) / "root"
             _run(["dpkg", "-x", str(deb), str(root)])
