@@ -31,7 +31,7 @@ import tempfile
 import time
 
 __all__ = ["VmUnavailable", "VmResult", "Kernel", "ensure_kernel", "run_in_vm",
-           "GUEST_DEVICES", "QEMU"]
+           "guest_devices", "QEMU", "DISK_BYTES"]
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
@@ -48,19 +48,28 @@ MARK_UP = "MB-VM-UP"
 MARK_EXIT = "MB-VM-EXIT"
 MARK_ERROR = "MB-VM-ERROR"
 
-#: The PCI functions the guest sees, as ``-device`` arguments. Each device sits behind its
-#: own PCIe root port, as a card in a slot: an endpoint with function level reset. 01:00.0
-#: is the device under test; 02:00.0 and 02:00.1 are one multifunction device, so one
-#: IOMMU group in which 02:00.1 stays bound to the guest's virtio-pci driver (a foreign
-#: member for 02:00.0).
 VIRTIO_UNDER_IOMMU = "disable-legacy=on,iommu_platform=on"
-GUEST_DEVICES = [
-    "pcie-root-port,id=rp1,chassis=1,addr=03.0",
-    f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},bus=rp1,addr=00.0",
-    "pcie-root-port,id=rp2,chassis=2,addr=04.0",
-    f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},bus=rp2,addr=00.0,multifunction=on",
-    f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},bus=rp2,addr=00.1",
-]
+#: Size of the raw disk image behind the guest's virtio-blk function.
+DISK_BYTES = 1 << 20
+
+
+def guest_devices(disk):
+    """QEMU arguments for the PCI functions the guest sees. Each device sits behind its own
+    PCIe root port, as a card in a slot: an endpoint with function level reset. 01:00.0 is
+    a virtio-rng (the device under test); 02:00.0 and 02:00.1 are one multifunction
+    device, so one IOMMU group in which 02:00.1 stays bound to the guest's virtio-pci
+    driver (a foreign member for 02:00.0); 03:00.0 is a virtio-blk on the raw image
+    ``disk`` (mixed readable/writable chains, indirect tables)."""
+    args = []
+    for port, functions in enumerate((
+            [f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU}"],
+            [f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU},multifunction=on",
+             f"virtio-rng-pci,{VIRTIO_UNDER_IOMMU}"],
+            [f"virtio-blk-pci,{VIRTIO_UNDER_IOMMU},drive=disk"]), start=1):
+        args += ["-device", f"pcie-root-port,id=rp{port},chassis={port},addr={port + 2:02x}.0"]
+        for function, device in enumerate(functions):
+            args += ["-device", f"{device},bus=rp{port},addr=00.{function}"]
+    return ["-drive", f"file={disk},if=none,id=disk,format=raw", *args]
 
 
 class VmUnavailable(Exception):
@@ -253,7 +262,7 @@ def build_initramfs(kernel, command, out):
     pathlib.Path(out).write_bytes(cpio.finish())
 
 
-def qemu_command(kernel, initramfs, accel):
+def qemu_command(kernel, initramfs, accel, disk):
     """The QEMU command line: q35 with an interrupt-remapping IOMMU, 9p root, devices."""
     cmd = [QEMU, "-machine", f"q35,kernel-irqchip=split,accel={accel}",
            "-cpu", "host" if accel == "kvm" else "qemu64", "-m", "1024", "-smp", "1",
@@ -264,9 +273,7 @@ def qemu_command(kernel, initramfs, accel):
            "no_timer_check",
            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]
-    for device in GUEST_DEVICES:
-        cmd += ["-device", device]
-    return cmd
+    return cmd + guest_devices(disk)
 
 
 def _boot(cmd, up_timeout, timeout, may_fail):
@@ -323,8 +330,9 @@ def _accel_note(cache, kernel):
     return cache / f"kvm-hangs-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def run_in_vm(command, cache=None, timeout=RUN_TIMEOUT):
-    """Boot the VM, run ``command`` (shell, in the host root) in it; a :class:`VmResult`."""
+def run_in_vm(command, disk=None, cache=None, timeout=RUN_TIMEOUT):
+    """Boot the VM, run ``command`` (shell, in the host root) in it; a :class:`VmResult`.
+    ``disk``: the raw image of the virtio-blk function (default: a zeroed temporary one)."""
     if shutil.which(QEMU) is None:
         raise VmUnavailable(f"{QEMU} not found: `make setup` installs qemu-system-x86")
     cache = pathlib.Path(cache or cache_dir())
@@ -334,10 +342,13 @@ def run_in_vm(command, cache=None, timeout=RUN_TIMEOUT):
     with tempfile.TemporaryDirectory() as tmp:
         initramfs = pathlib.Path(tmp) / "initramfs.cpio"
         build_initramfs(kernel, command, initramfs)
+        if disk is None:
+            disk = pathlib.Path(tmp) / "disk.img"
+            disk.write_bytes(bytes(DISK_BYTES))
         for accel in accels:
             start = time.monotonic()
             up_timeout = KVM_BOOT_TIMEOUT if accel == "kvm" else timeout
-            console = _boot(qemu_command(kernel, initramfs, accel), up_timeout, timeout,
+            console = _boot(qemu_command(kernel, initramfs, accel, disk), up_timeout, timeout,
                             may_fail=accel == "kvm")
             if console is None:
                 note.touch()        # this KVM does not run the stock kernel: use TCG
