@@ -211,7 +211,10 @@ class VfioBackend(Backend):
             bar.close()
         self.bars = []
         for addr, iova, size, _ in self.chunks:
-            self.container.unmap_dma(iova, size)
+            try:
+                self.container.unmap_dma(iova, size)
+            except OSError:
+                pass                    # closing the container unmaps it all the same
             _libc.munmap(addr, size)
         self.chunks = []
         if self.device is not None:

@@ -8,9 +8,11 @@ the kernel's own rule), vfio-pci loaded. Then ``driver_override`` and a rebind, 
 ``Documentation/driver-api/vfio.rst`` describes. The previous driver is remembered under
 ``/run/memballoon`` so :func:`vfio_unbind` gives the function back to it.
 
-``sysfs`` and ``state_dir`` are parameters so the checks can be tested on a fake tree.
+``sysfs``, ``state_dir`` and ``vfio_dev`` are parameters so the checks can be tested on a
+fake tree.
 """
 
+import errno
 import os
 import pathlib
 import subprocess
@@ -206,12 +208,28 @@ def vfio_bind(bdf, any_virtio=False, sysfs="/sys", state_dir=STATE_DIR):
     return previous
 
 
-def vfio_unbind(bdf, sysfs="/sys", state_dir=STATE_DIR):
+def _check_group_closed(function, vfio_dev):
+    """Raise :class:`DeviceBusy` while a process holds the group (the kernel would make
+    the unbind wait for it); a group file that is absent is not in use."""
+    try:
+        fd = os.open(f"{vfio_dev}/{function.iommu_group}", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise DeviceBusy(f"{function.bdf} is open in another process; stop it before "
+                             f"unbind") from None
+        raise
+    os.close(fd)
+
+
+def vfio_unbind(bdf, sysfs="/sys", state_dir=STATE_DIR, vfio_dev="/dev/vfio"):
     """Take ``bdf`` from vfio-pci and give it back to the driver it had before
     :func:`vfio_bind` (or let the kernel choose when that is not known); the new driver."""
     require_root()
     function = PciFunction(bdf, sysfs)
     if function.driver == VFIO_DRIVER:
+        _check_group_closed(function, vfio_dev)
         function.write("driver/unbind", bdf)
     function.write("driver_override", "\n")
     state = _state_file(state_dir, bdf)

@@ -75,9 +75,11 @@ def memballoon(step, *args):
 
 
 def rng_through_vfio(bdf, step, mmap_bars):
-    """Open the function, check a second open finds it busy, run :func:`rng_exchange`."""
+    """Open the function, check that a second open and an unbind find it busy, run
+    :func:`rng_exchange`."""
     with VfioBackend.open(bdf, mmap_bars=mmap_bars) as backend:
         memballoon(f"{step}-busy", "vfio", "probe", "--any-virtio", bdf)
+        memballoon(f"{step}-unbind-busy", "vfio", "unbind", bdf)
         asyncio.run(rng_exchange(backend, step))
 
 

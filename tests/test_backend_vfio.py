@@ -106,7 +106,7 @@ def test_unbind_gives_the_function_back_to_its_previous_driver(sysfs, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / f"{DUT}.driver").write_text("virtio-pci")
-    ps.vfio_unbind(DUT, sysfs=sysfs.root, state_dir=state)
+    ps.vfio_unbind(DUT, sysfs=sysfs.root, state_dir=state, vfio_dev=tmp_path / "dev")
     assert (sysfs.drivers / "vfio-pci" / "unbind").read_text() == DUT
     assert (sysfs.devices / DUT / "driver_override").read_text() == "\n"
     assert (sysfs.drivers / "virtio-pci" / "bind").read_text() == DUT
@@ -115,7 +115,8 @@ def test_unbind_gives_the_function_back_to_its_previous_driver(sysfs, tmp_path):
 
 def test_unbind_without_a_record_lets_the_kernel_choose(sysfs, tmp_path):
     sysfs.add(DUT, driver="vfio-pci")
-    ps.vfio_unbind(DUT, sysfs=sysfs.root, state_dir=tmp_path / "state")
+    ps.vfio_unbind(DUT, sysfs=sysfs.root, state_dir=tmp_path / "state",
+                   vfio_dev=tmp_path / "dev")
     assert (sysfs.root / "bus" / "pci" / "drivers_probe").read_text() == DUT
 
 

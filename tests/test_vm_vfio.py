@@ -100,6 +100,8 @@ def check_bring_up_and_rng(guest):
         assert rng["iova_ranges"], "VFIO_IOMMU_GET_INFO reports the usable IOVA ranges"
         assert (4 in rng["mmap_bars"]) is mapped, rng["mmap_bars"]
         refused(f"{step}-busy", "open in another process")
+        refused(f"{step}-unbind-busy", "open in another process; stop it before unbind")
+        assert guest[f"{step}-unbind-busy"]["drivers"][DUT] == "vfio-pci"
         print(f"{step}: init to used buffer {rng['seconds'] * 1e3:.1f} ms (guest wall clock)")
 
     refused("selftest-not-memballoon", "virtio device ID 4, driver binds to 13")
