@@ -60,6 +60,7 @@ class SynthResult:
     carry_on_path: int       # carry cells on that path (not counted as levels)
     path_from: str
     path_to: str
+    path_through: list
     seconds: float
 
     @classmethod
@@ -77,7 +78,7 @@ class SynthResult:
             uram=counts.get("URAM288", 0),
             dsp=counts.get("DSP48E2", 0),
             levels=path.levels, carry_on_path=path.carry, path_from=path.start,
-            path_to=path.end, seconds=seconds)
+            path_to=path.end, path_through=path.through, seconds=seconds)
 
 
 def yosys_command():
@@ -96,6 +97,7 @@ class Path:
     carry: int
     start: str
     end: str
+    through: list = dataclasses.field(default_factory=list)   # named nets on the way
 
 
 def longest_path(netlist, top) -> Path:
@@ -108,10 +110,18 @@ def longest_path(netlist, top) -> Path:
     module = netlist["modules"][top]
     edges = {}                      # bit -> [(bit, levels, carry)]
     indegree = {}
+    register_of = {}                # bit -> first output bit of a sequential cell it feeds
     for cell in module["cells"].values():
         cell_type = cell["type"]
         counted = bool(_LEVEL_CELLS.match(cell_type))
         if not counted and not _FREE_CELLS.match(cell_type):
+            directions = cell.get("port_directions", {})
+            cell_outputs = [bit for port, bits in cell["connections"].items()
+                            if directions.get(port) == "output" for bit in bits]
+            for port, bits in cell["connections"].items():
+                if directions.get(port) == "input" and cell_outputs:
+                    for bit in bits:
+                        register_of.setdefault(bit, cell_outputs[0])
             continue
         carry = cell_type.startswith("CARRY")
         directions = cell["port_directions"]
@@ -151,12 +161,18 @@ def longest_path(netlist, top) -> Path:
     if not best:
         return Path(0, 0, "", "")
     end = max(best, key=lambda bit: best[bit])
-    start = end
-    while start in came_from:
-        start = came_from[start]
+    path = [end]
+    while path[-1] in came_from:
+        path.append(came_from[path[-1]])
+    path.reverse()
     names = _bit_names(module)
     levels, carries = best[end]
-    return Path(levels, carries, names.get(start, f"bit {start}"), names.get(end, f"bit {end}"))
+    # The end is named after the register it feeds, which has the designer's name.
+    end_name = (f"{names[register_of[end]]} (input)" if end in register_of
+                and register_of[end] in names else names.get(end, f"bit {end}"))
+    through = [names[bit] for bit in path[1:-1]
+               if bit in names and not names[bit].startswith("$")]
+    return Path(levels, carries, names.get(path[0], f"bit {path[0]}"), end_name, through)
 
 
 def _bit_names(module):
@@ -265,8 +281,10 @@ def main():
         print(f"synthesizing {label} ...", flush=True)
         result = synthesize(component, name, label, pathlib.Path(args.output) / slug)
         print(f"  {result.seconds:.0f} s; deepest path: {result.levels} levels "
-              f"(+{result.carry_on_path} carry) {result.path_from} -> {result.path_to}",
-              flush=True)
+              f"(+{result.carry_on_path} carry) from {result.path_from}", flush=True)
+        for name in result.path_through:
+            print(f"    via {name}")
+        print(f"    to {result.path_to}", flush=True)
         results.append(result)
     print()
     print(table(results))
