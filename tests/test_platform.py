@@ -177,6 +177,10 @@ def test_post_synth_sets_the_capability_next_pointer(tree):
     assert status == 0, stderr
     assert ["set_property", "PF0_PCIE_CAP_NEXTPTR", f"8'h{params.cfg_ext_base:02X}",
             "pcie_cell"] in commands
+    # The user clock is looked up on the IP instance the board top has.
+    instance = re.search(r"get_pins (\w+)/user_clk", script).group(1)
+    board = (directory / f"{DESIGN}.v").read_text()
+    assert re.search(rf"^\s*{PCIE_MODULE} {instance} \(", board, re.M)
     # The checks can fail: a pointer that did not take, a user clock of another period.
     status, _, stderr = run_tcl(script, "set readback(PF0_PCIE_CAP_NEXTPTR) 8'h00\n")
     assert status != 0 and "PF0_PCIE_CAP_NEXTPTR reads 8'h00" in stderr

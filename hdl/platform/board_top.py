@@ -17,7 +17,7 @@ from amaranth.lib import io
 
 from ...params import DeviceParams
 from ..top import TOP_NAME
-from .pcie_ip import (JTAG_AXI_MODULE, LANES, PCIE_MODULE, PCIE_TIED_INPUTS, core_connections,
+from .pcie_ip import (JTAG_AXI_MODULE, LANES, PCIE_INSTANCE, PCIE_MODULE, PCIE_TIED_INPUTS, core_connections,
                       jtag_axi_port_widths, pcie_port_widths)
 
 
@@ -99,7 +99,7 @@ class BoardTop(Elaboratable):
                            for name, (width, value) in PCIE_TIED_INPUTS.items()})
         pcie_ports.update(i_pci_exp_rxp=pcie.rx_p.io, i_pci_exp_rxn=pcie.rx_n.io,
                           o_pci_exp_txp=pcie.tx_p.io, o_pci_exp_txn=pcie.tx_n.io)
-        m.submodules.pcie = Instance(PCIE_MODULE, **pcie_ports)
+        m.submodules[PCIE_INSTANCE] = Instance(PCIE_MODULE, **pcie_ports)
 
         m.d.comb += [jtag_nets["aclk"].eq(pcie_nets["user_clk"]),
                      jtag_nets["aresetn"].eq(~pcie_nets["user_reset"])]
