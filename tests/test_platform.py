@@ -58,8 +58,15 @@ proc get_property {name object} {
     if {[info exists ::readback($name)]} { return $::readback($name) }
     return $::props($object,$name)
 }
-proc create_clock {args} { record {*}[lrange [concat create_clock $args] 0 end-1] [join [lindex $args end] " "] }
-proc set_false_path {args} { record {*}[lrange [concat set_false_path $args] 0 end-1] [join [lindex $args end] " "] }
+proc record_with_objects {command options objects} {
+    record $command {*}$options [join $objects " "]
+}
+proc create_clock {args} {
+    record_with_objects create_clock [lrange $args 0 end-1] [lindex $args end]
+}
+proc set_false_path {args} {
+    record_with_objects set_false_path [lrange $args 0 end-1] [lindex $args end]
+}
 """
 
 

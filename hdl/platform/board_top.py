@@ -17,8 +17,8 @@ from amaranth.lib import io
 
 from ...params import DeviceParams
 from ..top import TOP_NAME
-from .pcie_ip import (JTAG_AXI_MODULE, LANES, PCIE_INSTANCE, PCIE_MODULE, PCIE_TIED_INPUTS, core_connections,
-                      jtag_axi_port_widths, pcie_port_widths)
+from .pcie_ip import (JTAG_AXI_MODULE, LANES, PCIE_INSTANCE, PCIE_MODULE, PCIE_TIED_INPUTS,
+                      core_connections, jtag_axi_port_widths, pcie_port_widths)
 
 
 def verilog_ports(text, module):
@@ -34,8 +34,9 @@ def verilog_ports(text, module):
 
 class BoardTop(Elaboratable):
     """Board top for a platform with resources ``pcie_x16`` and ``pcie_x8`` (``rx_p``,
-    ``rx_n``, ``tx_p``, ``tx_n``: the lanes of a 512- and a 256-bit build), ``pcie_refclk``, ``pcie_perst_n`` and ``led`` 0..1, around the core whose
-    ports are ``core_ports`` (:func:`verilog_ports` of ``write_verilog``'s output)."""
+    ``rx_n``, ``tx_p``, ``tx_n``: the lanes of a 512- and a 256-bit build),
+    ``pcie_refclk``, ``pcie_perst_n`` and ``led`` 0..1, around the core whose ports are
+    ``core_ports`` (:func:`verilog_ports` of ``write_verilog``'s output)."""
 
     def __init__(self, params: DeviceParams, core_ports):
         self._params = params

@@ -52,8 +52,9 @@ def write_tree(board, params: DeviceParams, directory):
     platform.add_file(f"{JTAG_AXI_MODULE}.tcl",
                       ip_tcl(JTAG_AXI_IP, JTAG_AXI_MODULE, jtag_axi_config()))
     platform.add_file("post_synth.tcl", post_synth_tcl(params))
+    top = BoardTop(params, verilog_ports(core.read_text(), TOP_NAME))
     plan = platform.build(
-        BoardTop(params, verilog_ports(core.read_text(), TOP_NAME)), name=design_name(board), build_dir=str(directory), do_build=False,
+        top, name=design_name(board), build_dir=str(directory), do_build=False,
         script_after_read=f"source {PCIE_MODULE}.tcl\nsource {JTAG_AXI_MODULE}.tcl",
         script_after_synth="source post_synth.tcl")
     plan.extract(str(directory))
