@@ -2,7 +2,7 @@
 behind an emulated IOMMU, in a VM (:mod:`memballoon.tb.vm`, scenario
 :mod:`memballoon.tb.vm_guest`). One boot serves every check below (25-40 s under TCG).
 
-Needs root, qemu-system-x86, busybox-static, kmod and apt (``make setup`` installs them);
+Needs qemu-system-x86, busybox-static, kmod and apt (``make setup`` installs them);
 the kernel image is fetched into the cache on first use. A machine that cannot run the VM
 fails this test with the reason: it is never skipped.
 """
