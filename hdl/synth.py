@@ -37,10 +37,12 @@ _FF = {"FDRE", "FDSE", "FDCE", "FDPE", "LDCE", "LDPE"}
 _LUT_MEMORY = re.compile(r"(RAM\d+X\d+[SD]|RAM\d+M(16)?|SRL16E|SRLC32E)$")
 #: Combinational cells: logic levels count LUTs and wide-function muxes (as Vivado's
 #: "Logic Levels" does); carry cells are fast dedicated routing and inverters fold into
-#: LUTs in Vivado, so they connect a path but add no level. Any other cell (flip-flop,
-#: latch, block/ultra/LUT RAM, shift register, DSP) starts and ends paths.
+#: LUTs in Vivado, so they connect a path but add no level. A LUT RAM or shift register
+#: is a level from its read address to its output, and starts and ends paths otherwise.
+#: Any other cell (flip-flop, latch, block/ultra RAM, DSP) starts and ends paths.
 _LEVEL_CELLS = re.compile(r"(LUT[1-6](_2)?|MUXF[789])$")
 _FREE_CELLS = re.compile(r"(CARRY[48]|INV)$")
+_READ_ADDRESS = re.compile(r"(ADDR[A-H]|A\d?|DPRA\d?)$")
 #: Carry-chain ports whose bit i only reaches outputs i and above.
 _CARRY_INDEXED_INPUTS = {"S", "DI"}
 
@@ -104,31 +106,33 @@ def longest_path(netlist, top) -> Path:
     """The path with the most logic levels in module ``top`` of a yosys JSON netlist.
 
     Nodes are net bits; each combinational cell joins its input bits to its output bits
-    (a carry cell's ``S``/``DI`` bit i only to outputs i and above) and adds a level if it
-    is a LUT or MUXF. Outputs of any other cell and the module's inputs start paths at 0.
+    (a carry cell's ``S``/``DI`` bit i only to outputs i and above, a LUT RAM's read
+    address only) and adds a level if it is a LUT, MUXF or LUT RAM. Outputs of any other
+    cell and the module's inputs start paths at 0.
     """
     module = netlist["modules"][top]
     edges = {}                      # bit -> [(bit, levels, carry)]
     indegree = {}
     register_of = {}                # bit -> first output bit of a sequential cell it feeds
+    output_of = {}                  # bit -> type of the cell that drives it
     for cell in module["cells"].values():
         cell_type = cell["type"]
-        counted = bool(_LEVEL_CELLS.match(cell_type))
-        if not counted and not _FREE_CELLS.match(cell_type):
-            directions = cell.get("port_directions", {})
-            cell_outputs = [bit for port, bits in cell["connections"].items()
-                            if directions.get(port) == "output" for bit in bits]
-            for port, bits in cell["connections"].items():
-                if directions.get(port) == "input" and cell_outputs:
-                    for bit in bits:
-                        register_of.setdefault(bit, cell_outputs[0])
-            continue
+        memory = bool(_LUT_MEMORY.match(cell_type))
+        counted = memory or bool(_LEVEL_CELLS.match(cell_type))
         carry = cell_type.startswith("CARRY")
-        directions = cell["port_directions"]
+        directions = cell.get("port_directions", {})
         outputs = [(port, i, bit) for port, bits in cell["connections"].items()
-                   if directions[port] == "output" for i, bit in enumerate(bits)]
+                   if directions.get(port) == "output" for i, bit in enumerate(bits)]
+        combinational = counted or _FREE_CELLS.match(cell_type)
+        output_of.update((bit, cell_type) for _, _, bit in outputs)
         for port, bits in cell["connections"].items():
-            if directions[port] != "input":
+            if directions.get(port) != "input":
+                continue
+            if not combinational or (memory and not _READ_ADDRESS.match(port)):
+                # The input of a register, RAM or DSP: paths end here.
+                for bit in bits:
+                    if outputs:
+                        register_of.setdefault(bit, outputs[0][2])
                 continue
             for i, source in enumerate(bits):
                 if isinstance(source, str):        # constant
@@ -172,7 +176,10 @@ def longest_path(netlist, top) -> Path:
                 and register_of[end] in names else names.get(end, f"bit {end}"))
     through = [names[bit] for bit in path[1:-1]
                if bit in names and not names[bit].startswith("$")]
-    return Path(levels, carries, names.get(path[0], f"bit {path[0]}"), end_name, through)
+    start_name = names.get(path[0], f"bit {path[0]}")
+    if start_name.startswith("$") and path[0] in output_of:
+        start_name = f"a {output_of[path[0]]} output"   # no designer's name survives
+    return Path(levels, carries, start_name, end_name, through)
 
 
 def _bit_names(module):

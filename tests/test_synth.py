@@ -57,6 +57,20 @@ def test_carry_cells_connect_without_adding_levels():
     assert longest_path(netlist(lone, {}), "top").levels == 1
 
 
+def test_lut_ram_read_is_a_level_and_its_write_ends_a_path():
+    # LUT -> ADDRA of a LUT RAM -> DOA -> LUT: three levels; LUT -> DIA ends a path.
+    cells = [
+        cell("LUT1", {"I0": [2]}, {"O": [3]}),
+        cell("RAM32M16", {"ADDRA": [3, "0", "0", "0", "0"], "DIA": [4, 5], "WE": ["1"],
+                          "WCLK": [1]}, {"DOA": [6, 7]}),
+        cell("LUT1", {"I0": [6]}, {"O": [8]}),
+        cell("LUT1", {"I0": [2]}, {"O": [4]}),
+    ]
+    assert longest_path(netlist(cells, {}), "top").levels == 3
+    write_only = [cells[1], cells[3], cell("LUT1", {"I0": [9]}, {"O": [5]})]
+    assert longest_path(netlist(write_only, {}), "top").levels == 1
+
+
 def test_a_combinational_loop_is_reported():
     cells = [cell("LUT1", {"I0": [2]}, {"O": [3]}), cell("LUT1", {"I0": [3]}, {"O": [2]})]
     with pytest.raises(ValueError, match="loop"):
