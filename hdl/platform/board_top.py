@@ -63,7 +63,7 @@ class BoardTop(Elaboratable):
                              "i_sys_reset": pcie_nets["sys_reset"]},
                     "jtag_axi": {"i_aclk": jtag_nets["aclk"],
                                  "i_aresetn": jtag_nets["aresetn"]}}
-        connections = core_connections(params.data_width)
+        connections = core_connections()
         if set(connections) != set(self._core_ports):
             raise ValueError(f"{TOP_NAME} ports and the board wiring differ: "
                              f"{sorted(set(connections) ^ set(self._core_ports))}")
@@ -74,7 +74,7 @@ class BoardTop(Elaboratable):
                 value = Const(connection.constant, width)
             else:
                 net = nets[connection.ip][connection.port]
-                value = net[connection.low:connection.low + width]
+                value = net[:width]
                 ip_ports[connection.ip][("o_" if core_input else "i_") + connection.port] = net
             core_ports[("i_" if core_input else "o_") + name] = value
         m.submodules.core = Instance(TOP_NAME, **core_ports)

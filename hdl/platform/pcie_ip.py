@@ -196,14 +196,13 @@ def post_synth_tcl(params: DeviceParams):
 @dataclasses.dataclass(frozen=True)
 class Connection:
     """Where one ``memballoon_usp`` port goes: an IP port (``ip`` is ``"pcie"`` or
-    ``"jtag_axi"``), bits ``[low, low + width)`` of it, or a constant (``ip`` None)."""
+    ``"jtag_axi"``; its low bits when it is wider), or a constant (``ip`` None)."""
     ip: str = None
     port: str = None
-    low: int = 0
     constant: int = 0
 
 
-def _stream_ports(data_width):
+def _stream_ports():
     """Core stream port -> IP stream port: the core's slave is the IP's master."""
     ports = {}
     for core_dir, ip_dir, name in (("s", "m", "cq"), ("m", "s", "cc"), ("m", "s", "rq"),
@@ -226,7 +225,7 @@ _SAME_NAME = [
 ]
 
 
-def core_connections(data_width):
+def core_connections():
     """Every ``memballoon_usp`` port -> :class:`Connection`.
 
     The PCIE4 block reports MSI-X results on its MSI sent/fail ports; the AXI4-Lite
@@ -234,7 +233,7 @@ def core_connections(data_width):
     address bits; AxPROT is unused by the port and tied to 0.
     """
     connections = {name: Connection("pcie", name) for name in _SAME_NAME}
-    connections.update(_stream_ports(data_width))
+    connections.update(_stream_ports())
     connections["cfg_interrupt_msix_sent"] = Connection("pcie", "cfg_interrupt_msi_sent")
     connections["cfg_interrupt_msix_fail"] = Connection("pcie", "cfg_interrupt_msi_fail")
     for field in ("awaddr", "awvalid", "awready", "wdata", "wstrb", "wvalid", "wready",
