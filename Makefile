@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 WIDTH ?= 512
 JOBS ?= 2
-# Debian packages, each with a command or file that proves it is there.
+# Debian packages, each with a command or file that proves it is there; installed without
+# Recommends (qemu-system-x86 would pull its GUI, OVMF and block plugins).
 #   pciutils: lspci decodes the simulated configuration space (tests).
 #   g++, make, perl: Verilator compiles its C++ model with them.
 #   liblz4-dev: Verilator's FST writer (WAVES=1).
@@ -16,10 +17,15 @@ JOBS ?= 2
 #   qemu-system-x86, busybox-static, kmod: the VM in which the VFIO backend drives QEMU's
 #     virtio-pci devices (tests/test_vm_vfio.py; its Debian kernel image is fetched into
 #     ~/.cache/memballoon/vm with apt-get download on first use).
+#   seabios (bios-256k.bin), qemu-system-data (kvmvapic.bin, linuxboot_dma.bin): the
+#     VM's firmware; qemu-system-x86 depends on them, they are named so the probe files
+#     say what the VM loads. Its ipxe-qemu dependency is never read: the VM runs with
+#     -nodefaults and no NIC, so no network option ROM.
 #   tcl: tclsh runs the generated Vivado TCL and XDC against stubs (tests/test_platform.py).
 SYSTEM_DEPS := lspci:pciutils g++:g++ perl:perl /usr/include/lz4.h:liblz4-dev \
-	qemu-system-x86_64:qemu-system-x86 /bin/busybox:busybox-static /usr/sbin/depmod:kmod \
-	tclsh:tcl
+	qemu-system-x86_64:qemu-system-x86 /usr/share/seabios/bios-256k.bin:seabios \
+	/usr/share/qemu/kvmvapic.bin:qemu-system-data /bin/busybox:busybox-static \
+	/usr/sbin/depmod:kmod tclsh:tcl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup sim test test-fast lint verilog bench vm synth bitstream clean
@@ -36,7 +42,8 @@ $(SETUP_STAMP): pyproject.toml
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+			--no-install-recommends $$missing; \
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
