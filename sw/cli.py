@@ -10,7 +10,8 @@
 
 Every failure ends in one line ``memballoon: error: ...`` and exit status 1 (2 for bad
 arguments); the VFIO backend is a context manager, so nothing stays mapped or enabled,
-also on Ctrl-C (exit status 130). The command bodies (:func:`probe_report`,
+also on Ctrl-C (exit status 130); bind and unbind put the function back as it was when
+they fail or are interrupted half-way, and the line says so. The command bodies (:func:`probe_report`,
 :func:`selftest`, :func:`bench`) take any :class:`~memballoon.backend.Backend`: the tests
 run them on the reference model.
 """
@@ -284,13 +285,20 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except KeyboardInterrupt:
-        print("memballoon: interrupted; everything released", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"memballoon: interrupted; {_notes(exc) or 'everything released'}",
+              file=sys.stderr)
         return 130
     except (InterruptTimeout, DeviceTimeout) as exc:
         print(f"memballoon: error: timeout: {exc}", file=sys.stderr)
         return 1
     except (BackendError, VirtioError, VirtqueueError, OSError) as exc:
-        print(f"memballoon: error: {exc}", file=sys.stderr)
+        print(f"memballoon: error: {'; '.join(filter(None, (str(exc), _notes(exc))))}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _notes(exc):
+    """The notes added to ``exc`` on its way out (what bind/unbind restored), one line."""
+    return "; ".join(getattr(exc, "__notes__", ()))

@@ -8,6 +8,10 @@ the kernel's own rule), vfio-pci loaded. Then ``driver_override`` and a rebind, 
 ``Documentation/driver-api/vfio.rst`` describes. The previous driver is remembered under
 ``/run/memballoon`` so :func:`vfio_unbind` gives the function back to it.
 
+The sysfs writes of both commands are one critical section, :class:`BindingTransaction`:
+an error or Ctrl-C in the middle puts back the ``driver_override``, the bound driver and
+the record under ``/run/memballoon`` as they were, so no function is left half-bound.
+
 ``sysfs``, ``state_dir`` and ``vfio_dev`` are parameters so the checks can be tested on a
 fake tree.
 """
@@ -22,7 +26,7 @@ from .backend import BackendError
 
 __all__ = ["PciFunction", "SetupError", "NotRoot", "NoSuchDevice", "WrongDevice", "NoIommu",
            "GroupNotViable", "NotBoundToVfio", "DeviceBusy", "BarMissing", "vfio_bind",
-           "vfio_unbind", "check_ids", "parse_bdf"]
+           "vfio_unbind", "check_ids", "parse_bdf", "BindingTransaction"]
 
 VFIO_DRIVER = "vfio-pci"
 #: Drivers the kernel accepts on the other members of a group used through VFIO.
@@ -148,8 +152,81 @@ class PciFunction:
                 f"IOMMU group {self.iommu_group} of {self.bdf} is not viable: "
                 f"{', '.join(foreign)}; unbind it or bind it to vfio-pci too")
 
+    @property
+    def driver_override(self):
+        """The ``driver_override`` text, or None when it is unset (sysfs shows ``(null)``)."""
+        text = self._read("driver_override")
+        return None if text in ("", "(null)") else text
+
     def write(self, name, text):
-        (self.path / name).write_text(text)
+        sysfs_write(self.path / name, text)
+
+
+def sysfs_write(path, text):
+    """Every sysfs write of bind and unbind goes here (the tests put a model of the
+    kernel's PCI core in its place)."""
+    pathlib.Path(path).write_text(text)
+
+
+class BindingTransaction:
+    """The critical section of a (re)bind: records the function's ``driver_override``,
+    its driver and the contents of ``state`` at entry; if the body raises (an error or
+    KeyboardInterrupt), puts all three back, each step on its own so one that fails does
+    not stop the others, and adds a note to the exception saying what it restored (the
+    command line prints it on the same line). A second Ctrl-C that lands in one of those
+    writes counts as that step failing; the remaining steps still run."""
+
+    def __init__(self, function, state):
+        self.function = function
+        self.state = pathlib.Path(state)
+
+    def __enter__(self):
+        self.override = self.function.driver_override
+        self.driver = self.function.driver
+        self.state_text = self.state.read_text() if self.state.exists() else None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            exc.add_note(self.restore())
+        return False
+
+    def _step(self, what, action, failed):
+        try:
+            action()
+        except (Exception, KeyboardInterrupt) as error:
+            failed.append(f"{what} ({error or type(error).__name__})")
+
+    def restore(self):
+        """Put the recorded state back; one line saying what was restored or not."""
+        function, failed = self.function, []
+        self._step("driver_override", lambda: function.write(
+            "driver_override", self.override or "\n"), failed)
+        try:
+            current = function.driver
+        except OSError as error:
+            failed.append(f"reading the driver ({error})")
+            current = self.driver
+        if current != self.driver:
+            if current is not None:
+                self._step(f"unbind from {current}",
+                           lambda: function.write("driver/unbind", function.bdf), failed)
+            if self.driver is not None:
+                self._step(f"bind to {self.driver}", lambda: sysfs_write(
+                    function.sysfs / "bus" / "pci" / "drivers" / self.driver / "bind",
+                    function.bdf), failed)
+        self._step(f"record {self.state}", self._restore_state, failed)
+        if failed:
+            return (f"{function.bdf} NOT fully restored, failed: {', '.join(failed)}; "
+                    f"check {function.path}")
+        return (f"{function.bdf} restored: driver {self.driver or 'none'}, "
+                f"driver_override {self.override or 'unset'}")
+
+    def _restore_state(self):
+        if self.state_text is None:
+            self.state.unlink(missing_ok=True)
+        else:
+            self.state.write_text(self.state_text)
 
 
 def check_ids(function, any_virtio):
@@ -181,8 +258,10 @@ def _ensure_vfio_pci(sysfs):
                              f"{VFIO_DRIVER} failed")
 
 
-def vfio_bind(bdf, any_virtio=False, sysfs="/sys", state_dir=STATE_DIR):
-    """Check and bind ``bdf`` to vfio-pci; returns the previous driver (None if none)."""
+def vfio_bind(bdf, any_virtio=False, sysfs="/sys", state_dir=STATE_DIR,
+              vfio_dev="/dev/vfio"):
+    """Check and bind ``bdf`` to vfio-pci; returns the previous driver (None if none).
+    On any failure after the checks the function is left as it was."""
     require_root()
     function = PciFunction(bdf, sysfs)
     check_ids(function, any_virtio)
@@ -194,17 +273,16 @@ def vfio_bind(bdf, any_virtio=False, sysfs="/sys", state_dir=STATE_DIR):
     _ensure_vfio_pci(sysfs)
     state = _state_file(state_dir, bdf)
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(previous or "")
-    function.write("driver_override", VFIO_DRIVER)
-    if previous is not None:
-        function.write("driver/unbind", bdf)
-    (pathlib.Path(sysfs) / "bus" / "pci" / "drivers_probe").write_text(bdf)
-    if function.driver != VFIO_DRIVER:
-        vfio_unbind(bdf, sysfs, state_dir)
-        raise NotBoundToVfio(f"{bdf} did not bind to {VFIO_DRIVER} (see dmesg); "
-                             f"{previous or 'no driver'} restored")
-    if not os.path.exists(f"/dev/vfio/{group}"):
-        raise NoIommu(f"/dev/vfio/{group} missing although {bdf} is bound to {VFIO_DRIVER}")
+    with BindingTransaction(function, state):
+        state.write_text(previous or "")     # first, so a killed process leaves a record
+        function.write("driver_override", VFIO_DRIVER)
+        if previous is not None:
+            function.write("driver/unbind", bdf)
+        sysfs_write(pathlib.Path(sysfs) / "bus" / "pci" / "drivers_probe", bdf)
+        if function.driver != VFIO_DRIVER:
+            raise NotBoundToVfio(f"{bdf} did not bind to {VFIO_DRIVER} (see dmesg)")
+        if not os.path.exists(f"{vfio_dev}/{group}"):
+            raise NoIommu(f"{vfio_dev}/{group} missing after binding {bdf} to {VFIO_DRIVER}")
     return previous
 
 
@@ -225,19 +303,23 @@ def _check_group_closed(function, vfio_dev):
 
 def vfio_unbind(bdf, sysfs="/sys", state_dir=STATE_DIR, vfio_dev="/dev/vfio"):
     """Take ``bdf`` from vfio-pci and give it back to the driver it had before
-    :func:`vfio_bind` (or let the kernel choose when that is not known); the new driver."""
+    :func:`vfio_bind` (or let the kernel choose when that is not known); the new driver.
+    On a failure in the middle the function stays on vfio-pci as it was."""
     require_root()
     function = PciFunction(bdf, sysfs)
-    if function.driver == VFIO_DRIVER:
-        _check_group_closed(function, vfio_dev)
-        function.write("driver/unbind", bdf)
-    function.write("driver_override", "\n")
     state = _state_file(state_dir, bdf)
-    previous = state.read_text() if state.exists() else None
-    if previous:
-        (pathlib.Path(sysfs) / "bus" / "pci" / "drivers" / previous / "bind").write_text(bdf)
-    elif previous is None:
-        (pathlib.Path(sysfs) / "bus" / "pci" / "drivers_probe").write_text(bdf)
-    if state.exists():
-        state.unlink()
+    bound = function.driver == VFIO_DRIVER
+    if bound:
+        _check_group_closed(function, vfio_dev)
+    with BindingTransaction(function, state):
+        if bound:
+            function.write("driver/unbind", bdf)
+        function.write("driver_override", "\n")
+        previous = state.read_text() if state.exists() else None
+        if previous:
+            sysfs_write(pathlib.Path(sysfs) / "bus" / "pci" / "drivers" / previous / "bind",
+                        bdf)
+        elif previous is None:
+            sysfs_write(pathlib.Path(sysfs) / "bus" / "pci" / "drivers_probe", bdf)
+        state.unlink(missing_ok=True)
     return function.driver

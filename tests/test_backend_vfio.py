@@ -3,10 +3,14 @@
 feature choice for a non-memballoon virtio device. The real thing runs in
 ``tests/test_vm_vfio.py``."""
 
+import errno
+import functools
 import os
+import pathlib
 
 import pytest
 
+from memballoon import cli
 from memballoon import constants as c
 from memballoon import pci_sysfs as ps
 from memballoon.backend import BackendError
@@ -173,3 +177,191 @@ def test_a_non_balloon_device_gets_only_transport_features():
     assert vdev.choose_features(offered, wanted=wanted) == wanted
     with pytest.raises(VirtioError, match="page size is a memballoon feature"):
         vdev.choose_features(offered, page_size=4096)
+
+
+# --- bind/unbind interrupted half-way --------------------------------------------------------
+
+class PciCoreModel:
+    """What Linux's PCI core does on the sysfs writes of bind and unbind, on a
+    :class:`FakeSysfs` (``driver_override``, ``drivers/X/bind``/``unbind``,
+    ``drivers_probe`` with ``native`` as the driver each function would get by itself).
+    The write numbered ``fail_at`` raises ``error`` before it takes effect, or just after
+    when ``after`` (a Ctrl-C that lands once the kernel did the work)."""
+
+    def __init__(self, sysfs, native, fail_at=None, error=None, after=False):
+        self.sysfs, self.native = sysfs, native
+        self.fail_at, self.error, self.after = fail_at, error, after
+        self.writes = []
+
+    def write(self, path, text):
+        index = len(self.writes)
+        self.writes.append((os.path.relpath(path, self.sysfs.root), text))
+        if index == self.fail_at and not self.after:
+            raise self.error
+        self._apply(pathlib.Path(os.path.realpath(path)), text.strip())
+        if index == self.fail_at and self.after:
+            raise self.error
+
+    def _link(self, bdf):
+        return self.sysfs.devices / bdf / "driver"
+
+    def _attach(self, bdf, driver):
+        if self._link(bdf).is_symlink():
+            raise OSError(errno.EBUSY, "device already bound")
+        override = (self.sysfs.devices / bdf / "driver_override").read_text().strip()
+        if override not in ("(null)", driver) or not (self.sysfs.drivers / driver).is_dir():
+            raise OSError(errno.ENODEV, "no such device")
+        os.symlink(self.sysfs.drivers / driver, self._link(bdf))
+
+    def _apply(self, path, text):
+        if path.name == "driver_override":
+            path.write_text(f"{text or '(null)'}\n")
+        elif path.name == "unbind":
+            link = self._link(text)
+            if not link.is_symlink() or os.path.basename(os.readlink(link)) != path.parent.name:
+                raise OSError(errno.ENODEV, "no such device")
+            link.unlink()
+        elif path.name == "bind":
+            self._attach(text, path.parent.name)
+        elif path.name == "drivers_probe":
+            if not self._link(text).is_symlink():
+                override = (self.sysfs.devices / text / "driver_override").read_text().strip()
+                self._attach(text, self.native[text] if override == "(null)" else override)
+        else:
+            raise AssertionError(f"write to {path}")
+
+
+def binding_state(sysfs, tmp_path):
+    """What bind/unbind change: (driver_override, driver, records under the state dir)."""
+    function = ps.PciFunction(DUT, sysfs.root)
+    state = tmp_path / "state"
+    records = {p.name: p.read_text() for p in state.iterdir()} if state.exists() else {}
+    return function.driver_override, function.driver, records
+
+
+@pytest.fixture
+def kernel(sysfs, tmp_path, monkeypatch):
+    """A function natively driven by virtio-pci, vfio-pci loaded, the kernel model in
+    place of sysfs writes and /dev/vfio/1 present."""
+    for driver in ("virtio-pci", ps.VFIO_DRIVER):
+        (sysfs.drivers / driver).mkdir()
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "1").write_text("")
+    model = PciCoreModel(sysfs, {DUT: "virtio-pci"})
+    monkeypatch.setattr(ps, "sysfs_write", model.write)
+    return model
+
+
+def bind_with_model(sysfs, tmp_path):
+    return ps.vfio_bind(DUT, sysfs=sysfs.root, state_dir=tmp_path / "state",
+                        vfio_dev=tmp_path / "dev")
+
+
+def unbind_with_model(sysfs, tmp_path):
+    return ps.vfio_unbind(DUT, sysfs=sysfs.root, state_dir=tmp_path / "state",
+                          vfio_dev=tmp_path / "dev")
+
+
+def on_vfio(sysfs, tmp_path, record):
+    """The function as ``vfio bind`` leaves it; ``record`` the previous driver's name."""
+    sysfs.add(DUT, driver=ps.VFIO_DRIVER)
+    (sysfs.devices / DUT / "driver_override").write_text(f"{ps.VFIO_DRIVER}\n")
+    if record is not None:
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / f"{DUT}.driver").write_text(record)
+
+
+@pytest.mark.parametrize("previous", ["virtio-pci", None])
+def test_bind_and_unbind_on_the_kernel_model(sysfs, tmp_path, kernel, previous):
+    sysfs.add(DUT, driver=previous)
+    start = binding_state(sysfs, tmp_path)
+    assert bind_with_model(sysfs, tmp_path) == previous
+    assert binding_state(sysfs, tmp_path) == (
+        ps.VFIO_DRIVER, ps.VFIO_DRIVER, {f"{DUT}.driver": previous or ""})
+    assert len(kernel.writes) == (3 if previous else 2)
+    assert unbind_with_model(sysfs, tmp_path) == previous
+    assert binding_state(sysfs, tmp_path) == start
+
+
+BIND_STEPS = [("virtio-pci", 0), ("virtio-pci", 1), ("virtio-pci", 2), (None, 0), (None, 1)]
+#: Made anew for each test: the restore adds its note to the exception.
+ERRORS = [KeyboardInterrupt, lambda: OSError(errno.EIO, "Input/output error")]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("error", ERRORS, ids=["ctrl-c", "eio"])
+@pytest.mark.parametrize("previous, step", BIND_STEPS)
+def test_bind_failing_at_each_write_leaves_the_function_as_it_was(
+        sysfs, tmp_path, kernel, previous, step, error, after):
+    """No half-bound function, whichever sysfs write of bind is cut short, before or
+    after the kernel acted on it."""
+    sysfs.add(DUT, driver=previous)
+    start = binding_state(sysfs, tmp_path)
+    kernel.fail_at, kernel.error, kernel.after = step, error(), after
+    with pytest.raises(type(kernel.error)) as info:
+        bind_with_model(sysfs, tmp_path)
+    assert len(kernel.writes) > step                    # the failure was injected
+    assert binding_state(sysfs, tmp_path) == start
+    assert info.value.__notes__ == [f"{DUT} restored: driver {previous or 'none'}, "
+                                    f"driver_override unset"]
+
+
+UNBIND_STEPS = [("virtio-pci", 0), ("virtio-pci", 1), ("virtio-pci", 2), (None, 0),
+                (None, 1), (None, 2)]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+@pytest.mark.parametrize("error", ERRORS, ids=["ctrl-c", "eio"])
+@pytest.mark.parametrize("record, step", UNBIND_STEPS)
+def test_unbind_failing_at_each_write_leaves_the_function_on_vfio(
+        sysfs, tmp_path, kernel, record, step, error, after):
+    on_vfio(sysfs, tmp_path, record)
+    start = binding_state(sysfs, tmp_path)
+    kernel.fail_at, kernel.error, kernel.after = step, error(), after
+    with pytest.raises(type(kernel.error)):
+        unbind_with_model(sysfs, tmp_path)
+    assert len(kernel.writes) > step
+    assert binding_state(sysfs, tmp_path) == start
+
+
+def test_bind_without_the_group_file_gives_the_function_back(sysfs, tmp_path, kernel):
+    sysfs.add(DUT, driver="virtio-pci")
+    (tmp_path / "dev" / "1").unlink()
+    with pytest.raises(ps.NoIommu, match="missing after binding"):
+        bind_with_model(sysfs, tmp_path)
+    assert binding_state(sysfs, tmp_path) == (None, "virtio-pci", {})
+
+
+def test_a_restore_step_that_fails_is_named_and_the_others_still_run(sysfs, tmp_path, kernel):
+    """The driver that refuses the function back does not stop the record's removal."""
+    sysfs.add(DUT, driver="virtio-pci")
+    kernel.fail_at, kernel.error, kernel.after = 2, KeyboardInterrupt(), True
+
+    def refuse_virtio_pci(bdf, driver, attach=kernel._attach):
+        if driver == "virtio-pci":
+            raise OSError(errno.ENODEV, "No such device")
+        attach(bdf, driver)
+    kernel._attach = refuse_virtio_pci
+    with pytest.raises(KeyboardInterrupt) as info:
+        bind_with_model(sysfs, tmp_path)
+    assert binding_state(sysfs, tmp_path) == (None, None, {})
+    assert info.value.__notes__ == [
+        f"{DUT} NOT fully restored, failed: bind to virtio-pci ([Errno 19] No such device); "
+        f"check {sysfs.devices / DUT}"]
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (KeyboardInterrupt, 130, f"memballoon: interrupted; {DUT} restored: driver virtio-pci, "
+                               f"driver_override unset\n"),
+    (ERRORS[1], 1,
+     f"memballoon: error: [Errno 5] Input/output error; {DUT} restored: driver virtio-pci, "
+     f"driver_override unset\n")])
+def test_cli_bind_cut_short_is_one_line(sysfs, tmp_path, kernel, capsys, monkeypatch,
+                                        error, status, line):
+    sysfs.add(DUT, driver="virtio-pci")
+    monkeypatch.setattr(cli, "vfio_bind", functools.partial(
+        ps.vfio_bind, sysfs=sysfs.root, state_dir=tmp_path / "state", vfio_dev=tmp_path / "dev"))
+    kernel.fail_at, kernel.error = 1, error()
+    assert cli.main(["vfio", "bind", DUT]) == status
+    assert capsys.readouterr() == ("", line)
+    assert binding_state(sysfs, tmp_path) == (None, "virtio-pci", {})
