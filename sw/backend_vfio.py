@@ -177,10 +177,15 @@ class VfioBackend(Backend):
         self.group.set_container(self.container)
         self.container.set_iommu()
         try:
-            self.device = vfio.VfioDevice(self.group.device_fd(self.bdf))
+            device_fd = self.group.device_fd(self.bdf)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 raise DeviceBusy(f"{self.bdf} is open in another process") from None
+            raise
+        try:
+            self.device = vfio.VfioDevice(device_fd)
+        except BaseException:
+            os.close(device_fd)         # no VfioDevice owns it yet, so close() would not
             raise
         self.iova = IovaAllocator(self.container.iova_ranges())
         self.config_offset = self.device.region_info(vfio.VFIO_PCI_CONFIG_REGION_INDEX).offset

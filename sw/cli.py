@@ -11,9 +11,9 @@
 Every failure ends in one line ``memballoon: error: ...`` and exit status 1 (2 for bad
 arguments); the VFIO backend is a context manager, so nothing stays mapped or enabled,
 also on Ctrl-C (exit status 130); bind and unbind put the function back as it was when
-they fail or are interrupted half-way, and the line says so. The command bodies (:func:`probe_report`,
-:func:`selftest`, :func:`bench`) take any :class:`~memballoon.backend.Backend`: the tests
-run them on the reference model.
+they fail or are interrupted half-way, and the line says so. The command bodies
+(:func:`probe_report`, :func:`selftest`, :func:`bench`) take any
+:class:`~memballoon.backend.Backend`: the tests run them on the reference model.
 """
 
 import argparse

@@ -8,9 +8,11 @@ import functools
 import os
 import pathlib
 
+import types
+
 import pytest
 
-from memballoon import cli
+from memballoon import backend_vfio, cli, vfio
 from memballoon import constants as c
 from memballoon import pci_sysfs as ps
 from memballoon.backend import BackendError
@@ -365,3 +367,165 @@ def test_cli_bind_cut_short_is_one_line(sysfs, tmp_path, kernel, capsys, monkeyp
     assert cli.main(["vfio", "bind", DUT]) == status
     assert capsys.readouterr() == ("", line)
     assert binding_state(sysfs, tmp_path) == (None, "virtio-pci", {})
+
+
+# --- the backend released on Ctrl-C, wherever it lands -----------------------------------------
+
+class RecordedVfio:
+    """Stands in for :mod:`memballoon.vfio` (container, group, device) and for the backend's
+    ``munmap``: every call is logged, and the ``nth`` call named ``fail_at`` raises
+    KeyboardInterrupt. The device fd is a real file holding a configuration space."""
+
+    def __init__(self, config_path, fail_at=None, nth=1):
+        self.config_path = config_path
+        self.fail_at, self.nth = fail_at, nth
+        self.log = []
+        self.failed = None
+        self.device_fd = None
+
+    def call(self, name, *args):
+        self.log.append(" ".join([name, *(hex(arg) for arg in args)]))
+        if name == self.fail_at and [e.split()[0] for e in self.log].count(name) == self.nth:
+            self.failed = len(self.log) - 1
+            raise KeyboardInterrupt
+
+    def install(self, monkeypatch):
+        """Put the fakes in place of the real layer."""
+        rec, libc = self, backend_vfio._libc
+
+        class Container:
+            def __init__(self):
+                rec.call("container")
+
+            def set_iommu(self):
+                rec.call("set_iommu")
+
+            def iova_ranges(self):
+                return None
+
+            def map_dma(self, vaddr, iova, size):
+                rec.call("map_dma", iova)
+
+            def unmap_dma(self, iova, size):
+                rec.call("unmap_dma", iova)
+
+            def close(self):
+                rec.call("container.close")
+
+        class Group:
+            def __init__(self, number):
+                rec.call("group")
+
+            def status(self):
+                return vfio.VFIO_GROUP_FLAGS_VIABLE
+
+            def set_container(self, container):
+                rec.call("set_container")
+
+            def device_fd(self, bdf):
+                rec.call("device_fd")
+                rec.device_fd = os.open(rec.config_path, os.O_RDWR)
+                return rec.device_fd
+
+            def close(self):
+                rec.call("group.close")
+
+        class Device:
+            flags = vfio.VFIO_DEVICE_FLAGS_RESET
+
+            def __init__(self, fd):
+                rec.call("device")
+                self.fd = fd
+
+            def region_info(self, index):
+                rec.call("region_info")
+                return types.SimpleNamespace(offset=0, size=0, flags=0)
+
+            def irq_info(self, index):
+                rec.call("irq_info")
+                return types.SimpleNamespace(count=0)
+
+            def reset(self):
+                rec.call("reset")
+
+            def close(self):
+                rec.call("device.close")
+                os.close(self.fd)
+
+        class Libc:
+            mmap = libc.mmap
+
+            @staticmethod
+            def munmap(addr, size):
+                rec.call("munmap")
+                return libc.munmap(addr, size)
+
+        for name, fake in (("VfioContainer", Container), ("VfioGroup", Group),
+                           ("VfioDevice", Device)):
+            monkeypatch.setattr(vfio, name, fake)
+        monkeypatch.setattr(backend_vfio, "_libc", Libc)
+
+    def check_released(self):
+        """Each fd opened was closed once, device before group before container; every
+        IOMMU mapping made was unmapped, after the reset and before the fds close."""
+        opened = [e for i, e in enumerate(self.log)
+                  if e in ("container", "group", "device") and i != self.failed]
+        closes = [e for e in self.log if e.endswith(".close")]
+        assert closes == [f"{e}.close" for e in reversed(opened)]
+        if self.device_fd is not None:
+            with pytest.raises(OSError):
+                os.fstat(self.device_fd)
+        mapped = [e.split()[1] for e in self.log if e.startswith("map_dma")]
+        if self.fail_at == "map_dma":
+            mapped.pop()                # the interrupted MAP_DMA never took effect
+        unmaps = [i for i, e in enumerate(self.log) if e.startswith("unmap_dma")]
+        assert [self.log[i].split()[1] for i in unmaps] == mapped
+        if "device.close" in closes:
+            assert self.log.index("reset") < min(unmaps, default=len(self.log))
+            assert max(unmaps, default=-1) < self.log.index("device.close")
+
+
+@pytest.fixture
+def recorded_vfio(sysfs, tmp_path, monkeypatch):
+    """A function on vfio-pci in the fake sysfs and the recorded VFIO layer; set
+    ``fail_at``/``nth`` before opening."""
+    sysfs.add(DUT, driver=ps.VFIO_DRIVER)
+    config = tmp_path / "config"
+    config.write_bytes(bytes(256))
+    rec = RecordedVfio(config)
+    rec.install(monkeypatch)
+    return rec
+
+
+def open_and_map(rec, sysfs):
+    """Open the backend and allocate DMA memory over three chunks, as a driver run does."""
+    with VfioBackend.open(DUT, sysfs=sysfs.root) as backend:
+        backend.dma_alloc(4096)
+        backend.dma_alloc(2 * backend_vfio.DMA_CHUNK)
+        backend.dma_alloc(backend_vfio.DMA_CHUNK)
+
+
+@pytest.mark.parametrize("fail_at, nth", [
+    ("container", 1), ("group", 1), ("set_container", 1), ("set_iommu", 1), ("device_fd", 1),
+    ("device", 1), ("region_info", 1), ("region_info", 4), ("irq_info", 1), ("map_dma", 1),
+    ("map_dma", 2), ("map_dma", 3)])
+def test_ctrl_c_during_open_or_dma_setup_releases_everything(recorded_vfio, sysfs,
+                                                             fail_at, nth):
+    """Wherever the Ctrl-C lands between the first open and the last DMA mapping."""
+    recorded_vfio.fail_at, recorded_vfio.nth = fail_at, nth
+    with pytest.raises(KeyboardInterrupt):
+        open_and_map(recorded_vfio, sysfs)
+    assert [e.split()[0] for e in recorded_vfio.log].count(fail_at) == nth
+    recorded_vfio.check_released()
+
+
+def test_a_run_without_interruption_releases_everything(recorded_vfio, sysfs):
+    open_and_map(recorded_vfio, sysfs)
+    chunks = [IOVA_BASE, IOVA_BASE + 0x20_0000, IOVA_BASE + 0x60_0000]
+    assert [e for e in recorded_vfio.log if e.startswith("map_dma")] == [
+        f"map_dma {iova:#x}" for iova in chunks]
+    release = recorded_vfio.log[recorded_vfio.log.index("reset"):]
+    assert release == ["reset", *[e for iova in chunks for e in (f"unmap_dma {iova:#x}",
+                                                                 "munmap")],
+                       "device.close", "group.close", "container.close"]
+    recorded_vfio.check_released()
