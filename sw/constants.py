@@ -14,6 +14,15 @@ from amaranth.lib import enum
 
 PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4
 VIRTIO_ID_MEMORY_BALLOON = 13
+#: Devices the VFIO backend is proven against in a VM (tests/test_vm_vfio.py): virtio-rng
+#: and virtio-blk (virtio 1.2 5.2: request header, data, status byte).
+VIRTIO_ID_ENTROPY = 4
+VIRTIO_ID_BLOCK = 2
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_SECTOR_SIZE = 512
+VIRTIO_BLK_CFG_CAPACITY = 0                 # le64 sectors, first field of the config
 VIRTIO_PCI_MODERN_DEVICE_ID_BASE = 0x1040
 MEMBALLOON_PCI_DEVICE_ID = VIRTIO_PCI_MODERN_DEVICE_ID_BASE + VIRTIO_ID_MEMORY_BALLOON  # 0x104D
 MEMBALLOON_PCI_REVISION_ID = 0x01           # >= 1: non-transitional (C1)

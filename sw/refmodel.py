@@ -36,9 +36,9 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   fault while completing a command leaves the command's effect and publishes nothing.
   Elements used before a fault are still published and notified. In an indirect table,
   "queue size" is the table's entry count. A descriptor with INDIRECT ends its chain
-  (NEXT is ignored on it, virtio 1.2 2.7.5.3.1) and its WRITE flag is ignored; the
-  engine follows INDIRECT whether or not it was negotiated (the driver must not use it
-  then). Readable and writable descriptors may interleave: each kind is taken in chain
+  (NEXT is ignored on it, virtio 1.2 2.7.5.3.1) and its WRITE flag is ignored. Without
+  VIRTIO_F_INDIRECT_DESC negotiated the flag means nothing: the descriptor is an ordinary
+  buffer (the driver must not set it then; the RTL reads it the same way). Readable and writable descriptors may interleave: each kind is taken in chain
   order.
 - C5: an address is checked for alignment before the window (a misaligned address
   outside the window counts as misaligned). A GET counts a violation only for an
@@ -812,6 +812,7 @@ class MemballoonRef:
         readable, writable = [], []
         table, entries = q.desc, q.size
         index, count, indirect = head, 0, False
+        follows_indirect = self.negotiated(c.VIRTIO_F_INDIRECT_DESC)
         while True:
             if index >= entries:
                 raise _Fault(c.RingFault.DESC_INDEX)
@@ -819,7 +820,7 @@ class MemballoonRef:
             if count > entries:
                 raise _Fault(c.RingFault.CHAIN_LOOP)
             desc = VringDesc.unpack(self._rd(table + c.VRING_DESC_SIZE * index, c.VRING_DESC_SIZE))
-            if desc.flags & c.VRING_DESC_F_INDIRECT:
+            if desc.flags & c.VRING_DESC_F_INDIRECT and follows_indirect:
                 if indirect:
                     raise _Fault(c.RingFault.NESTED_INDIRECT)
                 if desc.len == 0 or desc.len % c.VRING_DESC_SIZE:

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from . import constants as c
 from .backend import BackendError
 
+#: The device-independent features this model implements (virtio 1.2 6): what it
+#: accepts from a device that is not a memballoon.
+TRANSPORT_FEATURES = (1 << c.VIRTIO_F_INDIRECT_DESC | 1 << c.VIRTIO_F_RING_EVENT_IDX |
+                      1 << c.VIRTIO_F_VERSION_1 | 1 << c.VIRTIO_F_ACCESS_PLATFORM)
+
+
 def _align_up(value, align):
     return -(-value // align) * align
 
@@ -376,9 +382,16 @@ class VirtioPciModernDevice:
     def choose_features(self, offered, page_size=None, wanted=None):
         """The feature set a memballoon driver accepts from ``offered``: the ``wanted``
         bits (default: everything offered) with exactly one page size, the requested one
-        or else the smallest offered (C4)."""
+        or else the smallest offered (C4). Bound to another virtio device ID (bring-up
+        against any virtio device), the driver knows only the transport: it accepts the
+        ``wanted`` bits of :data:`TRANSPORT_FEATURES` and ``page_size`` must be None."""
         if not offered >> c.VIRTIO_F_VERSION_1 & 1:
             raise ProbeError("device does not offer VIRTIO_F_VERSION_1")
+        if self.expected_device_id != c.VIRTIO_ID_MEMORY_BALLOON:
+            if page_size is not None:
+                raise VirtioError("a page size is a memballoon feature")
+            wanted = offered if wanted is None else wanted
+            return (wanted & offered & TRANSPORT_FEATURES) | 1 << c.VIRTIO_F_VERSION_1
         pages = [b for b in c.PAGE_SIZE_FEATURE_BITS if offered >> b & 1]
         if not pages:
             raise ProbeError("device offers no page size (C3)")

@@ -90,15 +90,20 @@ def run_cocotb(test_module, name, params, testcase=None, extra_env=None):
             timescale=("1ns", "1ps"),
             log_file=build_dir / "build.log",
         )
-    results = runner.test(
-        test_module=test_module,
-        hdl_toplevel=TOP_NAME,
-        build_dir=build_dir,
-        test_dir=build_dir,
-        testcase=testcase,
-        waves=waves,
-        extra_env={PARAMS_ENV: params_to_json(params), **(extra_env or {})},
-    )
+    try:
+        results = runner.test(
+            test_module=test_module,
+            hdl_toplevel=TOP_NAME,
+            build_dir=build_dir,
+            test_dir=build_dir,
+            testcase=testcase,
+            waves=waves,
+            extra_env={PARAMS_ENV: params_to_json(params), **(extra_env or {})},
+        )
+    except SystemExit as exit:
+        # Under pytest, cocotb_tools exits when a cocotb test fails: make it a test failure.
+        raise AssertionError(f"{test_module}: cocotb tests failed (exit status {exit.code}); "
+                             f"the failing tests are in the log above") from None
     if waves:
         print(f"waveform: {build_dir / 'dump.fst'}")
     total, failed = get_results(results)

@@ -565,6 +565,22 @@ async def framing(rig):
     assert await rig.mgmt_read(c.MGMT_CMD_MALFORMED) == 0
 
 
+async def indirect_flag_without_feature(rig):
+    """C7/virtio 1.2 2.7.5.3: without VIRTIO_F_INDIRECT_DESC the INDIRECT flag means
+    nothing: a descriptor that carries it is an ordinary readable buffer (here a GIVE
+    whose 16 bytes, read as a table, would be a descriptor of 36 KiB at address 1)."""
+    vb = await probe(rig, pool_pages=0, without=(c.VIRTIO_F_INDIRECT_DESC,))
+    data = cmd(GIVE, page_addr(9))
+    buf = await vb.todev_vq.map_raw(data)
+    await vb.todev_vq.add_raw_chain([VringDesc(buf, len(data), c.VRING_DESC_F_INDIRECT)], "t")
+    await vb.todev_vq.virtqueue_notify()
+    assert await wait_used(rig, vb.todev_vq, 1) == [("t", 0)]
+    assert await read_bitmap(rig, [0]) == {9}
+    assert await read_balloon_pages(rig) == 1
+    assert not await vb.vdev.vp_modern_get_status() & c.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert await rig.mgmt_read(c.MGMT_RING_FAULTS) == 0
+
+
 # --- C6 fromdevq -----------------------------------------------------------------------
 
 async def min_balloon(rig, extra_mem):
@@ -1159,6 +1175,7 @@ SCENARIOS = {
     "violations": (violations, {}),
     "window_base": (window_base, {}),
     "framing": (framing, {}),
+    "indirect_flag_without_feature": (indirect_flag_without_feature, {}),
     "min_balloon_extra": (min_balloon, {"extra_mem": True}),
     "min_balloon_no_extra": (min_balloon, {"extra_mem": False}),
     "min_balloon_held": (min_balloon_held, {}),

@@ -12,7 +12,7 @@ from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
-from memballoon.hdl.virtio.virtqueue import VirtqueueEngine
+from memballoon.hdl.virtio.virtqueue import READABLE_QUEUE_DEPTH, VirtqueueEngine
 from memballoon.params import DeviceParams
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.dma_memory_sim import DmaMemory
@@ -115,14 +115,19 @@ class Driver:
         return pieces
 
     def virtqueue_add(self, readable, writable, *, max_pieces=4, use_indirect=None,
-                      direct=None, readable_pieces=None, readable_lengths=None):
+                      direct=None, readable_pieces=None, readable_lengths=None, lengths=None):
         """Queue one buffer, its bytes split at random (into ``readable_pieces`` buffers
-        if given, or as ``readable_lengths`` says); None when the ring has no room."""
+        if given, or as ``readable_lengths`` says, or as ``lengths``: (readable lengths,
+        writable lengths), then with as many descriptors as given); None when the ring has
+        no room."""
         if readable_lengths is not None:
             readable_pieces = len(readable_lengths)
-        readable_count = readable_pieces or (
-            self.rng.randint(1, max_pieces) if readable or not writable else 0)
-        writable_count = self.rng.randint(1, max_pieces) if writable else 0
+        if lengths:
+            readable_count, writable_count = map(len, lengths)
+        else:
+            readable_count = readable_pieces or (
+                self.rng.randint(1, max_pieces) if readable or not writable else 0)
+            writable_count = self.rng.randint(1, max_pieces) if writable else 0
         count = readable_count + writable_count
         if use_indirect is None:
             use_indirect = self.indirect and count > 1 and self.rng.random() < 0.5
@@ -138,10 +143,16 @@ class Driver:
         count = readable_count + writable_count
         if direct is None:
             direct = min(self.rng.randint(0, count - 1), self.size - 1) if use_indirect else count
-        if readable_lengths is None:
-            readable_lengths = (split(self.rng, len(readable), readable_count)
-                                if readable_count else [])
-        writable_lengths = split(self.rng, writable, writable_count) if writable_count else []
+        if lengths:
+            readable_lengths, writable_lengths = lengths
+            assert count == len(readable_lengths) + len(writable_lengths), \
+                "a direct chain of more descriptors than the queue size"
+            assert (sum(readable_lengths), sum(writable_lengths)) == (len(readable), writable)
+        else:
+            if readable_lengths is None:
+                readable_lengths = (split(self.rng, len(readable), readable_count)
+                                    if readable_count else [])
+            writable_lengths = split(self.rng, writable, writable_count) if writable_count else []
         needed = direct + (1 if use_indirect else 0)
         if needed > len(self.free):
             return None
@@ -639,14 +650,130 @@ def test_chain_longer_than_readable_queue(use_indirect):
     bench.run(testbench)
 
 
-@pytest.mark.xfail(strict=True, reason="known engine hang: a direct chain longer than the "
-                   "readable queue, seed 474688817 (README, Known bugs)")
-def test_chain_longer_than_readable_queue_known_hang(monkeypatch):
-    """The layout that seed 474688817 draws for the direct case never completes: the second
-    walk of a chain longer than the readable queue stalls. Kept as a strict xfail so that
-    the fix shows up."""
+def test_chain_longer_than_readable_queue_seed_474688817(monkeypatch):
+    """The layout seed 474688817 draws for the direct case, which hung the engine: the
+    chain's last readable buffer took the readable queue's last place (writable buffers
+    follow)."""
     monkeypatch.setenv("SEED", "474688817")
     test_chain_longer_than_readable_queue(False)
+
+
+def add_laid_out(bench, readable_lengths, writable_lengths, **options):
+    """Queues one chain of exactly these buffers (readable first) with random bytes."""
+    readable = bytes(bench.rng.getrandbits(8) for _ in range(sum(readable_lengths)))
+    return bench.driver.virtqueue_add(readable, sum(writable_lengths),
+                                      lengths=(readable_lengths, writable_lengths), **options)
+
+
+def filling_lengths(readable_count):
+    """Readable lengths whose first buffer is more than the data buffer holds (4 KiB), so
+    that the readable queue keeps every later one until the function takes words."""
+    return [8192] + [8] * (readable_count - 1)
+
+
+@pytest.mark.parametrize("use_indirect", [False, True])
+@pytest.mark.parametrize("tail", ["end", "writable"])
+@pytest.mark.parametrize("past_queue", [0, 1, 2])
+def test_last_readable_buffer_at_full_readable_queue(past_queue, tail, use_indirect):
+    """The chain's last readable buffer meets a readable queue with room (0), taking its
+    last place (1: the walk ends with it held and the queue full, which hung the engine:
+    its header waited for that buffer, the queue for the function, the function for the
+    header), or full (2: the walk counts on), the chain ending there or with writable
+    buffers after it."""
+    depth = min(READABLE_QUEUE_DEPTH, 64)
+    bench = Bench(new_seed(), size=64, max_queue_size=64, indirect=use_indirect)
+
+    async def testbench(ctx):
+        await bench.configure(ctx)
+        writable_lengths = [1, 1, 6] if tail == "writable" else []
+        assert add_laid_out(bench, filling_lengths(1 + depth + past_queue), writable_lengths,
+                            use_indirect=use_indirect, direct=0 if use_indirect else None)
+        await bench.kick(ctx)
+        await bench.drain(ctx)
+        assert bench.function.commands == 1 and not bench.faults
+
+    bench.run(testbench)
+
+
+@pytest.mark.parametrize("layout", ["queue-size", "behind-held", "wrapping"])
+def test_long_chain_within_queue_size(layout):
+    """C7: a direct chain of up to the queue size is no loop, however many of its buffers
+    wait past the readable queue: exactly the queue size (the ring full); the rest of the
+    ring walked while a one-buffer chain before it executes (its result held); 48 of 64
+    consecutive descriptors wrapping past the table's end, the ring indices past 65535."""
+    size = 64
+    bench = Bench(new_seed(), size=size, max_queue_size=size, scatter=False,
+                  start=0xFFFF if layout == "wrapping" else 0,
+                  function_options={"hold_cycles": 500})
+
+    async def testbench(ctx):
+        driver = bench.driver
+        ctx.set(bench.dut.avail_fetcher.last_avail, bench.start)
+        ctx.set(bench.dut.used_writer.used_idx, bench.start)
+        await bench.configure(ctx)
+        count = size
+        if layout == "behind-held":
+            bench.function.hold = {driver.virtqueue_add(b"\x01" * 8, 0, max_pieces=1).head}
+            count = size - 1
+        elif layout == "wrapping":
+            driver.free = list(reversed([*range(size - 10, size), *range(size - 10)]))
+            count = size - 16
+        chain = add_laid_out(bench, filling_lengths(count - 2), [8, 8], use_indirect=False)
+        assert len(chain.descriptors) == count
+        await bench.kick(ctx)
+        await bench.drain(ctx)
+        assert bench.function.commands == (2 if layout == "behind-held" else 1)
+        assert not bench.faults
+        bench.check_dma_discipline()
+
+    bench.run(testbench)
+
+
+@pytest.mark.parametrize("readable_queue", ["filled", "not-filled"])
+def test_chain_past_queue_size_faults(readable_queue):
+    """C7: a direct chain walked past the queue size must revisit a descriptor (a loop):
+    the rest of the ring, behind a one-buffer chain, leading back to its first descriptor
+    faults at its queue size + 1st descriptor, also when its buffers filled the readable
+    queue (the walk was counting, its header not out). It is walked while the chain
+    before it executes; the fault waits for that one to be completed."""
+    size = 64
+    bench = Bench(new_seed(), size=size, max_queue_size=size,
+                  function_options={"hold_cycles": 500})
+
+    async def testbench(ctx):
+        driver = bench.driver
+        bench.function.hold = {driver.virtqueue_add(b"\x01" * 8, 0, max_pieces=1).head}
+        lengths = filling_lengths(size - 1) if readable_queue == "filled" else [8] * (size - 1)
+        chain = add_laid_out(bench, lengths, [], use_indirect=False)
+        first, last = chain.descriptors[0], chain.descriptors[-1]
+        address, length, _, _ = struct.unpack_from("<QIHH", bench.memory, driver.desc + 16 * last)
+        driver.write_desc(driver.desc, last, address, length, c.VRING_DESC_F_NEXT, first)
+        await bench.configure(ctx)
+        cycle, fault = await bench.wait_fault(ctx)
+        assert fault == c.RingFault.CHAIN_LOOP
+        await check_stopped(bench, ctx, cycle)
+        check_completed_before(bench, 1, cycle, faulting=1)
+
+    bench.run(testbench)
+
+
+def test_head_fault_after_second_walk():
+    """A head outside the queue behind a chain that was walked twice waits, like any fault
+    found ahead, for that chain to be completed: the second walk ends with its chain."""
+    bench = Bench(new_seed(), size=64, max_queue_size=64, function_options={"hold_cycles": 300})
+
+    async def testbench(ctx):
+        driver = bench.driver
+        chain = add_laid_out(bench, filling_lengths(48), [8], use_indirect=False)
+        bench.function.hold = {chain.head}
+        driver.publish(Chain(driver.size + 1, b"", [], b"", []))
+        await bench.configure(ctx)
+        cycle, fault = await bench.wait_fault(ctx)
+        assert fault == c.RingFault.DESC_INDEX
+        await check_stopped(bench, ctx, cycle)
+        check_completed_before(bench, 1, cycle, faulting=1)
+
+    bench.run(testbench)
 
 
 def test_indirect_table_longer_than_queue():

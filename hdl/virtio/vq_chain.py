@@ -62,7 +62,8 @@ class ChainWalker(wiring.Component):
     only after its header. So when the readable queue is full in the middle of a chain
     (a chain of more buffers than the queue holds, whose data waits for the function),
     the walker finishes the walk counting only, sends the header, and walks again from
-    where it stopped to describe the rest: any chain is walked, whatever its length.
+    where it stopped to describe the rest: any chain is walked, whatever its length. For
+    the same reason the header never waits for the chain's last segment to be queued.
 
     C7 faults, as the reference model: a head or next index outside its table (queue
     size, or table entries); more descriptors walked in a table than it has entries (a
@@ -87,7 +88,8 @@ class ChainWalker(wiring.Component):
         Pulse: a C7 fault, of kind ``fault_kind``.
     fault_kind : Out(c.RingFault)
     header_sent : Out(1)
-        The current chain's header has gone out (its second walk).
+        The current chain's header has gone out (its second walk, or its last segment
+        waits to be queued).
     idle : Out(1)
         Between chains: every chain taken so far has been described.
     """
@@ -182,7 +184,6 @@ class ChainWalker(wiring.Component):
                         writable_covered.eq(0),
                         window_filled.eq(0),
                         counting.eq(0),
-                        header_sent.eq(0),
                     ]
                     with m.If(self.heads.payload >= size):
                         fail(c.RingFault.DESC_INDEX)
@@ -303,9 +304,15 @@ class ChainWalker(wiring.Component):
                         m.next = "Fetch"
 
             with m.State("Finish"):
-                with m.If(counting):
-                    # The header now, then the second walk for the rest of the segments.
+                # The header goes out alongside the last segment, not after it: the
+                # readable queue may be full until the function takes words, which it
+                # does only after the header.
+                with m.If(~header_sent):
                     m.d.comb += self.chains.valid.eq(1)
+                    with m.If(self.chains.ready):
+                        m.d.sync += header_sent.eq(1)
+                with m.If(counting):
+                    # Then the second walk for the rest of the segments.
                     with m.If(self.chains.ready):
                         m.d.sync += [
                             index.eq(resume_index),
@@ -314,18 +321,18 @@ class ChainWalker(wiring.Component):
                             writable_covered.eq(resume_covered),
                             window_filled.eq(0),
                             counting.eq(0),
-                            header_sent.eq(1),
                         ]
                         m.next = "Fetch"
-                with m.Elif(held_valid):
-                    with m.If(~offered):
-                        m.d.sync += offered.eq(1)
-                    m.d.comb += self.readable.payload.last.eq(1)
-                with m.Elif(header_sent):
-                    m.next = "Idle"
                 with m.Else():
-                    m.d.comb += self.chains.valid.eq(1)
-                    with m.If(self.chains.ready):
+                    with m.If(held_valid):
+                        with m.If(~offered):
+                            m.d.sync += offered.eq(1)
+                        m.d.comb += self.readable.payload.last.eq(1)
+                    header_out = header_sent | self.chains.ready
+                    segments_out = ~held_valid | self.readable.ready & offered
+                    with m.If(header_out & segments_out):
+                        # Out of the second walk: a fault of the next chain is ahead.
+                        m.d.sync += header_sent.eq(0)
                         m.next = "Idle"
 
             with m.State("Faulted"):
