@@ -616,8 +616,10 @@ def test_spurious_and_early_notifications():
     bench.run(testbench)
 
 
-#: Readable bytes of a 64-buffer chain that fill the data buffer (512 beats of 16 bytes)
-#: and the readable queue (32 segments) before the chain's walk ends: it is walked twice.
+#: The engine's data buffer: 512 beats.
+DATA_BUFFER_BYTES = 512 * DMA_READ_BEAT_BYTES
+#: Readable bytes of a 64-buffer chain that fill the data buffer and the readable queue
+#: (32 segments) before the chain's walk ends: it is walked twice.
 SECOND_WALK_BYTES = 64 * 400
 
 
@@ -666,9 +668,9 @@ def add_laid_out(bench, readable_lengths, writable_lengths, **options):
 
 
 def filling_lengths(readable_count):
-    """Readable lengths whose first buffer is more than the data buffer holds (4 KiB), so
+    """Readable lengths whose first buffer is more than the data buffer holds (8 KiB), so
     that the readable queue keeps every later one until the function takes words."""
-    return [8192] + [8] * (readable_count - 1)
+    return [2 * DATA_BUFFER_BYTES] + [8] * (readable_count - 1)
 
 
 @pytest.mark.parametrize("use_indirect", [False, True])
