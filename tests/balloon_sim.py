@@ -2,12 +2,12 @@
 seeded idle and backpressure, and a virtqueue engine model on a CommandSignature."""
 
 import os
-import struct
 from collections import deque
 
 from amaranth.sim import Simulator
 
 from memballoon.hdl.virtio.interface import COMMAND_LANES
+from memballoon.tb.command_words import command_beats
 
 
 def simulate(dut, testbenches, background=(), processes=()):
@@ -62,17 +62,11 @@ async def wait_until_clear(ctx, signal, timeout=10_000):
     raise AssertionError(f"{signal!r} still high after {timeout} cycles")
 
 
-def command_beats(readable):
-    """The CommandWords payloads of ``readable`` bytes (interface.CommandWords): le64
-    words, zero-padded; the first word alone in its beat, then ``COMMAND_LANES`` a beat;
-    the last beat marked."""
-    padded = readable + bytes(-len(readable) % 8)
-    values = struct.unpack(f"<{len(padded) // 8}Q", padded)
-    groups = [values[:1]] + [values[i:i + COMMAND_LANES]
-                             for i in range(1, len(values), COMMAND_LANES)]
-    groups = [group for group in groups if group]
-    return [{"data": list(group) + [0] * (COMMAND_LANES - len(group)), "count": len(group),
-             "last": i == len(groups) - 1} for i, group in enumerate(groups)]
+def command_payloads(readable):
+    """The ``CommandWords`` payloads of ``readable`` bytes (``tb/command_words.py``), with
+    the unused lanes zero."""
+    return [{"data": list(words) + [0] * (COMMAND_LANES - len(words)), "count": len(words),
+             "last": last} for words, last in command_beats(readable)]
 
 
 class EngineModel:
@@ -97,7 +91,7 @@ class EngineModel:
         self.results = []
 
     def submit(self, readable, writable, head=0):
-        beats = command_beats(readable)
+        beats = command_payloads(readable)
         self._headers.append({"head": head, "readable": len(readable), "writable": writable})
         self._beats.extend(beats)
         self._beat_counts.append(len(beats))
