@@ -76,9 +76,19 @@ class Backend(abc.ABC):
     async def bar_write(self, bar, offset, value, width):
         """One write of exactly ``width`` bytes (1, 2, 4 or 8) at ``offset`` in ``bar``."""
 
-    @abc.abstractmethod
     async def bar_read_block(self, bar, offset, length) -> bytes:
-        """Read ``length`` bytes in as few requests as the platform allows (memcpy_fromio)."""
+        """Read ``length`` bytes in as few requests as the platform allows (memcpy_fromio):
+        here 4-byte reads where aligned and single bytes elsewhere; a backend that can
+        issue longer reads overrides it."""
+        if offset < 0 or length < 0 or offset + length > self.bar_size(bar):
+            raise BackendError(f"BAR{bar} read {offset:#x}+{length} outside its "
+                               f"{self.bar_size(bar)} bytes")
+        data = bytearray()
+        while len(data) < length:
+            pos = offset + len(data)
+            width = 4 if pos % 4 == 0 and length - len(data) >= 4 else 1
+            data += (await self.bar_read(bar, pos, width)).to_bytes(width, "little")
+        return bytes(data)
 
     @abc.abstractmethod
     def bar_size(self, bar) -> int:

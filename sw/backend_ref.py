@@ -80,15 +80,6 @@ class RefBackend(Backend):
         self._check_bar(bar, offset, width)
         self.model.bar_write(bar, offset, value, width)
 
-    async def bar_read_block(self, bar, offset, length):
-        self._check_bar(bar, offset, length)
-        data = bytearray()
-        while len(data) < length:
-            pos = offset + len(data)
-            width = 4 if pos % 4 == 0 and length - len(data) >= 4 else 1
-            data += (await self.bar_read(bar, pos, width)).to_bytes(width, "little")
-        return bytes(data)
-
     def bar_size(self, bar):
         return self.model.params.bar.size if bar == 0 else 0
 

@@ -278,15 +278,6 @@ class VfioBackend(Backend):
         else:
             os.pwrite(self.device.fd, value.to_bytes(width, "little"), region.offset + offset)
 
-    async def bar_read_block(self, bar, offset, length):
-        self._bar(bar, offset, length)
-        data = bytearray()
-        while len(data) < length:
-            pos = offset + len(data)
-            width = 4 if pos % 4 == 0 and length - len(data) >= 4 else 1
-            data += (await self.bar_read(bar, pos, width)).to_bytes(width, "little")
-        return bytes(data)
-
     def bar_size(self, bar):
         return self.bars[bar].size if 0 <= bar < len(self.bars) else 0
 
