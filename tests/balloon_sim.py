@@ -1,56 +1,11 @@
-"""Simulation helpers shared by the balloon tests: stream producers and consumers with
-seeded idle and backpressure, and a virtqueue engine model on a CommandSignature."""
+"""Simulation helpers shared by the balloon tests: a bounded wait for a signal to clear,
+command payloads, and a virtqueue engine model on a CommandSignature."""
 
-import os
 from collections import deque
 
-from amaranth.sim import Simulator
-
+from sim_util import stream_put
 from memballoon.hdl.virtio.interface import COMMAND_LANES
 from memballoon.tb.command_words import command_beats
-
-
-def simulate(dut, testbenches, background=(), processes=()):
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    for testbench in testbenches:
-        sim.add_testbench(testbench)
-    for testbench in background:
-        sim.add_testbench(testbench, background=True)
-    for process in processes:
-        sim.add_process(process)
-    if os.environ.get("WAVES") == "1":
-        name = os.environ["PYTEST_CURRENT_TEST"].split(" ")[0].split("::")[-1]
-        with sim.write_vcd(f"{name.translate(str.maketrans('[]/', '___'))}.vcd"):
-            sim.run()
-    else:
-        sim.run()
-
-
-async def stream_put(ctx, stream, payload, rng=None, idle=0.0):
-    """Offer one payload after seeded idle cycles; return once it was taken."""
-    while rng is not None and rng.random() < idle:
-        await ctx.tick()
-    ctx.set(stream.valid, 1)
-    ctx.set(stream.payload, payload)
-    await ctx.tick().until(stream.ready)
-    ctx.set(stream.valid, 0)
-
-
-def stream_consumer(stream, sink, rng, backpressure):
-    """A process taking every payload into ``sink`` with seeded backpressure; it checks
-    the stream rule that a payload stays valid and unchanged until taken."""
-    async def process(ctx):
-        stalled = None
-        async for _, _, valid, ready, payload in ctx.tick().sample(
-                stream.valid, stream.ready, stream.payload):
-            if stalled is not None:
-                assert valid and payload == stalled, "payload changed or withdrawn"
-            if valid and ready:
-                sink.append(payload)
-            stalled = payload if valid and not ready else None
-            ctx.set(stream.ready, rng.random() >= backpressure)
-    return process
 
 
 async def wait_until_clear(ctx, signal, timeout=10_000):

@@ -8,12 +8,13 @@ from collections import Counter
 import pytest
 from amaranth.lib import data
 
-from balloon_sim import EngineModel, simulate, wait_until_clear
+from balloon_sim import EngineModel, wait_until_clear
 from memballoon import constants as c
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
 from memballoon.refmodel import MemballoonRef
 from memballoon.tb.seed import new_seed
+from sim_util import simulate
 
 PAGES = 2 ** 10
 GET, GIVE, EXCHANGE = (c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES, c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES,
@@ -277,7 +278,7 @@ class CoreBench:
     def run(self, testbench):
         async def bench(ctx):
             await testbench(ctx, self)
-        simulate(self.dut, [bench], background=self.todevq.background() +
+        simulate(self.dut, bench, background=self.todevq.background() +
                  self.fromdevq.background())
 
 
@@ -336,6 +337,32 @@ class Workload:
         return rng.choice(self.MALFORMED)(self)
 
 
+def random_bench(seed, rng, model_class=BalloonModel, random_streams=False):
+    """A CoreBench with a random page size and window base, an extra range six times in
+    ten and, with ``random_streams``, random beat idle and result backpressure."""
+    page_shift = rng.choice([12, 21, 30])
+    base = rng.randrange(1 << 14) << 34 | rng.choice([0, rng.randrange(1 << 34)])
+    extra_mem = rng.random() < 0.6
+    streams = dict(idle=rng.choice([0, 0.2, 0.6]),
+                   backpressure=rng.choice([0, 0.3, 0.7])) if random_streams else {}
+    return CoreBench(seed, page_shift, base, extra_mem=extra_mem, model_class=model_class,
+                     **streams)
+
+
+async def random_batch(ctx, bench, workload, rng):
+    """One batch of 1..8 commands from ``workload``, then at random a new budget, a new
+    extra range or a reset; the results and state must match the model."""
+    await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 9))])
+    action = rng.random()
+    if action < 0.2:
+        await bench.write_budget(ctx, rng.choice([0, 1, 2, 7, 100, UNLIMITED]))
+    elif action < 0.25:
+        await bench.commit_extra(ctx, rng.randrange(PAGES + 10), rng.randrange(50))
+    elif action < 0.3:
+        await bench.reset(ctx)
+    bench.check_state(ctx)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_commands_match_the_model(seed):
     """Seeded mixes of GIVE/GET/EXCHANGE/malformed with invalid addresses, budgets, extra
@@ -343,9 +370,7 @@ def test_random_commands_match_the_model(seed):
     results, balloon_pages, the budget and every counter match the model, and at the end
     the whole bitmap does."""
     rng = random.Random(seed)
-    page_shift = rng.choice([12, 21, 30])
-    base = rng.randrange(1 << 14) << 34 | rng.choice([0, rng.randrange(1 << 34)])
-    bench = CoreBench(seed, page_shift, base, extra_mem=rng.random() < 0.6)
+    bench = random_bench(seed, rng)
     extra_first = rng.randrange(PAGES)
     workload = Workload(rng, bench.model, range(extra_first, extra_first + 6))
 
@@ -353,15 +378,7 @@ def test_random_commands_match_the_model(seed):
         await bench.start(ctx)
         await bench.commit_extra(ctx, extra_first, rng.choice([4, 40, PAGES]))
         for _ in range(30):
-            await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 9))])
-            action = rng.random()
-            if action < 0.2:
-                await bench.write_budget(ctx, rng.choice([0, 1, 2, 7, 100, UNLIMITED]))
-            elif action < 0.25:
-                await bench.commit_extra(ctx, rng.randrange(PAGES + 10), rng.randrange(50))
-            elif action < 0.3:
-                await bench.reset(ctx)
-            bench.check_state(ctx)
+            await random_batch(ctx, bench, workload, rng)
         assert await bench.owned_pages(ctx) == bench.model.owned, f"seed {seed}"
 
     bench.run(testbench)
@@ -395,11 +412,7 @@ def test_random_commands_match_the_reference_model(index):
     seed = new_seed()
     print("seed", seed)
     rng = random.Random(seed)
-    page_shift = rng.choice([12, 21, 30])
-    base = rng.randrange(1 << 14) << 34 | rng.choice([0, rng.randrange(1 << 34)])
-    bench = CoreBench(seed, page_shift, base, extra_mem=rng.random() < 0.6,
-                      idle=rng.choice([0, 0.2, 0.6]), backpressure=rng.choice([0, 0.3, 0.7]),
-                      model_class=ReferenceModel)
+    bench = random_bench(seed, rng, ReferenceModel, random_streams=True)
     extra_first = rng.randrange(PAGES)
     workload = LaneWorkload(rng, bench.model, range(extra_first, extra_first + 6))
 
@@ -407,15 +420,7 @@ def test_random_commands_match_the_reference_model(index):
         await bench.start(ctx)
         await bench.commit_extra(ctx, extra_first, rng.choice([4, 40, PAGES]))
         for batch in range(24):
-            await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 9))])
-            action = rng.random()
-            if action < 0.2:
-                await bench.write_budget(ctx, rng.choice([0, 1, 2, 7, 100, UNLIMITED]))
-            elif action < 0.25:
-                await bench.commit_extra(ctx, rng.randrange(PAGES + 10), rng.randrange(50))
-            elif action < 0.3:
-                await bench.reset(ctx)
-            bench.check_state(ctx)
+            await random_batch(ctx, bench, workload, rng)
             if batch % 8 == 7:
                 assert await bench.owned_pages(ctx) == bench.model.owned, f"seed {seed}"
 

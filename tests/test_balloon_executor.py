@@ -8,10 +8,11 @@ import pytest
 from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 
-from balloon_sim import EngineModel, simulate, wait_until_clear
+from balloon_sim import EngineModel, wait_until_clear
 from memballoon import constants as c
 from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap
 from memballoon.hdl.balloon.executor import CommandExecutor, OpTag
+from sim_util import simulate
 
 PAGES = 2 ** 10
 GET, GIVE, EXCHANGE = (c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES, c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES,
@@ -91,7 +92,7 @@ class Harness:
 
         async def bench(ctx):
             await testbench(ctx, self)
-        simulate(self.module, [bench], background=self.engine.background(),
+        simulate(self.module, bench, background=self.engine.background(),
                  processes=[count_events])
 
     def counted(self):

@@ -4,9 +4,10 @@ import random
 
 import pytest
 
-from balloon_sim import EngineModel, simulate
+from balloon_sim import EngineModel
 from memballoon import constants as c
 from memballoon.hdl.balloon.fromdevq import MinBalloonSender
+from sim_util import simulate
 
 MIN_BALLOON = c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON
 MASK64 = 2 ** 64 - 1
@@ -38,7 +39,7 @@ class Bench:
 
         async def bench(ctx):
             await testbench(ctx, self)
-        simulate(self.dut, [bench], background=self.engine.background(),
+        simulate(self.dut, bench, background=self.engine.background(),
                  processes=[count_events])
 
 

@@ -10,9 +10,10 @@ import pytest
 from amaranth.hdl import Fragment, Module, UnusedElaboratable
 from amaranth.hdl._ir import build_netlist
 
-from balloon_sim import simulate, stream_put, wait_until_clear
+from balloon_sim import wait_until_clear
 from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap, BitmapAction
 from memballoon.tb.seed import new_seed
+from sim_util import simulate, stream_put
 
 PAGES = 2 ** 10
 WORDS = PAGES // WORD_BITS
@@ -183,7 +184,7 @@ def test_random_beats_and_reads_match_the_model(index):
         for word in range(WORDS):
             assert await read_word(ctx, dut, word) == model.word(word), f"seed {seed}"
 
-    simulate(dut, [producer, checker], background=[reader], processes=[monitor])
+    simulate(dut, producer, checker, background=[reader], processes=[monitor])
     assert len(answered) == sum(len([o for o in b["lanes"] if o["enable"]]) for b in beats)
     assert len(reads_checked) > 20
 
@@ -201,7 +202,7 @@ def test_two_operations_per_clock_on_one_word():
                       op(78, SET if i % 2 == 0 else CLEAR, tag=i % 256)) for i in range(count)]
         assert await issue_beats(ctx, dut, beats) == count
 
-    simulate(dut, [producer], processes=[response_monitor(dut, answered)])
+    simulate(dut, producer, processes=[response_monitor(dut, answered)])
     assert [changed for _, changed in answered] == [1] * 2 * count
 
 
@@ -233,7 +234,7 @@ def test_lane_pairs(name):
 
     expected = [model.apply(operation) for operation in
                 [lane_0, lane_1, clear_1, clear_0] + [lane_0, lane_1] * 3]
-    simulate(dut, [testbench], processes=[response_monitor(dut, answered)])
+    simulate(dut, testbench, processes=[response_monitor(dut, answered)])
     assert [changed for _, changed in answered] == expected
     same_page = lane_0["page"] == lane_1["page"]
     assert expected[:6] == [1, not same_page, 1, not same_page, 1, not same_page]
@@ -266,7 +267,7 @@ def test_chained_operations_stop_after_the_first_refusal_in_either_lane():
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
     expected = [model.apply(operation) for operation in operations]
-    simulate(dut, [testbench], processes=[response_monitor(dut, answered)])
+    simulate(dut, testbench, processes=[response_monitor(dut, answered)])
     assert [changed for _, changed in answered] == expected
     assert expected[7:] == [1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0]
     assert model.bits[4] and model.bits[6] and model.bits[70]
@@ -309,7 +310,7 @@ def test_fill_sets_the_range_and_keeps_other_bits(first, end):
         await ctx.tick().repeat(2)
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
-    simulate(dut, [testbench])
+    simulate(dut, testbench)
 
 
 @pytest.mark.parametrize("first,end", RANGES)
@@ -342,7 +343,7 @@ def test_clear_leaves_only_the_range_and_is_busy_until_done(first, end):
         model.fill(first, end)
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
-    simulate(dut, [testbench])
+    simulate(dut, testbench)
 
 
 def test_clear_supersedes_a_fill_and_a_fill_waits_for_a_clear():
@@ -367,7 +368,7 @@ def test_clear_supersedes_a_fill_and_a_fill_waits_for_a_clear():
         model.fill(500, 520)
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
-    simulate(dut, [testbench])
+    simulate(dut, testbench)
 
 
 def test_elaborates_at_the_largest_size_and_refuses_bad_sizes():

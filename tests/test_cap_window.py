@@ -2,16 +2,15 @@
 """VirtioCapWindow: the virtio capability chain (C2) read over cfg_ext and parsed with the
 Linux header offsets, and PCI_CFG accesses into a BAR model (virtio 1.2 4.1.4.9)."""
 
-import os
 import random
 import struct
 
 import pytest
-from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.virtio.cap_window import VirtioCapWindow
 from memballoon.params import BarLayout, DeviceParams
+from sim_util import simulate
 
 ANSWER_TIMEOUT = 200
 
@@ -25,19 +24,6 @@ PARAMS = [
     DeviceParams(cfg_ext_base=0xB8, cfg_ext_size=0x48,
                  bar=BarLayout(notify_off_multiplier=8, size=0x8000)),
 ]
-
-
-def run(dut, testbench, *background):
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    sim.add_testbench(testbench)
-    for bench in background:
-        sim.add_testbench(bench, background=True)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd("test_cap_window.vcd"):
-            sim.run()
-    else:
-        sim.run()
 
 
 class ConfigHost:
@@ -200,7 +186,7 @@ def test_capability_chain(params):
         await ctx.tick().repeat(5)
         assert host.answers == host.reads == params.cfg_ext_size // 4
 
-    run(dut, testbench, host.monitor)
+    simulate(dut, testbench, background=[host.monitor])
 
 
 def test_window_too_small():
@@ -228,7 +214,7 @@ def test_outside_window_not_answered():
         await ctx.tick()
         assert host.answers == host.reads
 
-    run(dut, testbench, host.monitor)
+    simulate(dut, testbench, background=[host.monitor])
 
 
 def test_writes_change_only_pci_cfg_fields():
@@ -258,7 +244,7 @@ def test_writes_change_only_pci_cfg_fields():
         await host.write(ctx, offset_register, 0, byte_enable=0)
         assert await host.read(ctx, offset_register) == 0xFF12_FFFF
 
-    run(dut, testbench, host.monitor, bar.run)
+    simulate(dut, testbench, background=[host.monitor, bar.run])
 
 
 async def set_pci_cfg(ctx, host, base, bar_index, offset, length):
@@ -330,7 +316,7 @@ def test_pci_cfg_accesses(params):
         assert [a for a in bar.accesses if a[0] == "write"] == []
         assert host.answers == host.reads
 
-    run(dut, testbench, host.monitor, bar.run)
+    simulate(dut, testbench, background=[host.monitor, bar.run])
 
 
 def test_access_held_while_bar_write_stalls():
@@ -365,4 +351,4 @@ def test_access_held_while_bar_write_stalls():
         await ctx.tick().repeat(5)
         assert host.answers == host.reads
 
-    run(dut, testbench, host.monitor, bar.run)
+    simulate(dut, testbench, background=[host.monitor, bar.run])

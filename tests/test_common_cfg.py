@@ -1,14 +1,13 @@
 """CommonCfg against virtio 1.2 4.1.4.3 and the contract (C2, C3, C4, C9, C11)."""
 
-import os
 import random
 
 import pytest
-from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.virtio.common_cfg import CommonCfg
 from memballoon.params import DeviceParams
+from sim_util import simulate
 
 PARAMS = DeviceParams()
 NO_VECTOR = c.VIRTIO_MSI_NO_VECTOR
@@ -28,21 +27,6 @@ QUEUE_FIELDS = (
     (c.VIRTIO_PCI_COMMON_Q_AVAILLO, 4), (c.VIRTIO_PCI_COMMON_Q_AVAILHI, 4),
     (c.VIRTIO_PCI_COMMON_Q_USEDLO, 4), (c.VIRTIO_PCI_COMMON_Q_USEDHI, 4),
 )
-
-
-def simulate(dut, *testbenches, background=()):
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    for testbench in testbenches:
-        sim.add_testbench(testbench)
-    for testbench in background:
-        sim.add_testbench(testbench, background=True)
-    if os.environ.get("WAVES") == "1":
-        name = os.environ["PYTEST_CURRENT_TEST"].split(" ")[0].split("::")[-1]
-        with sim.write_vcd(f"{name.translate(str.maketrans('[]/', '___'))}.vcd"):
-            sim.run()
-    else:
-        sim.run()
 
 
 class RegBusMaster:

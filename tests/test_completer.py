@@ -8,15 +8,14 @@ expected accesses and completions come from an independent Python computation ov
 addresses (first/last enabled byte), cross-checked against cocotbext-pcie's ``Tlp``.
 """
 
-import os
 import random
 
 import pytest
-from amaranth.sim import Simulator
 from cocotbext.pcie.core.tlp import Tlp
 
 from memballoon.hdl.pcie.completer import RegCompleter
 from memballoon.hdl.pcie.interface import CplStatus, ReqKind
+from sim_util import simulate, stream_consumer, stream_put, wait_until
 
 ADDR_WIDTH = 7          # 128 registers: random BAR offsets wrap around the register space
 OUR_BAR = 0
@@ -126,35 +125,15 @@ def run_completer(requests, *, max_payload, seed, idle=0.3, backpressure=0.3,
     expected_beats = sum(r["dwords"] for r in our_reads)
     done = []
 
-    async def put(ctx, stream, payload):
-        while rng.random() < idle:
-            await ctx.tick()
-        ctx.set(stream.valid, 1)
-        ctx.set(stream.payload, payload)
-        await ctx.tick().until(stream.ready)
-        ctx.set(stream.valid, 0)
-
     async def request_producer(ctx):
         for r in requests:
-            await put(ctx, comp.req, r)
+            await stream_put(ctx, comp.req, r, rng, idle)
 
     async def data_producer(ctx):
         for payload in payloads:
             for i, word in enumerate(payload):
-                await put(ctx, comp.req_data, {"data": word, "last": i == len(payload) - 1})
-
-    def consumer(stream, sink):
-        async def run(ctx):
-            stalled = None
-            async for _, _, valid, ready, payload in ctx.tick().sample(
-                    stream.valid, stream.ready, stream.payload):
-                if stalled is not None:         # stream rule: hold while valid & !ready
-                    assert valid and payload == stalled, "payload changed under backpressure"
-                if valid and ready:
-                    sink.append(payload)
-                stalled = payload if valid and not ready else None
-                ctx.set(stream.ready, rng.random() >= backpressure)
-        return run
+                await stream_put(ctx, comp.req_data,
+                                 {"data": word, "last": i == len(payload) - 1}, rng, idle)
 
     async def register_slave(ctx):
         bus = dut.bus
@@ -175,29 +154,15 @@ def run_completer(requests, *, max_payload, seed, idle=0.3, backpressure=0.3,
 
     async def wait_done(ctx):
         ctx.set(dut.max_payload, max_payload)
-        for _ in range(200_000):
-            if (len(cpls), len(beats)) == (expected_cpls, expected_beats) and \
-                    not any(ctx.get(s.valid) for s in (comp.req, comp.req_data)):
-                break
-            await ctx.tick()
-        else:
-            raise AssertionError("completer stalled")
+        await wait_until(ctx, lambda: (len(cpls), len(beats)) == (expected_cpls, expected_beats)
+                         and not any(ctx.get(s.valid) for s in (comp.req, comp.req_data)),
+                         "completer stalled", 200_000)
         await ctx.tick().repeat(20)
         done.append(True)
 
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    sim.add_testbench(request_producer)
-    sim.add_testbench(data_producer)
-    sim.add_testbench(wait_done)
-    sim.add_testbench(consumer(comp.cpl, cpls), background=True)
-    sim.add_testbench(consumer(comp.cpl_data, beats), background=True)
-    sim.add_testbench(register_slave, background=True)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd(f"test_completer_{seed}.vcd"):
-            sim.run()
-    else:
-        sim.run()
+    simulate(dut, request_producer, data_producer, wait_done, background=[
+        stream_consumer(comp.cpl, cpls.append, rng, backpressure),
+        stream_consumer(comp.cpl_data, beats.append, rng, backpressure), register_slave])
     assert done
     return accesses, cpls, beats, initial, regs, payloads
 

@@ -12,13 +12,11 @@ error beat of C7, the written memory, the order of write TLPs and of write_done.
 Every stream has seeded random idle or backpressure; the seeds are in the test ids.
 """
 
-import os
 import random
 
 import pytest
 from amaranth.hdl import Module
 from amaranth.lib import data, wiring
-from amaranth.sim import Simulator
 
 from cocotbext.pcie.core.tlp import Tlp, TlpType
 from cocotbext.pcie.xilinx.us.tlp import Tlp_us
@@ -28,6 +26,7 @@ from memballoon.hdl.pcie.dma import TAGS, DmaEngine
 from memballoon.hdl.pcie.interface import (DMA_READ_BEAT_BYTES, CompletionBeat, CplError,
                                            CplStatus, RequesterKind)
 from memballoon.hdl.pcie.usp_shim import UspShim
+from sim_util import simulate, stream_consumer, stream_put, wait_until
 
 BASE = 0xFEDC_BA98_7654_0000           # 64-bit host addresses, 64 KiB aligned
 READ_REGION = 0x10000                   # reads from BASE .. BASE + 64 KiB
@@ -296,31 +295,6 @@ class HostModel:
 
 # --- clients ---------------------------------------------------------------------------
 
-async def stream_put(ctx, stream, payload, rng, idle):
-    while rng.random() < idle:
-        await ctx.tick()
-    ctx.set(stream.valid, 1)
-    ctx.set(stream.payload, payload)
-    await ctx.tick().until(stream.ready)
-    ctx.set(stream.valid, 0)
-
-
-def stream_sink(stream, sink, rng, backpressure, clock, fields):
-    """Random-ready consumer that also checks the stream rule; keeps ``fields`` of each
-    payload as a dict, with the cycle it arrived."""
-    async def run(ctx):
-        stalled = None
-        async for _, _, valid, ready, payload in ctx.tick().sample(
-                stream.valid, stream.ready, stream.payload):
-            if stalled is not None:
-                assert valid and payload == stalled, "payload changed under backpressure"
-            if valid and ready:
-                sink.append(({f: getattr(payload, f) for f in fields}, clock[0]))
-            stalled = payload if valid and not ready else None
-            ctx.set(stream.ready, rng.random() >= backpressure)
-    return run
-
-
 def random_length(rng, small=16, large=3000):
     r = rng.random()
     if r < 0.3:
@@ -366,6 +340,11 @@ def run_engine(host_kw, *, reads=(), writes=(), seed, enable_pattern=None, read_
     client = dut.client
     read_beats, dones, accepted = [], [], {}
     finished, clock = [], [0]
+
+    def keep(sink, fields):
+        """Keep ``fields`` of each payload as a dict, with the cycle it arrived."""
+        return lambda payload: sink.append(({f: getattr(payload, f) for f in fields},
+                                            clock[0]))
 
     async def clock_count(ctx):
         async for _ in ctx.tick():
@@ -414,20 +393,11 @@ def run_engine(host_kw, *, reads=(), writes=(), seed, enable_pattern=None, read_
         await ctx.tick().repeat(30)
         finished.append(clock[0])
 
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    for tb in (read_commands, write_commands, write_data, wait_done):
-        sim.add_testbench(tb)
-    for tb in (settings, clock_count, host.run,
-               stream_sink(client.read_data, read_beats, rng, backpressure, clock,
-                           ("data", "count", "last", "error")),
-               stream_sink(client.write_done, dones, rng, backpressure, clock, ("error",))):
-        sim.add_testbench(tb, background=True)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd(f"test_dma_{seed}.vcd"):
-            sim.run()
-    else:
-        sim.run()
+    simulate(dut, read_commands, write_commands, write_data, wait_done, background=[
+        settings, clock_count, host.run,
+        stream_consumer(client.read_data, keep(read_beats, ("data", "count", "last", "error")),
+                        rng, backpressure),
+        stream_consumer(client.write_done, keep(dones, ("error",)), rng, backpressure)])
     assert finished
 
     results, current = [], []
@@ -769,18 +739,16 @@ def run_through_shim(width, reads, writes, *, latency=64, mps=256, mrrs=512):
         ctx.set(client.read_data.ready, 1)
         ctx.set(client.write_done.ready, 1)
         for address, length in reads:
-            await stream_put(ctx, client.read_cmd, dict(address=address, length=length),
-                             random.Random(0), 0)
+            await stream_put(ctx, client.read_cmd, dict(address=address, length=length))
 
     async def write_commands(ctx):
         for address, length, _ in writes:
-            await stream_put(ctx, client.write_cmd, dict(address=address, length=length),
-                             random.Random(0), 0)
+            await stream_put(ctx, client.write_cmd, dict(address=address, length=length))
 
     async def write_data(ctx):
         for _, _, data in writes:
             for beat in beats_of(data):
-                await stream_put(ctx, client.write_data, beat, random.Random(0), 0)
+                await stream_put(ctx, client.write_data, beat)
 
     async def monitor(ctx):
         received = 0
@@ -799,21 +767,12 @@ def run_through_shim(width, reads, writes, *, latency=64, mps=256, mrrs=512):
                 done_at.append(("write", clock[0]))
 
     async def until_done(ctx):
-        for _ in range(200_000):
-            if len(done_at) == (2 if reads else 0) + len(writes):
-                break
-            await ctx.tick()
-        else:
-            raise AssertionError("stalled")
+        await wait_until(ctx, lambda: len(done_at) == (2 if reads else 0) + len(writes),
+                         "stalled", 200_000)
         await ctx.tick().repeat(20)
 
-    sim = Simulator(m)
-    sim.add_clock(4e-9)
-    for tb in (commands, write_commands, write_data, until_done):
-        sim.add_testbench(tb)
-    for tb in (host_rq, host_rc, monitor):
-        sim.add_testbench(tb, background=True)
-    sim.run()
+    simulate(m, commands, write_commands, write_data, until_done,
+             background=[host_rq, host_rc, monitor])
     ends = {kind: max(c for k, c in done_at if k == kind) for kind, _ in done_at}
     return memory, b"".join(read_data), ends
 

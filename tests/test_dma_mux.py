@@ -7,7 +7,6 @@ also depends on the command. Each client checks that it gets exactly its own ans
 its own command order. Every stream has seeded random idle or backpressure.
 """
 
-import os
 import random
 
 import pytest
@@ -15,6 +14,7 @@ from amaranth.sim import Simulator
 
 from memballoon.hdl.pcie.dma_mux import DmaMux
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
+from sim_util import run_with_waves, stream_consumer, stream_put, wait_until
 
 
 def tag(client, command, beat=0):
@@ -32,31 +32,6 @@ def read_beats(length):
     n = beats(length, DMA_READ_BEAT_BYTES)
     return [(i, length - DMA_READ_BEAT_BYTES * i if i == n - 1 else DMA_READ_BEAT_BYTES,
              i == n - 1) for i in range(n)]
-
-
-async def stream_put(ctx, stream, payload, rng, idle):
-    while rng.random() < idle:
-        await ctx.tick()
-    ctx.set(stream.valid, 1)
-    ctx.set(stream.payload, payload)
-    await ctx.tick().until(stream.ready)
-    ctx.set(stream.valid, 0)
-
-
-def stream_sink(stream, on_payload, rng, backpressure):
-    """Random-ready consumer that checks the stream rule and hands each payload on."""
-    async def run(ctx):
-        stalled = None
-        async for _, _, valid, ready, payload in ctx.tick().sample(
-                stream.valid, stream.ready, stream.payload):
-            if stalled is not None:
-                assert valid and payload == stalled, "payload changed under backpressure"
-            if valid and ready:
-                on_payload(payload)
-            stalled = payload if valid and not ready else None
-            ctx.set(stream.ready, rng.random() >= backpressure() if callable(backpressure)
-                    else rng.random() >= backpressure)
-    return run
 
 
 def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_stall=None):
@@ -116,18 +91,12 @@ def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_
         return backpressure
 
     # --- clients ---
-    def client_reads(c):
+    def client_commands(c, stream, lengths):
+        """Client c's commands of ``lengths`` on ``stream``, numbered in the address."""
         async def run(ctx):
-            for command, length in enumerate(reads[c]):
-                await stream_put(ctx, dut.clients[c].read_cmd,
-                                 dict(address=c << 32 | command, length=length), rng, idle)
-        return run
-
-    def client_writes(c):
-        async def run(ctx):
-            for command, length in enumerate(writes[c]):
-                await stream_put(ctx, dut.clients[c].write_cmd,
-                                 dict(address=c << 32 | command, length=length), rng, idle)
+            for command, length in enumerate(lengths):
+                await stream_put(ctx, stream, dict(address=c << 32 | command, length=length),
+                                 rng, idle)
         return run
 
     def client_write_data(c):
@@ -143,37 +112,30 @@ def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_
             clock[0] += 1
 
     async def until_answered(ctx):
-        for _ in range(100_000):
-            if all(sum(b.last for b in got_reads[c]) == len(reads[c]) and
-                   len(got_dones[c]) == len(writes[c]) for c in range(n)):
-                break
-            await ctx.tick()
-        else:
-            raise AssertionError("mux stalled")
+        await wait_until(ctx, lambda: all(
+            sum(b.last for b in got_reads[c]) == len(reads[c]) and
+            len(got_dones[c]) == len(writes[c]) for c in range(n)), "mux stalled")
         await ctx.tick().repeat(20)
 
     sim = Simulator(dut)
     sim.add_clock(4e-9)
     for c in range(n):
-        sim.add_testbench(client_reads(c))
-        sim.add_testbench(client_writes(c))
+        client = dut.clients[c]
+        sim.add_testbench(client_commands(c, client.read_cmd, reads[c]))
+        sim.add_testbench(client_commands(c, client.write_cmd, writes[c]))
         sim.add_testbench(client_write_data(c))
-        sim.add_testbench(stream_sink(dut.clients[c].read_data, got_reads[c].append, rng,
-                                      backpressure), background=True)
-        sim.add_testbench(stream_sink(dut.clients[c].write_done,
-                                      lambda p, c=c: got_dones[c].append((clock[0], p.error)),
-                                      rng, backpressure), background=True)
+        sim.add_testbench(stream_consumer(client.read_data, got_reads[c].append, rng,
+                                          backpressure), background=True)
+        sim.add_testbench(stream_consumer(
+            client.write_done, lambda p, c=c: got_dones[c].append((clock[0], p.error)),
+            rng, backpressure), background=True)
     sim.add_testbench(until_answered)
     for tb in (clock_count, engine_read_data, engine_write_done,
-               stream_sink(dma.read_cmd, on_read_cmd, rng, backpressure),
-               stream_sink(dma.write_cmd, on_write_cmd, rng, write_cmd_backpressure),
-               stream_sink(dma.write_data, on_write_data, rng, backpressure)):
+               stream_consumer(dma.read_cmd, on_read_cmd, rng, backpressure),
+               stream_consumer(dma.write_cmd, on_write_cmd, rng, write_cmd_backpressure),
+               stream_consumer(dma.write_data, on_write_data, rng, backpressure)):
         sim.add_testbench(tb, background=True)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd(f"test_dma_mux_{seed}.vcd"):
-            sim.run()
-    else:
-        sim.run()
+    run_with_waves(sim)
     return granted_reads, granted_writes, got_reads, got_dones
 
 

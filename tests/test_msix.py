@@ -1,14 +1,13 @@
 # amaranth: UnusedElaboratable=no
 """MsixTable: table and PBA over the register bus, and message delivery (C11)."""
 
-import os
 import random
 
 import pytest
-from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.pcie.msix import MsixTable
+from sim_util import simulate
 
 PBA_OFFSET = 0x800
 CTRL = c.PCI_MSIX_ENTRY_VECTOR_CTRL
@@ -24,19 +23,6 @@ def message_address(vector):
 
 def message_data(vector):
     return 0x4000 + vector
-
-
-def run(dut, testbench, *background):
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    sim.add_testbench(testbench)
-    for bench in background:
-        sim.add_testbench(bench, background=True)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd("test_msix.vcd"):
-            sim.run()
-    else:
-        sim.run()
 
 
 async def bus_write(ctx, dut, offset, value, strb=0xF):
@@ -173,7 +159,7 @@ def test_table_read_write():
         for offset, value in expected.items():
             assert await bus_read(ctx, dut, offset) == value, hex(offset)
 
-    run(dut, testbench)
+    simulate(dut, testbench)
 
 
 @pytest.mark.parametrize("stopper", ["function_mask", "vector_mask", "bus_master"])
@@ -205,7 +191,7 @@ def test_stopped_vector_pends_then_delivers(stopper):
         assert await read_pba(ctx, dut) == 0
         assert ctx.get(dut.sent_count) == 1
 
-    run(dut, testbench, hard_ip.run)
+    simulate(dut, testbench, background=[hard_ip.run])
 
 
 def test_reset_masks_every_vector():
@@ -219,7 +205,7 @@ def test_reset_masks_every_vector():
         assert hard_ip.attempts == [], "vectors are masked out of reset"
         assert await read_pba(ctx, dut) == 0b100
 
-    run(dut, testbench, hard_ip.run)
+    simulate(dut, testbench, background=[hard_ip.run])
 
 
 def test_disabled_msix_drops_requests():
@@ -237,7 +223,7 @@ def test_disabled_msix_drops_requests():
         await idle(ctx, 20)
         assert hard_ip.attempts == []
 
-    run(dut, testbench, hard_ip.run)
+    simulate(dut, testbench, background=[hard_ip.run])
 
 
 def test_fail_makes_vector_pending_again():
@@ -267,7 +253,7 @@ def test_fail_makes_vector_pending_again():
         assert hard_ip.sent() == [2]
         assert ctx.get(dut.fail_count) == 3
 
-    run(dut, testbench, hard_ip.run)
+    simulate(dut, testbench, background=[hard_ip.run])
 
 
 def test_burst_while_message_in_flight():
@@ -302,7 +288,7 @@ def test_burst_while_message_in_flight():
         assert sent[1:] == [1, 2, 0], "round-robin after the last vector sent"
         assert ctx.get(dut.sent_count) == 4
 
-    run(dut, testbench, slow_hard_ip)
+    simulate(dut, testbench, background=[slow_hard_ip])
 
 
 def test_random_requests_are_never_lost():
@@ -357,7 +343,7 @@ def test_random_requests_are_never_lost():
         assert ctx.get(dut.sent_count) == len(sent)
         assert await read_pba(ctx, dut) == 0
 
-    run(dut, testbench, hard_ip.run)
+    simulate(dut, testbench, background=[hard_ip.run])
 
 
 @pytest.mark.parametrize("vectors, pba_offset", [(3, 0x20), (64, 0x3F8), (0, 0x800), (3, 0x804), (3, 0x1000)])

@@ -8,11 +8,9 @@ and every CC and RQ frame the shim sends is also decoded with ``Tlp_us.unpack_us
 ``Tlp_us.pack_us_rc``.
 """
 
-import os
 import random
 
 import pytest
-from amaranth.sim import Simulator
 from cocotbext.pcie.core.tlp import TlpType
 from cocotbext.pcie.core.utils import PcieId
 from cocotbext.pcie.xilinx.us.interface import UsPcieFrame
@@ -23,6 +21,7 @@ from amaranth.lib import data as amaranth_data
 from memballoon.hdl.pcie.interface import (CompletionBeat, CplError, CplStatus, ReqKind,
                                            RequesterKind)
 from memballoon.hdl.pcie.usp_shim import UspShim
+from sim_util import simulate, stream_consumer, stream_put, wait_until
 
 WIDTHS = [256, 512]
 
@@ -166,50 +165,65 @@ def test_cc_parser_matches_cocotbext():
 
 # --- simulation helpers ----------------------------------------------------------------
 
-def stream_consumer(stream, sink, rng, backpressure):
-    """Random-ready consumer that also checks the stream rule (hold while valid & !ready)."""
-    async def run(ctx):
-        stalled = None
-        async for _, _, valid, ready, payload in ctx.tick().sample(
-                stream.valid, stream.ready, stream.payload):
-            if stalled is not None:
-                assert valid and payload == stalled, "payload changed under backpressure"
-            if valid and ready:
-                sink.append(payload)
-            stalled = payload if valid and not ready else None
-            ctx.set(stream.ready, rng.random() >= backpressure)
-    return run
-
-
-async def stream_put(ctx, stream, payload, rng, idle):
+async def axis_put(ctx, dut, port, beat, rng, idle, width):
+    """Drive one (tdata, tkeep, tlast, tuser) beat on the IP-side stream ``port`` (e.g.
+    ``"s_axis_cq"``) after seeded idle cycles; once taken, tdata turns to garbage."""
+    tdata, tkeep, tlast, tuser = beat
     while rng.random() < idle:
         await ctx.tick()
-    ctx.set(stream.valid, 1)
-    ctx.set(stream.payload, payload)
-    await ctx.tick().until(stream.ready)
-    ctx.set(stream.valid, 0)
+    ctx.set(getattr(dut, f"{port}_tdata"), tdata)
+    ctx.set(getattr(dut, f"{port}_tkeep"), tkeep)
+    ctx.set(getattr(dut, f"{port}_tlast"), tlast)
+    ctx.set(getattr(dut, f"{port}_tuser"), tuser)
+    ctx.set(getattr(dut, f"{port}_tvalid"), 1)
+    await ctx.tick().until(getattr(dut, f"{port}_tready"))
+    ctx.set(getattr(dut, f"{port}_tvalid"), 0)
+    ctx.set(getattr(dut, f"{port}_tdata"), rng.randrange(1 << width))
 
 
-def run(dut, testbenches, background, name):
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    for tb in testbenches:
-        sim.add_testbench(tb)
-    for tb in background:
-        sim.add_testbench(tb, background=True)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd(f"{name}.vcd"):
-            sim.run()
-    else:
-        sim.run()
+def axis_sink(dut, port, beats, rng, backpressure):
+    """Consumer of the IP-side stream ``port`` (e.g. ``"m_axis_rq"``) with seeded
+    backpressure: appends each (tdata, tkeep, tlast, tuser) taken to ``beats`` and checks
+    the AXI-stream rule that a beat is held until taken."""
+    signals = [getattr(dut, f"{port}_{name}")
+               for name in ("tvalid", "tready", "tdata", "tkeep", "tlast", "tuser")]
+
+    async def consume(ctx):
+        stalled = None
+        async for _, _, valid, ready, *beat in ctx.tick().sample(*signals):
+            if stalled is not None:
+                assert valid and beat == stalled, f"{port} beat changed under backpressure"
+            if valid and ready:
+                beats.append(tuple(beat))
+            stalled = beat if valid and not ready else None
+            ctx.set(signals[1], rng.random() >= backpressure)
+    return consume
 
 
-async def wait_for(ctx, condition, cycles=100_000):
-    for _ in range(cycles):
-        if condition():
-            return
-        await ctx.tick()
-    raise AssertionError("timed out")
+def axis_frames(width, beats, name, check_tuser):
+    """Split the beats of stream ``name`` (CC, RQ) into ``UsPcieFrame``s, checking that
+    tkeep is contiguous, only the last beat is short and the parity is right;
+    ``check_tuser(frame, tuser, sop, tlast, count)`` checks a beat's tuser fields and
+    returns the bit its parity starts at."""
+    lanes = width // 32
+    frames, frame = [], None
+    for tdata, tkeep, tlast, tuser in beats:
+        sop = frame is None
+        if sop:
+            frame = UsPcieFrame()
+        count = bin(tkeep).count("1")
+        assert tkeep == (1 << count) - 1, "tkeep not contiguous from lane 0"
+        assert tlast or count == lanes, "a beat before the last one is not full"
+        parity_at = check_tuser(frame, tuser, sop, tlast, count)
+        for lane in range(count):
+            frame.data.append(tdata >> 32 * lane & 0xFFFF_FFFF)
+            frame.parity.append(tuser >> parity_at + 4 * lane & 0xF)
+        if tlast:
+            assert frame.check_parity(), f"{name} parity"
+            frames.append(frame)
+            frame = None
+    assert frame is None
+    return frames
 
 
 # --- CQ --------------------------------------------------------------------------------
@@ -229,28 +243,18 @@ def test_cq_requests(width):
             n = len(r["payload"])
             byte_en = [0] * 4 + [r["first_be"] if i == 0 else r["last_be"] if i == n - 1
                                  else 0xF for i in range(n)]
-            for tdata, tkeep, tlast, tuser in cq_beats(width, frame, r["first_be"],
-                                                       r["last_be"], byte_en):
-                while rng.random() < 0.3:
-                    await ctx.tick()
-                ctx.set(dut.s_axis_cq_tdata, tdata)
-                ctx.set(dut.s_axis_cq_tkeep, tkeep)
-                ctx.set(dut.s_axis_cq_tlast, tlast)
-                ctx.set(dut.s_axis_cq_tuser, tuser)
-                ctx.set(dut.s_axis_cq_tvalid, 1)
-                await ctx.tick().until(dut.s_axis_cq_tready)
-                ctx.set(dut.s_axis_cq_tvalid, 0)
-                ctx.set(dut.s_axis_cq_tdata, rng.randrange(1 << width))    # garbage
+            for beat in cq_beats(width, frame, r["first_be"], r["last_be"], byte_en):
+                await axis_put(ctx, dut, "s_axis_cq", beat, rng, 0.3, width)
         expected_beats = sum(len(r["payload"]) for r in requests
                              if r["req_type"] == REQ_MEM_WRITE)
-        await wait_for(ctx, lambda: (len(headers), len(beats)) == (len(requests),
-                                                                     expected_beats))
+        await wait_until(ctx, lambda: (len(headers), len(beats)) == (len(requests),
+                                                                       expected_beats),
+                         "CQ stalled")
         await ctx.tick().repeat(20)
 
     comp = dut.completer
-    run(dut, [cq_source],
-        [stream_consumer(comp.req, headers, rng, 0.4),
-         stream_consumer(comp.req_data, beats, rng, 0.4)], f"cq_{width}")
+    simulate(dut, cq_source, background=[stream_consumer(comp.req, headers.append, rng, 0.4),
+                                         stream_consumer(comp.req_data, beats.append, rng, 0.4)])
 
     assert [{k: getattr(h, k) for k in ("kind", "bar", "offset", "dwords", "first_be",
                                         "last_be", "requester_id", "tag", "tc", "attr")}
@@ -274,34 +278,18 @@ def random_completion(rng):
 
 def cc_frames(width, beats):
     """Split CC beats into frames, checking tkeep, tlast and tuser on the way."""
-    lanes = width // 32
-    frames, frame = [], None
-    for tdata, tkeep, tlast, tuser in beats:
-        sop = frame is None
-        if sop:
-            frame = UsPcieFrame()
-        count = bin(tkeep).count("1")
-        assert tkeep == (1 << count) - 1, "tkeep not contiguous from lane 0"
-        assert tlast or count == lanes, "a beat before the last one is not full"
-        parity_at = 17 if width == 512 else 1
-        for lane in range(count):
-            frame.data.append(tdata >> 32 * lane & 0xFFFF_FFFF)
-            frame.parity.append(tuser >> parity_at + 4 * lane & 0xF)
-        if width == 512:
-            assert tuser & 0x3 == int(sop), "is_sop"
-            assert tuser >> 2 & 0xF == 0, "is_sop0/1_ptr"
-            assert tuser >> 6 & 0x3 == int(tlast), "is_eop"
-            if tlast:           # the pointer only means something with is_eop
-                assert tuser >> 8 & 0xF == count - 1, "is_eop0_ptr"
-            assert tuser >> 12 & 0x1F == 0, "is_eop1_ptr, discontinue"
-        else:
+    def check_tuser(frame, tuser, sop, tlast, count):
+        if width != 512:
             assert tuser & 1 == 0, "discontinue"
-        if tlast:
-            assert frame.check_parity(), "CC parity"
-            frames.append(frame)
-            frame = None
-    assert frame is None
-    return frames
+            return 1
+        assert tuser & 0x3 == int(sop), "is_sop"
+        assert tuser >> 2 & 0xF == 0, "is_sop0/1_ptr"
+        assert tuser >> 6 & 0x3 == int(tlast), "is_eop"
+        if tlast:           # the pointer only means something with is_eop
+            assert tuser >> 8 & 0xF == count - 1, "is_eop0_ptr"
+        assert tuser >> 12 & 0x1F == 0, "is_eop1_ptr, discontinue"
+        return 17
+    return axis_frames(width, beats, "CC", check_tuser)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -324,22 +312,12 @@ def test_cc_completions(width):
             for i, word in enumerate(c["data"]):
                 await stream_put(ctx, comp.cpl_data,
                                  {"data": word, "last": i == len(c["data"]) - 1}, rng, 0.3)
-        await wait_for(ctx, lambda: sum(b[2] for b in beats) == len(completions))
+        await wait_until(ctx, lambda: sum(b[2] for b in beats) == len(completions),
+                         "CC stalled")
         await ctx.tick().repeat(20)
 
-    async def cc_sink(ctx):
-        stalled = None
-        async for _, _, valid, ready, *beat in ctx.tick().sample(
-                dut.m_axis_cc_tvalid, dut.m_axis_cc_tready, dut.m_axis_cc_tdata,
-                dut.m_axis_cc_tkeep, dut.m_axis_cc_tlast, dut.m_axis_cc_tuser):
-            if stalled is not None:
-                assert valid and beat == stalled, "CC beat changed under backpressure"
-            if valid and ready:
-                beats.append(tuple(beat))
-            stalled = beat if valid and not ready else None
-            ctx.set(dut.m_axis_cc_tready, rng.random() >= 0.4)
-
-    run(dut, [cpl_source, cpl_data_source], [cc_sink], f"cc_{width}")
+    simulate(dut, cpl_source, cpl_data_source,
+             background=[axis_sink(dut, "m_axis_cc", beats, rng, 0.4)])
 
     frames = cc_frames(width, beats)
     assert len(frames) == len(completions)
@@ -428,7 +406,7 @@ def test_config_status_and_idle_requester(width):
             assert ctx.get(dut.s_axis_rc_tready) == 1
             await ctx.tick()
 
-    run(dut, [testbench], [], f"cfg_{width}")
+    simulate(dut, testbench)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -469,7 +447,7 @@ def test_msix_one_pulse_per_message(width):
         await ctx.tick().repeat(5)
         assert pulses == messages
 
-    run(dut, [device], [monitor], f"msix_{width}")
+    simulate(dut, device, background=[monitor])
 
 
 
@@ -524,58 +502,25 @@ def random_rq_request(rng):
 
 def rq_frames(width, beats):
     """Split RQ beats into frames, checking tkeep, tlast and every tuser field."""
-    lanes = width // 32
-    frames, frame = [], None
-    for tdata, tkeep, tlast, tuser in beats:
-        sop = frame is None
-        if sop:
-            frame = UsPcieFrame()
-        count = bin(tkeep).count("1")
-        assert tkeep == (1 << count) - 1, "tkeep not contiguous from lane 0"
-        assert tlast or count == lanes, "a beat before the last one is not full"
-        if width == 512:
-            parity_at = 73
-            if sop:
-                frame.first_be, frame.last_be = tuser & 0xF, tuser >> 8 & 0xF
-            assert tuser >> 4 & 0xF == 0 and tuser >> 12 & 0xFF == 0, \
-                "second first/last_be, addr_offset"
-            assert tuser >> 20 & 0x3 == int(sop), "is_sop"
-            assert tuser >> 22 & 0xF == 0, "is_sop0/1_ptr"
-            assert tuser >> 26 & 0x3 == int(tlast), "is_eop"
-            if tlast:
-                assert tuser >> 28 & 0xF == count - 1, "is_eop0_ptr"
-            assert tuser >> 32 & (1 << 41) - 1 == 0, "is_eop1_ptr, discontinue, TPH, seq_num"
-        else:
-            parity_at = 28
+    def check_tuser(frame, tuser, sop, tlast, count):
+        if width != 512:
             if sop:
                 frame.first_be, frame.last_be = tuser & 0xF, tuser >> 4 & 0xF
             assert tuser >> 8 & 0xFFFFF == 0, "addr_offset, discontinue, TPH, seq_num"
             assert tuser >> 60 == 0, "seq_num[5:4]"
-        for lane in range(count):
-            frame.data.append(tdata >> 32 * lane & 0xFFFF_FFFF)
-            frame.parity.append(tuser >> parity_at + 4 * lane & 0xF)
+            return 28
+        if sop:
+            frame.first_be, frame.last_be = tuser & 0xF, tuser >> 8 & 0xF
+        assert tuser >> 4 & 0xF == 0 and tuser >> 12 & 0xFF == 0, \
+            "second first/last_be, addr_offset"
+        assert tuser >> 20 & 0x3 == int(sop), "is_sop"
+        assert tuser >> 22 & 0xF == 0, "is_sop0/1_ptr"
+        assert tuser >> 26 & 0x3 == int(tlast), "is_eop"
         if tlast:
-            assert frame.check_parity(), "RQ parity"
-            frames.append(frame)
-            frame = None
-    assert frame is None
-    return frames
-
-
-def rq_sink(dut, beats, rng, backpressure):
-    """RQ consumer with random backpressure that checks the AXI-stream hold rule."""
-    async def run(ctx):
-        stalled = None
-        async for _, _, valid, ready, *beat in ctx.tick().sample(
-                dut.m_axis_rq_tvalid, dut.m_axis_rq_tready, dut.m_axis_rq_tdata,
-                dut.m_axis_rq_tkeep, dut.m_axis_rq_tlast, dut.m_axis_rq_tuser):
-            if stalled is not None:
-                assert valid and beat == stalled, "RQ beat changed under backpressure"
-            if valid and ready:
-                beats.append(tuple(beat))
-            stalled = beat if valid and not ready else None
-            ctx.set(dut.m_axis_rq_tready, rng.random() >= backpressure)
-    return run
+            assert tuser >> 28 & 0xF == count - 1, "is_eop0_ptr"
+        assert tuser >> 32 & (1 << 41) - 1 == 0, "is_eop1_ptr, discontinue, TPH, seq_num"
+        return 73
+    return axis_frames(width, beats, "RQ", check_tuser)
 
 
 def run_rq(width, requests, rng, idle, backpressure):
@@ -596,17 +541,12 @@ def run_rq(width, requests, rng, idle, backpressure):
                                                  "last": i + 2 >= len(words)}, rng, idle)
 
     async def until_sent(ctx):
-        for cycle in range(100_000):
-            if sum(b[2] for b in beats) == len(requests):
-                break
-            await ctx.tick()
-        else:
-            raise AssertionError("RQ stalled")
-        cycles.append(cycle)
+        cycles.append(await wait_until(ctx, lambda: sum(b[2] for b in beats) == len(requests),
+                                       "RQ stalled"))
         await ctx.tick().repeat(10)
 
-    run(dut, [header_source, payload_source, until_sent],
-        [rq_sink(dut, beats, rng, backpressure)], f"rq_{width}")
+    simulate(dut, header_source, payload_source, until_sent,
+             background=[axis_sink(dut, "m_axis_rq", beats, rng, backpressure)])
     return rq_frames(width, beats), cycles[0]
 
 
@@ -760,18 +700,8 @@ def run_rc(width, completions, rng, idle, backpressure, short_beats=False):
 
     async def rc_source(ctx):
         for frame, _, _ in completions:
-            for tdata, tkeep, tlast, tuser in rc_beats(width, frame,
-                                                       rng if short_beats else None):
-                while rng.random() < idle:
-                    await ctx.tick()
-                ctx.set(dut.s_axis_rc_tdata, tdata)
-                ctx.set(dut.s_axis_rc_tkeep, tkeep)
-                ctx.set(dut.s_axis_rc_tlast, tlast)
-                ctx.set(dut.s_axis_rc_tuser, tuser)
-                ctx.set(dut.s_axis_rc_tvalid, 1)
-                await ctx.tick().until(dut.s_axis_rc_tready)
-                ctx.set(dut.s_axis_rc_tvalid, 0)
-                ctx.set(dut.s_axis_rc_tdata, rng.randrange(1 << width))     # garbage
+            for beat in rc_beats(width, frame, rng if short_beats else None):
+                await axis_put(ctx, dut, "s_axis_rc", beat, rng, idle, width)
 
     async def sink(ctx):
         stalled = {}
@@ -798,16 +728,12 @@ def run_rc(width, completions, rng, idle, backpressure, short_beats=False):
 
     async def until_received(ctx):
         expected_beats = sum(completion_beats(d) for _, _, d in completions)
-        for cycle in range(100_000):
-            if (len(headers), len(beats)) == (len(completions), expected_beats):
-                break
-            await ctx.tick()
-        else:
-            raise AssertionError("RC stalled")
-        cycles.append(cycle)
+        cycles.append(await wait_until(
+            ctx, lambda: (len(headers), len(beats)) == (len(completions), expected_beats),
+            "RC stalled"))
         await ctx.tick().repeat(10)
 
-    run(dut, [rc_source, until_received], [sink], f"rc_{width}")
+    simulate(dut, rc_source, until_received, background=[sink])
     return headers, beats, presented, cycles[0]
 
 
