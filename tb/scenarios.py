@@ -249,6 +249,26 @@ def split_at(cuts, writable_pieces=None, fill=0xAA):
     return sgs_of
 
 
+def random_sg_policy(rng, vb):
+    """Each command split at random bytes, its GET result over random writable pieces,
+    direct or indirect at random where the queue allows."""
+    def policy(command, writable):
+        cuts = [rng.randrange(len(command) + 1) for _ in range(rng.randrange(4))]
+        sgs = [(piece, False) for piece in sg_split(command, cuts)]
+        left = writable
+        while left:
+            piece = rng.randint(1, left)
+            sgs.append((bytearray(piece), True))
+            left -= piece
+        vq = vb.todev_vq
+        if vq.indirect:
+            return sgs, rng.choice([None, True] if len(sgs) > vq.num else [None, True, False])
+        if len(sgs) > vq.num:
+            sgs = [(command, False)] + ([(bytearray(writable), True)] if writable else [])
+        return sgs, None
+    return policy
+
+
 async def raw_command(vb, data, writable=0, policy=None):
     """Send bytes the driver would refuse to build, through its transport (``tell_host``):
     (used.len, the writable bytes after completion)."""

@@ -29,7 +29,6 @@ from cocotbext.pcie.core.utils import PcieId
 
 from memballoon import constants as c
 from memballoon.virtio_memballoon import DeviceNeedsReset
-from memballoon.virtio_ring import sg_split
 
 from . import scenarios as s
 from .harness import BACKPRESSURE_PATTERNS, pause_pattern
@@ -227,26 +226,6 @@ class Lockstep:
                                  f" ({await self.device_state()})")
 
 
-def random_sg_policy(rng, vb):
-    """Each command split at random bytes, its GET result over random writable pieces,
-    direct or indirect at random where the queue allows."""
-    def policy(command, writable):
-        cuts = [rng.randrange(len(command) + 1) for _ in range(rng.randrange(4))]
-        sgs = [(piece, False) for piece in sg_split(command, cuts)]
-        left = writable
-        while left:
-            piece = rng.randint(1, left)
-            sgs.append((bytearray(piece), True))
-            left -= piece
-        vq = vb.todev_vq
-        if vq.indirect:
-            return sgs, rng.choice([None, True] if len(sgs) > vq.num else [None, True, False])
-        if len(sgs) > vq.num:
-            sgs = [(command, False)] + ([(bytearray(writable), True)] if writable else [])
-        return sgs, None
-    return policy
-
-
 EXTRA_FIRST_FROM_END = 16
 EXTRA_PAGES = 8
 POOL_PAGES = 48
@@ -286,7 +265,7 @@ async def random_stream(lockstep, seed, steps=60):
         side.vb = await s.probe(side.rig, pool_pages=POOL_PAGES, page_size=page_size,
                                 without=without, queue_size=queue_size,
                                 max_pages_per_cmd=chunk)
-        side.vb.sg_policy = random_sg_policy(side.sg_rng, side.vb)
+        side.vb.sg_policy = s.random_sg_policy(side.sg_rng, side.vb)
     await lockstep.each(setup, "setup")
     await lockstep.compare(words)
     head = lockstep.context.rsplit(", ", 1)[0]

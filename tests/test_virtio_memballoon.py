@@ -12,10 +12,11 @@ import pytest
 from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.refmodel import MemballoonRef
+from memballoon.tb.scenarios import random_sg_policy
 from memballoon.virtio_memballoon import (BalloonDeviceError, BalloonUsageError,
                                           DeviceNeedsReset, PagePool, VirtioMemballoon)
 from memballoon.virtio_pci_modern import DeviceTimeout, VirtioError
-from memballoon.virtio_ring import VirtqueueBroken, VringDesc, sg_split
+from memballoon.virtio_ring import VirtqueueBroken, VringDesc
 
 PAGE = 4096
 POOL_BASE = 16 * PAGE           # guest pages the policy uses: window pages 16..
@@ -336,26 +337,6 @@ async def test_remove_returns_everything():
 
 
 # --- random streams --------------------------------------------------------------------------
-
-def random_sg_policy(rng, vb):
-    """Split each command at random bytes and its result into random pieces; pick direct
-    or indirect at random where the queue allows."""
-    def policy(command, writable):
-        cuts = [rng.randrange(len(command) + 1) for _ in range(rng.randrange(4))]
-        sgs = [(piece, False) for piece in sg_split(command, cuts)]
-        left = writable
-        while left:
-            piece = rng.randint(1, left)
-            sgs.append((bytearray(piece), True))
-            left -= piece
-        vq = vb.todev_vq
-        if vq.indirect:
-            return sgs, rng.choice([None, True] if len(sgs) > vq.num else [None, True, False])
-        if len(sgs) > vq.num:
-            sgs = [(command, False)] + ([(bytearray(writable), True)] if writable else [])
-        return sgs, None
-    return policy
-
 
 @pytest.mark.parametrize("seed", range(12))
 @asynctest
