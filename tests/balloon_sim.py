@@ -3,7 +3,7 @@ command payloads, and a virtqueue engine model on a CommandSignature."""
 
 from collections import deque
 
-from sim_util import stream_put
+from sim_util import stream_consumer, stream_put
 from memballoon.hdl.virtio.interface import COMMAND_LANES
 from memballoon.tb.command_words import command_beats
 
@@ -67,22 +67,12 @@ class EngineModel:
     def _beat_taken(self):
         self._beats_taken += 1
 
-    async def _consume(self, ctx):
-        result = self._port.result
-        stalled = None
-        async for _, _, valid, ready, payload in ctx.tick().sample(
-                result.valid, result.ready, result.payload):
-            if stalled is not None:
-                assert valid and payload == stalled, "result changed or withdrawn"
-            if valid and ready:
-                index = len(self.results)
-                assert index < self.submitted, "result without a buffer"
-                assert self._beats_taken >= sum(self._beat_counts[:index + 1]), \
-                    f"result of buffer {index} before its last beat"
-                self.results.append((payload.used_len, payload.write_data,
-                                     payload.write_count))
-            stalled = payload if valid and not ready else None
-            ctx.set(result.ready, self._rng.random() >= self._backpressure)
+    def _result_taken(self, payload):
+        index = len(self.results)
+        assert index < self.submitted, "result without a buffer"
+        assert self._beats_taken >= sum(self._beat_counts[:index + 1]), \
+            f"result of buffer {index} before its last beat"
+        self.results.append((payload.used_len, payload.write_data, payload.write_count))
 
     def background(self):
         """Testbenches to add with ``background=True``."""
@@ -91,7 +81,8 @@ class EngineModel:
 
         async def words(ctx):
             await self._produce(ctx, self._port.words, self._beats, self._beat_taken)
-        return [headers, words, self._consume]
+        return [headers, words, stream_consumer(self._port.result, self._result_taken,
+                                                self._rng, self._backpressure)]
 
     async def wait_results(self, ctx, count=None, timeout=100_000):
         count = self.submitted if count is None else count

@@ -1,7 +1,6 @@
 """VirtqueueEngine: split rings (virtio 1.2 2.7) against a Python driver, a function model
 and the DMA memory model (C5, C7, C9, C11, C12)."""
 
-import os
 import random
 import struct
 from collections import deque
@@ -17,6 +16,7 @@ from memballoon.params import DeviceParams
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.dma_memory_sim import DmaMemory
 from memballoon.tb.seed import new_seed
+from sim_util import run_with_waves
 
 MEMORY_SIZE = 1 << 20
 RESULT_BYTES = 16
@@ -427,11 +427,7 @@ class Bench:
         sim.add_process(self.function.run)
         sim.add_process(self.monitor)
         sim.add_testbench(testbench)
-        if os.environ.get("WAVES") == "1":
-            with sim.write_vcd(f"test_virtqueue_{self.seed}.vcd"):
-                sim.run()
-        else:
-            sim.run()
+        run_with_waves(sim)
 
     # --- checks on the DMA log ------------------------------------------------------------
 

@@ -2,11 +2,10 @@
 
 import random
 
-from amaranth.sim import Simulator
-
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
 from memballoon.hdl.virtio.vq_narrow import NARROW_BEAT_BYTES, ResponseNarrower
 from memballoon.tb.seed import new_seed
+from sim_util import simulate
 
 
 def random_reads(rng, count):
@@ -42,7 +41,7 @@ def narrow_beats(read):
     return beats + [(None, True, True)] if failed else beats
 
 
-def simulate(dut, reads, seed, *, idle, backpressure, wait_per_read=False):
+def run_narrower(dut, reads, seed, *, idle, backpressure, wait_per_read=False):
     """Wide beats in with idle cycles, narrow beats out with backpressure, checked. With
     ``wait_per_read`` a read's beats come only once the previous read is out, as the
     chain walker asks; returns the cycles in which ``wide.ready`` was low under a beat."""
@@ -99,11 +98,7 @@ def simulate(dut, reads, seed, *, idle, backpressure, wait_per_read=False):
         await ctx.tick().repeat(10)
         assert not ctx.get(dut.narrow.valid), "a beat too many"
 
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    sim.add_testbench(producer)
-    sim.add_testbench(consumer)
-    sim.run()
+    simulate(dut, producer, consumer)
     return stalls
 
 
@@ -111,8 +106,8 @@ def test_random_reads_with_backpressure():
     seed = new_seed()
     print(f"seed {seed}")
     rng = random.Random(seed)
-    simulate(ResponseNarrower(depth=4), random_reads(rng, 300), seed,
-             idle=0.3, backpressure=0.4)
+    run_narrower(ResponseNarrower(depth=4), random_reads(rng, 300), seed,
+                 idle=0.3, backpressure=0.4)
 
 
 def test_reads_of_depth_beats_never_stall():
@@ -123,6 +118,6 @@ def test_reads_of_depth_beats_never_stall():
     rng = random.Random(seed)
     reads = [(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64))), 0, False)
              for _ in range(100)]
-    stalls = simulate(ResponseNarrower(depth=4), reads, seed, idle=0.0, backpressure=0.0,
-                      wait_per_read=True)
+    stalls = run_narrower(ResponseNarrower(depth=4), reads, seed, idle=0.0,
+                          backpressure=0.0, wait_per_read=True)
     assert stalls == []

@@ -2,15 +2,13 @@
 command code alone (C5, interface.CommandWords)."""
 
 import itertools
-import os
 import random
-
-from amaranth.sim import Simulator
 
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
 from memballoon.hdl.virtio.vq_realign import Realigner
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.seed import new_seed
+from sim_util import simulate
 
 
 def data_beats(command, cuts):
@@ -76,15 +74,7 @@ def run(commands_and_cuts, seed, *, idle=0.0, backpressure=0.0):
         await ctx.tick().repeat(10)
         assert not ctx.get(dut.words.valid), "a beat of words too many"
 
-    sim = Simulator(dut)
-    sim.add_clock(4e-9)
-    sim.add_testbench(producer)
-    sim.add_testbench(consumer)
-    if os.environ.get("WAVES") == "1":
-        with sim.write_vcd("test_vq_realign.vcd"):
-            sim.run()
-    else:
-        sim.run()
+    simulate(dut, producer, consumer)
     return taken
 
 
