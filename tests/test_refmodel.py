@@ -2,13 +2,13 @@
 and command by command, driven through RefBackend with virtio_pci_modern and the ring's
 low-level API (so malformed chains reach the device unfiltered)."""
 
-import asyncio
 import functools
 import struct
 from types import SimpleNamespace
 
 import pytest
 
+from async_util import asynctest
 from memballoon.constants import (PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID,
                                   PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, VRING_AVAIL_IDX,
                                   VRING_AVAIL_RING, VRING_USED_RING)
@@ -19,6 +19,7 @@ from memballoon.lspci import format_dump, parse_lspci, read_config_space, run_ls
 from memballoon.params import BarLayout, DeviceParams
 from memballoon.refmodel import (COUNTER_NAMES, DEFAULT_RING_FEATURES, MSIX_CAP_POS,
                                  HostMemory, Malformed, MemballoonRef)
+from memballoon.tb.scenarios import cmd
 from memballoon.virtio_pci_modern import DeviceTimeout, VirtioPciModernDevice
 from memballoon.virtio_ring import (VringDesc, sg_split, vring_avail_event_offset,
                                     vring_new_virtqueue)
@@ -29,17 +30,6 @@ GET = c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES
 EXCHANGE = c.VIRTIO_MEMBALLOON_GCMD_EXCHANGE_PAGES
 F = c.RingFault
 ALL_FEATURES = (1 << 64) - 1
-
-
-def asynctest(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
-
-
-def cmd(code, *addrs):
-    return struct.pack(f"<{1 + len(addrs)}Q", code, *addrs)
 
 
 def nonzero(counters):

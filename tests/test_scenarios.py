@@ -3,23 +3,14 @@ scenario the cocotb tests run on the RTL runs here first, so a scenario that fai
 RTL fails because of the RTL. Also the 16-bit index wrap in full, and the scoreboard of
 ``tb/scoreboard.py`` in lockstep over two models (one of them wrong on purpose)."""
 
-import asyncio
-import functools
-
 import pytest
 
+from async_util import asynctest
 from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.tb import scenarios
 from memballoon.tb.scenarios import SCENARIOS, RefRig
 from memballoon.tb.scoreboard import Lockstep, ScoreboardMismatch, random_stream
-
-
-def asynctest(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

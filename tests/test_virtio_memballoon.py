@@ -3,12 +3,11 @@ RefBackend: probe and negotiation, every command, the driver's refusal of bad re
 fromdevq and the MIN_BALLOON policy, resets (host request, C7 fault, under load) and
 seeded random command streams checked against the model's scoreboard."""
 
-import asyncio
-import functools
 import random
 
 import pytest
 
+from async_util import asynctest
 from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.refmodel import MemballoonRef
@@ -21,13 +20,6 @@ from memballoon.virtio_ring import VirtqueueBroken, VringDesc
 PAGE = 4096
 POOL_BASE = 16 * PAGE           # guest pages the policy uses: window pages 16..
 EXTRA_MEM = c.VIRTIO_MEMBALLOON_F_EXTRA_MEM
-
-
-def asynctest(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
 
 
 async def probe(model=None, pool_pages=64, page_size=PAGE, without=(), queue_size=None,

@@ -2,19 +2,19 @@
 descriptor accounting, indirect tables, scatter lists split anywhere, event index and
 notification suppression, index wrap, unused-buffer recovery and rogue-device checks."""
 
-import asyncio
-import functools
 import random
 import struct
 from types import SimpleNamespace
 
 import pytest
 
+from async_util import asynctest
 from memballoon.constants import (VRING_AVAIL_IDX, VRING_USED_FLAGS, VRING_USED_IDX,
                                   VRING_USED_RING)
 from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.refmodel import MemballoonRef
+from memballoon.tb.scenarios import cmd
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
 from memballoon.virtio_ring import (VirtqueueBroken, VirtqueueError, VirtqueueFull, VringDesc,
                                     VringVirtqueue, sg_split, vring_avail_event_offset,
@@ -27,17 +27,6 @@ GET = c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES
 ALL = (1 << 64) - 1
 NO_INDIRECT = ALL & ~(1 << c.VIRTIO_F_INDIRECT_DESC)
 NO_EVENT_IDX = ALL & ~(1 << c.VIRTIO_F_RING_EVENT_IDX)
-
-
-def asynctest(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
-
-
-def cmd(code, *addrs):
-    return struct.pack(f"<{1 + len(addrs)}Q", code, *addrs)
 
 
 async def live(wanted=None, queue_size=None, **model_kwargs):
