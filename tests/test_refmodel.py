@@ -2,13 +2,10 @@
 and command by command, driven through RefBackend with virtio_pci_modern and the ring's
 low-level API (so malformed chains reach the device unfiltered)."""
 
-import functools
 import struct
-from types import SimpleNamespace
 
 import pytest
 
-from async_util import asynctest
 from memballoon.constants import (PCI_DEVICE_ID, PCI_REVISION_ID, PCI_SUBSYSTEM_ID,
                                   PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID, VRING_AVAIL_IDX,
                                   VRING_AVAIL_RING, VRING_USED_RING)
@@ -21,8 +18,8 @@ from memballoon.refmodel import (COUNTER_NAMES, DEFAULT_RING_FEATURES, MSIX_CAP_
                                  HostMemory, Malformed, MemballoonRef)
 from memballoon.tb.scenarios import cmd
 from memballoon.virtio_pci_modern import DeviceTimeout, VirtioPciModernDevice
-from memballoon.virtio_ring import (VringDesc, sg_split, vring_avail_event_offset,
-                                    vring_new_virtqueue)
+from memballoon.virtio_ring import VringDesc, sg_split, vring_avail_event_offset
+from model_util import asynctest, live
 
 PAGE = 4096
 GIVE = c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES
@@ -34,33 +31,6 @@ ALL_FEATURES = (1 << 64) - 1
 
 def nonzero(counters):
     return {name: value for name, value in counters.items() if value}
-
-
-async def init_until_driver_ok(vdev, **kwargs):
-    """virtio_pci_modern's init, stopping short of DRIVER_OK."""
-    add_status = vdev.vp_modern_add_status
-    vdev.vp_modern_add_status = lambda status: add_status(status & ~c.VIRTIO_CONFIG_S_DRIVER_OK)
-    try:
-        await vdev.init(**kwargs)
-    finally:
-        del vdev.vp_modern_add_status
-
-
-async def live(model=None, page_size=None, wanted=None, queue_size=None, driver_ok=True,
-               **model_kwargs):
-    """A device at DRIVER_OK (virtio_pci_modern's init) with both rings wrapped."""
-    be = RefBackend(model or MemballoonRef(**model_kwargs))
-    vdev = VirtioPciModernDevice(be)
-    init = vdev.init if driver_ok else functools.partial(init_until_driver_ok, vdev)
-    await init(page_size=page_size, wanted=wanted, queue_size=queue_size)
-    vqs = []
-    for info in vdev.queues:
-        async def notify(vq, info=info):
-            await vdev.vp_notify(info.notify, info.index)
-        vqs.append(vring_new_virtqueue(info.index, info.num, be, notify, vdev.accepted_features,
-                                       info.ring, info.desc_addr, info.avail_addr,
-                                       info.used_addr))
-    return SimpleNamespace(be=be, model=be.model, vdev=vdev, fromdevq=vqs[0], todevq=vqs[1])
 
 
 async def send(vq, sgs, indirect=None):

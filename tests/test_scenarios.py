@@ -5,12 +5,12 @@ RTL fails because of the RTL. Also the 16-bit index wrap in full, and the scoreb
 
 import pytest
 
-from async_util import asynctest
 from memballoon import constants as c
 from memballoon.params import DeviceParams
 from memballoon.tb import scenarios
 from memballoon.tb.scenarios import SCENARIOS, RefRig
 from memballoon.tb.scoreboard import Lockstep, ScoreboardMismatch, random_stream
+from model_util import asynctest
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

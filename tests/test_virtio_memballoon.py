@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from async_util import asynctest
 from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.refmodel import MemballoonRef
@@ -16,6 +15,7 @@ from memballoon.virtio_memballoon import (BalloonDeviceError, BalloonUsageError,
                                           DeviceNeedsReset, PagePool, VirtioMemballoon)
 from memballoon.virtio_pci_modern import DeviceTimeout, VirtioError
 from memballoon.virtio_ring import VirtqueueBroken, VringDesc
+from model_util import asynctest
 
 PAGE = 4096
 POOL_BASE = 16 * PAGE           # guest pages the policy uses: window pages 16..

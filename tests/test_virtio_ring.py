@@ -4,22 +4,20 @@ notification suppression, index wrap, unused-buffer recovery and rogue-device ch
 
 import random
 import struct
-from types import SimpleNamespace
 
 import pytest
 
-from async_util import asynctest
 from memballoon.constants import (VRING_AVAIL_IDX, VRING_USED_FLAGS, VRING_USED_IDX,
                                   VRING_USED_RING)
 from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
-from memballoon.refmodel import MemballoonRef
 from memballoon.tb.scenarios import cmd
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
 from memballoon.virtio_ring import (VirtqueueBroken, VirtqueueError, VirtqueueFull, VringDesc,
                                     VringVirtqueue, sg_split, vring_avail_event_offset,
                                     vring_create_virtqueue, vring_need_event,
                                     vring_new_virtqueue, vring_used_event_offset)
+from model_util import asynctest, live
 
 PAGE = 4096
 GIVE = c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES
@@ -27,20 +25,6 @@ GET = c.VIRTIO_MEMBALLOON_GCMD_GET_PAGES
 ALL = (1 << 64) - 1
 NO_INDIRECT = ALL & ~(1 << c.VIRTIO_F_INDIRECT_DESC)
 NO_EVENT_IDX = ALL & ~(1 << c.VIRTIO_F_RING_EVENT_IDX)
-
-
-async def live(wanted=None, queue_size=None, **model_kwargs):
-    be = RefBackend(MemballoonRef(**model_kwargs))
-    vdev = VirtioPciModernDevice(be)
-    await vdev.init(wanted=wanted, queue_size=queue_size)
-    vqs = []
-    for info in vdev.queues:
-        async def notify(vq, info=info):
-            await vdev.vp_notify(info.notify, info.index)
-        vqs.append(vring_new_virtqueue(info.index, info.num, be, notify, vdev.accepted_features,
-                                       info.ring, info.desc_addr, info.avail_addr,
-                                       info.used_addr))
-    return SimpleNamespace(be=be, model=be.model, vdev=vdev, fromdevq=vqs[0], todevq=vqs[1])
 
 
 # --- pure helpers ----------------------------------------------------------------------------
