@@ -2,10 +2,10 @@
 
 import random
 
-from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.virtio.irq_router import IrqRouter
+from sim_util import simulate
 
 VECTORS = 3
 
@@ -24,14 +24,9 @@ def run(testbench, ready_probability=1.0, seed=0):
             if ready and valid:
                 requests.append(payload)
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_process(consumer)
-
     async def bench(ctx):
         await testbench(ctx, dut, requests)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench, processes=[consumer])
 
 
 async def fire(ctx, signal, value=1):

@@ -1,21 +1,17 @@
 """ISR status byte: set by events, read-clear (virtio 1.2 4.1.4.5), cleared by reset (C9)."""
 
-from amaranth.sim import Simulator
-
 from memballoon import constants as c
 from memballoon.hdl.virtio.isr import VirtioIsr
 from memballoon.tb.regbus_sim import regbus_read
+from sim_util import simulate
 
 
 def run(testbench):
     dut = VirtioIsr()
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
 
     async def bench(ctx):
         await testbench(ctx, dut)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench)
 
 
 async def pulse(ctx, signal):

@@ -4,12 +4,12 @@ import random
 
 from amaranth.hdl import Module
 from amaranth.lib import data, wiring
-from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
 from memballoon.hdl.mgmt import _COUNTER_REGISTERS, MgmtPort
+from sim_util import simulate
 
 
 async def axil_write(ctx, axil, addr, data, strb=0xF, rng=None):
@@ -66,14 +66,9 @@ def run(testbench):
             if request_reset:
                 resets.append(1)
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_process(monitor)
-
     async def bench(ctx):
         await testbench(ctx, dut, resets)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench, processes=[monitor])
 
 
 def test_identity_and_mirrored_state():
@@ -137,14 +132,9 @@ def run_balloon(testbench, seed=0):
                 if valid:
                     commits[name].append(payload)
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_process(monitor)
-
     async def bench(ctx):
         await testbench(ctx, dut, commits, rng)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(dut, bench, processes=[monitor])
 
 
 def test_balloon_state_and_counters_read_back():
@@ -289,7 +279,4 @@ def test_the_host_sets_up_and_reads_the_balloon_core():
         assert await axil_read(ctx, mgmt.axil, c.MGMT_BITMAP_PAGES) == 2 ** 10
         assert await axil_read(ctx, mgmt.axil, c.MGMT_RETURN_BUDGET) == c.MGMT_UNLIMITED_BUDGET
 
-    sim = Simulator(m)
-    sim.add_clock(1e-8)
-    sim.add_testbench(testbench)
-    sim.run()
+    simulate(m, testbench)

@@ -7,6 +7,7 @@ import pytest
 
 from memballoon import constants as c
 from memballoon.hdl.pcie.msix import MsixTable
+from memballoon.tb.regbus_sim import regbus_read, regbus_write
 from sim_util import simulate
 
 PBA_OFFSET = 0x800
@@ -26,21 +27,13 @@ def message_data(vector):
 
 
 async def bus_write(ctx, dut, offset, value, strb=0xF):
-    ctx.set(dut.bus.addr, offset // 4)
-    ctx.set(dut.bus.w_data, value)
-    ctx.set(dut.bus.w_strb, strb)
-    ctx.set(dut.bus.w_stb, 1)
-    await ctx.tick().until(dut.bus.ready)
-    ctx.set(dut.bus.w_stb, 0)
+    """A register-bus write at byte ``offset`` of the table or PBA."""
+    await regbus_write(ctx, dut.bus, offset // 4, value, strb)
 
 
 async def bus_read(ctx, dut, offset):
-    ctx.set(dut.bus.addr, offset // 4)
-    ctx.set(dut.bus.r_strb, 0xF)
-    ctx.set(dut.bus.r_stb, 1)
-    await ctx.tick().until(dut.bus.ready)
-    ctx.set(dut.bus.r_stb, 0)
-    return ctx.get(dut.bus.r_data)
+    """A register-bus read of the dword at byte ``offset`` of the table or PBA."""
+    return await regbus_read(ctx, dut.bus, offset // 4)
 
 
 async def read_pba(ctx, dut):

@@ -1,11 +1,10 @@
 """Notification region (virtio 1.2 4.1.4.4, C11)."""
 
-from amaranth.sim import Simulator
-
 from memballoon import constants as c
 from memballoon.hdl.virtio.notify import VirtioNotify
 from memballoon.params import DeviceParams
 from memballoon.tb.regbus_sim import regbus_read, regbus_write
+from sim_util import simulate
 
 
 def test_each_queue_address_pulses_its_queue_once():
@@ -30,8 +29,4 @@ def test_each_queue_address_pulses_its_queue_once():
         await ctx.tick().repeat(3)
         assert pulses == [1 << q for q in range(c.NUM_QUEUES)]
 
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_process(monitor)
-    sim.add_testbench(driver)
-    sim.run()
+    simulate(dut, driver, processes=[monitor])

@@ -7,7 +7,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
-from amaranth.sim import Simulator
 
 from memballoon import constants as c
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
@@ -16,7 +15,7 @@ from memballoon.params import DeviceParams
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.dma_memory_sim import DmaMemory
 from memballoon.tb.seed import new_seed
-from sim_util import run_with_waves
+from sim_util import simulate
 
 MEMORY_SIZE = 1 << 20
 RESULT_BYTES = 16
@@ -421,13 +420,8 @@ class Bench:
         raise AssertionError("no fault")
 
     def run(self, testbench):
-        sim = Simulator(self.dut)
-        sim.add_clock(4e-9)
-        sim.add_process(self.dma.serve)
-        sim.add_process(self.function.run)
-        sim.add_process(self.monitor)
-        sim.add_testbench(testbench)
-        run_with_waves(sim)
+        simulate(self.dut, testbench,
+                 processes=[self.dma.serve, self.function.run, self.monitor])
 
     # --- checks on the DMA log ------------------------------------------------------------
 
