@@ -5,7 +5,8 @@ The VM is plain ``qemu-system-x86_64 -kernel/-initrd``: Debian's stock kernel im
 fetched once with ``apt-get download`` and unpacked with ``dpkg -x`` into a cache
 (``$MEMBALLOON_VM_CACHE``, default ``~/.cache/memballoon/vm``), ``depmod`` run on it; an
 initramfs written here (busybox-static and the few modules needed) mounts the host's root
-filesystem read-only over 9p and runs one command in it, so the guest uses this very
+filesystem read-only over 9p (scratch space: tmpfs on /mnt and /run, so a checkout under
+/tmp stays visible) and runs one command in it, so the guest uses this very
 checkout and its virtual environment. Boot: ``-machine q35,kernel-irqchip=split``,
 ``-device intel-iommu,intremap=on``, guest ``intel_iommu=on``; the devices under test are
 ``disable-legacy=on,iommu_platform=on`` so their DMA goes through the IOMMU.
@@ -212,10 +213,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroo
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
-mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+mount -t tmpfs tmpfs /newroot/mnt || echo '{MARK_ERROR} no /mnt for the guest scratch space'
 cd /newroot
-chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \\
+chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/mnt TMPDIR=/mnt \\
     PYTHONDONTWRITEBYTECODE=1 /bin/sh -c {_shell_quote(command)}
 echo "{MARK_EXIT} $?"
 poweroff -f
