@@ -147,7 +147,9 @@ class ChainWalker(wiring.Component):
         table = Mux(in_table, table_address, self.config.desc)
         offset = (index - window_base)[:16]     # past the window when index < base too
         in_window = offset < window_filled
-        descriptor = window[offset[:max(1, (window_size - 1).bit_length())]]
+        # The descriptor being walked, taken from the window in "Fetch": the window's read
+        # mux and its offset are then a clock ahead of the checks on the descriptor.
+        descriptor = Signal(Descriptor)
         to_table_end = limit - index
         wanted = Mux(in_table, self._table_window, self._direct_window)
         window_read = Mux(to_table_end < wanted, to_table_end, wanted)
@@ -191,6 +193,8 @@ class ChainWalker(wiring.Component):
                         m.next = "Fetch"
 
             with m.State("Fetch"):
+                m.d.sync += descriptor.eq(
+                    window[offset[:max(1, (window_size - 1).bit_length())]])
                 with m.If(in_window):
                     m.next = "Descriptor"
                 with m.Else():
