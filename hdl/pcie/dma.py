@@ -216,9 +216,9 @@ class DmaEngine(wiring.Component):
 
         # Registered: a Device Control setting, not worth a path from the hard IP's status
         # through the split arithmetic (timing); it takes effect a clock later.
-        max_read_request = Signal.like(self.max_read_request)
-        m.d.sync += max_read_request.eq(self.max_read_request)
-        size = _split(address, bytes_left, _size_bytes(max_read_request))
+        max_read_bytes = Signal(13, init=128)     # encoding 0 until the first clock
+        m.d.sync += max_read_bytes.eq(_size_bytes(self.max_read_request))
+        size = _split(address, bytes_left, max_read_bytes)
         slice_lines = (address[:LINE_SHIFT] + size + LINE_BYTES - 1) >> LINE_SHIFT
         free_lines = self._lines - (rd.alloc_ptr - rd.line_ptr)[:len(rd.alloc_ptr)]
         slot_free = (rd.occupancy != TAGS) & ~rd.pending.bit_select(rd.slot, 1)
