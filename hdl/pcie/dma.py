@@ -324,7 +324,10 @@ class DmaEngine(wiring.Component):
         taking_header = cpl.valid & ~busy
         m.d.comb += [
             cpl.ready.eq(~busy),
-            cpl_data.ready.eq(busy | (cpl.valid & has_payload)),
+            # Not gated by has_payload (the header's 11-bit dword count, in front of the
+            # shim's tready; timing): no beat comes before its header, so none is valid
+            # beside a header without payload (RequesterSignature).
+            cpl_data.ready.eq(busy | cpl.valid),
         ]
         at = Mux(busy, position, header_position)
         left = Mux(busy, dwords_left, header.dwords)
