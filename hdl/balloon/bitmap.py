@@ -272,6 +272,7 @@ class Bitmap(wiring.Component):
 
         # --- Stage 1: modify, write back, respond --------------------------------------------
         bank_words = []
+        bank_forwarded = []             # (forwarded, last write's word, RAM word) per bank
         for bank, (read_port, write_port) in enumerate(zip(read_ports, write_ports)):
             s1_row = Signal.like(read_port.addr, name=f"s1_row{bank}")
             last_write_valid = Signal(name=f"last_write_valid{bank}")
@@ -285,6 +286,7 @@ class Bitmap(wiring.Component):
             ]
             forwarded = last_write_valid & (last_write_row == s1_row)
             bank_words.append(Mux(forwarded, last_write_data, read_port.data))
+            bank_forwarded.append((forwarded, last_write_data, read_port.data))
 
         page_access = s1_valid & (s1_access == _Access.PAGE)
         s1_lane_word = [lane.page[_OFFSET_BITS:] for lane in s1_lanes]
@@ -294,8 +296,13 @@ class Bitmap(wiring.Component):
         lane_changed = []
         for index, lane in enumerate(s1_lanes):
             enabled = page_access & s1_issued[index]
-            word = Mux(bank_of(s1_lane_word[index]), bank_words[1], bank_words[0])
-            bit = word.bit_select(lane.page[:_OFFSET_BITS], 1)
+            # The page's bit picked from each source word first and chosen last: the row
+            # comparison of the forwarding runs beside the 128-bit selection (timing).
+            offset = lane.page[:_OFFSET_BITS]
+            bank_bits = [Mux(forwarded, last_word.bit_select(offset, 1),
+                             ram_word.bit_select(offset, 1))
+                         for forwarded, last_word, ram_word in bank_forwarded]
+            bit = Mux(bank_of(s1_lane_word[index]), bank_bits[1], bank_bits[0])
             if index:
                 # Lane 1 on lane 0's page sees lane 0's change.
                 bit = bit ^ (lane_changed[0] & same_page)

@@ -104,9 +104,13 @@ class BalloonCore(wiring.Component):
         with m.If(self.reset):
             m.d.sync += balloon_pages.eq(0)
 
+        # The counters are statistics for the host: they count the events a clock late, so
+        # that their adders do not follow the executor's address decode (timing).
         counters = Signal(BalloonCounters)
         counter_names = data.Layout.cast(BalloonCounters).members
-        for events in (executor.events, sender.events):
+        for source in (executor.events, sender.events):
+            events = Signal.like(source)
+            m.d.sync += events.eq(source)
             for name, _ in data.Layout.cast(events.shape()):
                 if name in counter_names:
                     counter = getattr(counters, name)

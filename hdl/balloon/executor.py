@@ -145,6 +145,9 @@ class CommandExecutor(wiring.Component):
         is_exchange = kind == c.GuestCmd.EXCHANGE_PAGES.value
         page_mask = ~(_ADDRESS_ONES << self.page_shift)[:64]
         window_start = self.window_base & ~page_mask
+        # The offset bits that put a page past the window, as a mask: the window check no
+        # longer waits for the page-number shifter (timing).
+        beyond_window = (_ADDRESS_ONES << (self.page_shift + page_bits))[:64]
         unlimited = budget == c.MGMT_UNLIMITED_BUDGET
         payload_taken = Signal()
 
@@ -158,7 +161,7 @@ class CommandExecutor(wiring.Component):
             misaligned = (address & page_mask).any()
             offset = address - window_start                 # bit 64 set: below the window
             page_number = offset[:64] >> self.page_shift
-            in_window = ~offset[64] & (page_number[page_bits:] == 0)
+            in_window = ~offset[64] & ~(offset[:64] & beyond_window).any()
             valid = ~misaligned & in_window
             page = page_number[:page_bits]
             in_extra = (page >= self.extra_first) & (page < self.extra_end)

@@ -73,6 +73,14 @@ def _split(address, remaining, boundary):
     return Mux(remaining < to_boundary, remaining, to_boundary)
 
 
+def _advance(address, size):
+    """``address + size`` for a TLP's ``size`` (at most 4096): the low 12 bits and their
+    carry first, the upper bits' increment beside them, so that the long carry chain
+    does not follow the split arithmetic (timing)."""
+    low = address[:12] + size                       # 13 bits: at most one carry out
+    return Cat(low[:12], Mux(low[12], address[12:] + 1, address[12:])[:len(address) - 12])
+
+
 def _request_fields(address, length):
     """Dword count and first/last byte enables of a request for ``length`` (1..4096)
     bytes at ``address``."""
@@ -206,7 +214,11 @@ class DmaEngine(wiring.Component):
         length = Signal(20)
         first = Signal()
 
-        size = _split(address, bytes_left, _size_bytes(self.max_read_request))
+        # Registered: a Device Control setting, not worth a path from the hard IP's status
+        # through the split arithmetic (timing); it takes effect a clock later.
+        max_read_bytes = Signal(13, init=128)     # encoding 0 until the first clock
+        m.d.sync += max_read_bytes.eq(_size_bytes(self.max_read_request))
+        size = _split(address, bytes_left, max_read_bytes)
         slice_lines = (address[:LINE_SHIFT] + size + LINE_BYTES - 1) >> LINE_SHIFT
         free_lines = self._lines - (rd.alloc_ptr - rd.line_ptr)[:len(rd.alloc_ptr)]
         slot_free = (rd.occupancy != TAGS) & ~rd.pending.bit_select(rd.slot, 1)
@@ -260,7 +272,7 @@ class DmaEngine(wiring.Component):
                         header.last_be.eq(last_be),
                         header.tag.eq(rd.slot),
                         rd.alloc_ptr.eq(rd.alloc_ptr + slice_lines),
-                        address.eq(address + size),
+                        address.eq(_advance(address, size)),
                         bytes_left.eq(bytes_left - size),
                         first.eq(0),
                     ]
@@ -312,7 +324,10 @@ class DmaEngine(wiring.Component):
         taking_header = cpl.valid & ~busy
         m.d.comb += [
             cpl.ready.eq(~busy),
-            cpl_data.ready.eq(busy | (cpl.valid & has_payload)),
+            # Not gated by has_payload (the header's 11-bit dword count, in front of the
+            # shim's tready; timing): no beat comes before its header, so none is valid
+            # beside a header without payload (RequesterSignature).
+            cpl_data.ready.eq(busy | cpl.valid),
         ]
         at = Mux(busy, position, header_position)
         left = Mux(busy, dwords_left, header.dwords)
@@ -593,7 +608,7 @@ class DmaEngine(wiring.Component):
                             header.last_be.eq(last_be),
                             header_valid.eq(1),
                             claimed.eq(0),
-                            address.eq(address + size),
+                            address.eq(_advance(address, size)),
                             bytes_left.eq(bytes_left - size),
                         ]
                     with m.Else():

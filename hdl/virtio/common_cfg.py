@@ -190,9 +190,13 @@ class CommonCfg(wiring.Component):
             ((accepted & ~offered) == 0) &
             accepted[c.VIRTIO_F_VERSION_1] &
             (page_bits != 0) & ((page_bits & (page_bits - 1)) == 0))
+        # Registered: the balloon's address arithmetic starts from it, not from the feature
+        # decode; the features settle at least one write before FEATURES_OK is set.
+        accepted_page_shift = Signal.like(self.page_shift)
         for bit in c.PAGE_SIZE_FEATURE_BITS:
             with m.If(accepted[bit]):
-                m.d.comb += self.page_shift.eq(c.page_shift_of_feature(bit))
+                m.d.comb += accepted_page_shift.eq(c.page_shift_of_feature(bit))
+        m.d.sync += self.page_shift.eq(accepted_page_shift)
 
         # --- Device status (virtio 1.2 2.1, 3.1.1; C4, C9) ------------------------------
         status_written, written_status = field_write(c.VIRTIO_PCI_COMMON_STATUS, 1, status)

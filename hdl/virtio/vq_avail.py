@@ -134,7 +134,9 @@ class AvailFetcher(wiring.Component):
                 with m.If(pending > config.size):
                     fail(c.RingFault.AVAIL_AHEAD)
                 with m.Elif(pending != 0):
-                    with m.If(batch != 0):
+                    # batch != 0: with pending <= size there is ring up to its end, so
+                    # only the head queue's room decides (not the min() chain; timing).
+                    with m.If(free != 0):
                         m.d.sync += ring_batch.eq(batch)
                         m.next = "Read-Ring"
                 with m.Elif(self.event_idx & ~(event_valid & (event_written == last_avail))):

@@ -143,12 +143,19 @@ class ChainWalker(wiring.Component):
         resume_walked = Signal.like(walked)
         resume_covered = Signal.like(writable_covered)
 
-        limit = Mux(in_table, table_entries, size)
+        # Entries of the table walked: registered, like ``at_limit`` (``walked == limit``),
+        # in "Fetch", the state every descriptor passes first; neither changes before the
+        # descriptor is left.
+        limit = Signal.like(table_entries)
+        at_limit = Signal()
+        current_limit = Mux(in_table, table_entries, size)
         table = Mux(in_table, table_address, self.config.desc)
         offset = (index - window_base)[:16]     # past the window when index < base too
         in_window = offset < window_filled
-        descriptor = window[offset[:max(1, (window_size - 1).bit_length())]]
-        to_table_end = limit - index
+        # The descriptor being walked, taken from the window in "Fetch": the window's read
+        # mux and its offset are then a clock ahead of the checks on the descriptor.
+        descriptor = Signal(Descriptor)
+        to_table_end = current_limit - index
         wanted = Mux(in_table, self._table_window, self._direct_window)
         window_read = Mux(to_table_end < wanted, to_table_end, wanted)
 
@@ -191,6 +198,11 @@ class ChainWalker(wiring.Component):
                         m.next = "Fetch"
 
             with m.State("Fetch"):
+                m.d.sync += [
+                    descriptor.eq(window[offset[:max(1, (window_size - 1).bit_length())]]),
+                    limit.eq(current_limit),
+                    at_limit.eq(walked == current_limit),
+                ]
                 with m.If(in_window):
                     m.next = "Descriptor"
                 with m.Else():
@@ -228,7 +240,7 @@ class ChainWalker(wiring.Component):
             with m.State("Descriptor"):
                 flags = descriptor.flags
                 length = descriptor.length
-                looped = walked == limit
+                looped = at_limit
                 is_indirect = self.indirect & (flags & c.VRING_DESC_F_INDIRECT).any()
                 is_buffer = ~looped & ~is_indirect & (length != 0)
                 is_readable = is_buffer & ~(flags & c.VRING_DESC_F_WRITE).any()

@@ -71,8 +71,11 @@ class DataFetcher(wiring.Component):
         arrived = Signal(DataBeat)
 
         beat_bits = (DMA_READ_BEAT_BYTES - 1).bit_length()
-        remaining_beats = (remaining + DMA_READ_BEAT_BYTES - 1) >> beat_bits
-        whole = remaining_beats <= max_read         # the rest of the segment fits one read
+        # Beats of the rest of the segment, and whether they fit one read: kept in registers
+        # beside ``remaining`` (a read that is not the segment's last takes max_read whole
+        # beats), so that issuing does not wait for the rounding and its comparison (timing).
+        remaining_beats = Signal(range((2 ** 32 + DMA_READ_BEAT_BYTES - 1) >> beat_bits))
+        whole = Signal()                            # the rest of the segment fits one read
         piece_beats = Mux(whole, remaining_beats, max_read)
         piece_bytes = Mux(whole, remaining, max_read * DMA_READ_BEAT_BYTES)
         can_issue = (credits >= piece_beats) & (in_flight + piece_beats <= self._max_in_flight)
@@ -101,9 +104,13 @@ class DataFetcher(wiring.Component):
             with m.State("Idle"):
                 m.d.comb += self.segments.ready.eq(1)
                 with m.If(self.segments.valid):
+                    length = self.segments.payload.length
+                    segment_beats = (length + DMA_READ_BEAT_BYTES - 1) >> beat_bits
                     m.d.sync += [
                         address.eq(self.segments.payload.address),
-                        remaining.eq(self.segments.payload.length),
+                        remaining.eq(length),
+                        remaining_beats.eq(segment_beats),
+                        whole.eq(segment_beats <= max_read),
                         last_segment.eq(self.segments.payload.last),
                     ]
                     m.next = "Issue"
@@ -116,6 +123,8 @@ class DataFetcher(wiring.Component):
                     m.d.sync += [
                         address.eq(address + piece_bytes),
                         remaining.eq(remaining - piece_bytes),
+                        remaining_beats.eq(remaining_beats - piece_beats),
+                        whole.eq(remaining_beats <= 2 * max_read),
                     ]
                     with m.If(whole):
                         m.next = "Idle"

@@ -6,6 +6,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from ..pcie.interface import DMA_READ_BEAT_BYTES, DmaReadBeat, DmaReadCommand
+from ..stream_slice import StreamSlice
 
 
 class ReadRequest(data.Struct):
@@ -99,7 +100,12 @@ class ReadPort(wiring.Component):
             m.d.sync += slot_valid.eq(0)
 
         # --- Beats back to whoever asked -----------------------------------------------
-        beat = self.read_data.payload
+        # Through a register slice: the clients' ready logic and the DMA engine's read-out
+        # would otherwise form one path through the DmaMux (timing).
+        m.submodules.beats = beats = StreamSlice(DmaReadBeat)
+        wiring.connect(m, wiring.flipped(self.read_data), beats.input)
+        read_data = beats.output
+        beat = read_data.payload
         owner = issued.r_data[:client_bits]
         mark = issued.r_data[client_bits]
         with m.If(self.halt):
@@ -116,16 +122,16 @@ class ReadPort(wiring.Component):
                 response.payload.mark.eq(mark),
             ]
         with m.If(self.halt | draining):
-            m.d.comb += self.read_data.ready.eq(1)
+            m.d.comb += read_data.ready.eq(1)
         with m.Elif(issued.r_rdy):
             for index, response in enumerate(self.responses):
                 with m.If(owner == index):
                     m.d.comb += [
-                        response.valid.eq(self.read_data.valid),
-                        self.read_data.ready.eq(response.ready),
+                        response.valid.eq(read_data.valid),
+                        read_data.ready.eq(response.ready),
                     ]
         m.d.comb += [
-            issued.r_en.eq(self.read_data.valid & self.read_data.ready & beat.last),
+            issued.r_en.eq(read_data.valid & read_data.ready & beat.last),
             self.busy.eq(issued.r_rdy),
         ]
         return m

@@ -115,7 +115,8 @@ class UsedWriter(wiring.Component):
                 with m.If(segment_bytes == 0):
                     m.next = "Write-Element"
                 with m.Elif(self.segments.valid):
-                    with m.If(piece == 0):
+                    # piece == 0, without the comparison inside ``piece`` in front of it.
+                    with m.If((segment.length == 0) | (to_write == 0)):
                         m.d.comb += self.segments.ready.eq(1)
                     with m.Else():
                         m.d.comb += [
