@@ -1164,7 +1164,7 @@ async def story(rig):
     for _ in range(2):
         asked = -vb.towards_target()
         got = -await vb.update_balloon_size()
-        await step(f"driver deflates: asks {asked} pages, granted {got}")
+        await step(f"driver deflates, budget {budget}: asks {asked}, granted {got}")
         budget *= 2
         await set_return_budget(rig, budget)
     await set_return_budget(rig, c.MGMT_UNLIMITED_BUDGET)
