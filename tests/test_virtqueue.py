@@ -15,7 +15,7 @@ from memballoon.params import DeviceParams
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.dma_memory_sim import DmaMemory
 from memballoon.tb.seed import new_seed
-from sim_util import simulate
+from sim_util import simulate, wait_until
 
 MEMORY_SIZE = 1 << 20
 RESULT_BYTES = 16
@@ -56,11 +56,13 @@ class Result:
 
 
 class Driver:
-    """A split-ring driver (names as ``drivers/virtio/virtio_ring.c``) over a bytearray."""
+    """A split-ring driver (names as ``drivers/virtio/virtio_ring.c``) over a bytearray;
+    with ``in_order`` it checks that buffers come back in ring order."""
 
     def __init__(self, memory, rng, size, *, event_idx=False, indirect=False, start=0,
-                 base=0x1000, scatter=True):
+                 base=0x1000, scatter=True, in_order=True):
         self.memory = memory
+        self.in_order = in_order
         self.rng = rng
         self.size = size
         self.event_idx = event_idx
@@ -220,8 +222,13 @@ class Driver:
         head, used_len = struct.unpack_from(
             "<II", self.memory, self.used + 4 + 8 * (self.last_used % self.size))
         self.last_used = (self.last_used + 1) & 0xFFFF
-        chain = self.in_flight.popleft()
-        assert head == chain.head, f"used id {head}, expected head {chain.head}"
+        position = next((i for i, chain in enumerate(self.in_flight) if chain.head == head),
+                        None)
+        assert position is not None, f"used id {head}: no such buffer in flight"
+        assert position == 0 or not self.in_order, \
+            f"used id {head}, expected head {self.in_flight[0].head}"
+        chain = self.in_flight[position]
+        del self.in_flight[position]
         self.free.extend(reversed(chain.descriptors))
         return chain, used_len
 
@@ -332,6 +339,111 @@ class FunctionModel:
         assert self.driver.writable_bytes(chain) == expected, f"head {chain.head}: writable bytes"
 
 
+class ParkingFunctionModel:
+    """The function on a parking engine's command port (fromdevq, C6): it parks fresh
+    commands (with chance ``park``, or exactly the heads in ``park_heads`` when that is
+    set) by a result with random bytes and ``park`` set, which must write nothing; it
+    completes the others, and every unparked one, with a random result; it asks for
+    parked commands back with chance ``unpark`` a cycle. Fresh headers must come in ring
+    order, unparked ones in park order with ``parked`` set, each with its chain's totals
+    and words; used elements must come in the order of the completing results."""
+
+    def __init__(self, dut, driver, rng, *, ready=0.7, park=0.5, unpark=0.05):
+        self.dut = dut
+        self.driver = driver
+        self.rng = rng
+        self.ready = ready
+        self.park = park
+        self.park_heads = None
+        self.unpark = unpark
+        self.parked = deque()       # Chains parked, oldest first
+        self.asked = deque()        # Chains asked back, header not seen yet
+        self.headers = []           # (head, parked) of every header taken
+        self.results = deque()      # completing Results, not yet seen in the used ring
+        self.commands = 0           # completing results taken
+        self.used = []              # heads, in used-ring order
+
+    def _result(self, chain, park):
+        writable = sum(n for _, n in chain.writable)
+        count = self.rng.randint(0, min(RESULT_BYTES, writable + 2))
+        return Result(chain.head, self.rng.getrandbits(32), count,
+                      bytes(self.rng.getrandbits(8) for _ in range(RESULT_BYTES))), park
+
+    async def run(self, ctx):
+        command = self.dut.command
+        header, words, result, unpark = (command.header, command.words, command.result,
+                                         command.unpark)
+        state, chain, answer, beats, position, seen = "header", None, None, [], 0, 0
+        async for sample in ctx.tick().sample(
+                header.valid, header.ready, header.payload.head, header.payload.readable,
+                header.payload.writable, header.payload.parked, words.valid, words.ready,
+                words.payload.data, words.payload.count, words.payload.last, result.valid,
+                result.ready, unpark.valid, unpark.ready):
+            (_, _, h_valid, h_ready, head, readable, writable, parked, w_valid, w_ready,
+             lanes, count, last, r_valid, r_ready, u_valid, u_ready) = sample
+            if u_valid and u_ready:
+                self.asked.append(self.parked.popleft())
+            if r_valid and r_ready:
+                if answer[1]:
+                    self.parked.append(chain)
+                else:
+                    self.results.append(answer[0])
+                    self.commands += 1
+                state = "header"
+            if state == "header" and h_valid and h_ready:
+                self.headers.append((head, parked))
+                if parked:
+                    chain = self.asked.popleft()
+                else:
+                    chain = self.driver.published[seen]
+                    seen += 1
+                assert head == chain.head, f"header head {head}, expected {chain.head}"
+                assert readable == len(chain.readable)
+                assert writable == sum(n for _, n in chain.writable)
+                if parked:
+                    park = False
+                elif self.park_heads is not None:
+                    park = head in self.park_heads
+                else:
+                    park = self.rng.random() < self.park
+                answer = self._result(chain, park)
+                beats, position = command_beats(chain.readable), 0
+                state = "words" if readable else "result"
+            elif state == "words" and w_valid and w_ready:
+                expected, expected_last = beats[position]
+                got = [int(lanes[lane]) for lane in range(count)]
+                assert got == expected and bool(last) == expected_last, \
+                    f"head {chain.head} beat {position}"
+                position += 1
+                if last:
+                    state = "result"
+            ctx.set(header.ready, state == "header" and self.rng.random() < self.ready)
+            ctx.set(words.ready, state == "words" and self.rng.random() < self.ready)
+            offer = state == "result" and (r_valid and not r_ready or
+                                           self.rng.random() < self.ready)
+            ctx.set(result.valid, offer)
+            if offer:
+                ctx.set(result.payload.used_len, answer[0].used_len)
+                ctx.set(result.payload.write_count, answer[0].write_count)
+                ctx.set(result.payload.write_data,
+                        int.from_bytes(answer[0].write_data, "little"))
+                ctx.set(result.payload.park, int(answer[1]))
+            # An offer stays until taken; each asks back one of those parked.
+            ctx.set(unpark.valid, u_valid and not u_ready or
+                    bool(self.parked) and self.rng.random() < self.unpark)
+
+    def on_used(self, chain, used_len):
+        """A used element comes in the order of the completing results; the writable bytes
+        hold that result's, and nothing of a park result's."""
+        self.used.append(chain.head)
+        answer = self.results.popleft()
+        assert answer.head == chain.head, f"used id {chain.head}, expected {answer.head}"
+        assert used_len == answer.used_len, f"used.len {used_len} != {answer.used_len}"
+        count = min(answer.write_count, len(chain.sentinel))
+        expected = answer.write_data[:count] + chain.sentinel[count:]
+        assert self.driver.writable_bytes(chain) == expected, f"head {chain.head}: writable bytes"
+
+
 @dataclass
 class Bench:
     """A VirtqueueEngine with its DMA memory, a driver, a function model and monitors."""
@@ -342,20 +454,23 @@ class Bench:
     start: int = 0
     max_queue_size: int = 64
     scatter: bool = True
+    parking: bool = False
     dma_options: dict = field(default_factory=dict)
     function_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         print(f"seed {self.seed}")
         self.rng = random.Random(self.seed)
-        self.dut = VirtqueueEngine(DeviceParams(max_queue_size=self.max_queue_size))
+        self.dut = VirtqueueEngine(DeviceParams(max_queue_size=self.max_queue_size),
+                                   parking=self.parking)
         self.memory = bytearray(MEMORY_SIZE)
         # One generator per process: the simulator runs them in any order.
         self.dma = DmaMemory(self.dut.dma, self.memory, random.Random(self.seed + 1),
                              **self.dma_options)
         self.driver = self.new_driver()
-        self.function = FunctionModel(self.dut, self.driver, random.Random(self.seed + 2),
-                                      **self.function_options)
+        function = ParkingFunctionModel if self.parking else FunctionModel
+        self.function = function(self.dut, self.driver, random.Random(self.seed + 2),
+                                 **self.function_options)
         self.interrupts = []        # cycles
         self.faults = []            # (cycle, kind)
         self.cycle = 0
@@ -363,7 +478,7 @@ class Bench:
     def new_driver(self, base=0x1000):
         return Driver(self.memory, self.rng, self.size, event_idx=self.event_idx,
                       indirect=self.indirect, start=self.start, base=base,
-                      scatter=self.scatter)
+                      scatter=self.scatter, in_order=not self.parking)
 
     async def monitor(self, ctx):
         dut = self.dut
@@ -1280,3 +1395,99 @@ def test_throughput_scattered():
     """Chains whose descriptors are scattered over the table and indirect tables chained
     out of order cost a round trip per descriptor; printed as above."""
     measure_throughput("direct-4", scatter=True)
+
+
+# --- parking (fromdevq, C6) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_parking_random_streams(indirect):
+    """A parking engine: random chains parked at random and asked back at random, the
+    others completed at once. Every buffer is used once, with its completing result, in
+    the order those were given (not ring order); a parked chain is walked again when asked
+    back, and its writable bytes hold nothing of its park result."""
+    seed = new_seed()
+    rng = random.Random(seed)
+    bench = Bench(seed, size=rng.choice([2, 4, 8, 16]), event_idx=rng.random() < 0.5,
+                  indirect=indirect, parking=True,
+                  dma_options={"read_latency": (1, rng.choice([4, 16, 40])),
+                               "stall": rng.choice([0, 0.2, 0.4]),
+                               "idle": rng.choice([0, 0.2, 0.4])},
+                  function_options={"ready": rng.choice([0.5, 0.8, 1.0]),
+                                    "park": rng.choice([0.3, 0.7, 1.0]),
+                                    "unpark": rng.choice([0.01, 0.1, 0.5])})
+
+    async def testbench(ctx):
+        await bench.configure(ctx)
+        await stream_commands(bench, ctx, 40)
+        function = bench.function
+        assert function.commands == 40
+        assert any(parked for _, parked in function.headers)
+        assert len(function.headers) == 40 + sum(parked for _, parked in function.headers)
+        bench.check_dma_discipline()
+        bench.check_interrupts()
+        assert not bench.faults
+
+    bench.run(testbench)
+
+
+def test_a_parked_command_holds_up_nothing():
+    """The first three chains parked: the three behind them are used while they wait;
+    asked back, they are walked again and used in the order they were parked."""
+    bench = Bench(new_seed(), size=16, parking=True, function_options={"unpark": 0})
+    function = bench.function
+
+    async def testbench(ctx):
+        chains = [bench.driver.virtqueue_add(*random_command(bench.rng), max_pieces=1)
+                  for _ in range(6)]
+        heads = [chain.head for chain in chains]
+        function.park_heads = set(heads[:3])
+        await bench.configure(ctx)
+        await wait_until(ctx, lambda: len(function.parked) == 3 and function.commands == 3,
+                         "three parked, three completed")
+        await ctx.tick().repeat(300)
+        bench.collect()
+        assert function.used == heads[3:] and len(bench.driver.in_flight) == 3
+        function.unpark = 1
+        await bench.drain(ctx)
+        assert function.used == heads[3:] + heads[:3]
+        assert function.headers == [(head, 0) for head in heads] + \
+            [(head, 1) for head in heads[:3]]
+        bench.check_dma_discipline()
+        assert not bench.faults
+
+    bench.run(testbench)
+
+
+@pytest.mark.parametrize("fault", ["broken-chain", "read-error"])
+def test_a_fault_on_the_second_walk_stops_the_queue(fault):
+    """C7 on the walk of an unparked chain: the driver broke it while it was parked (its
+    descriptor now leads past the queue), or its descriptor read fails. The queue stops
+    once the commands before are completed; the parked one is never used."""
+    bench = Bench(new_seed(), size=8, parking=True, function_options={"unpark": 0})
+    function, driver = bench.function, bench.driver
+
+    async def testbench(ctx):
+        parked = driver.virtqueue_add(b"", 16, max_pieces=1)
+        function.park_heads = {parked.head}
+        assert driver.virtqueue_add(*random_command(bench.rng), max_pieces=2)
+        await bench.configure(ctx)
+        await wait_until(ctx, lambda: len(function.parked) == 1 and function.commands == 1,
+                         "one parked, one completed")
+        [(address, length)] = parked.writable
+        descriptor = driver.desc + 16 * parked.head
+        if fault == "broken-chain":
+            driver.write_desc(driver.desc, parked.head, address, length,
+                              c.VRING_DESC_F_WRITE | c.VRING_DESC_F_NEXT, driver.size + 2)
+            expected = c.RingFault.DESC_INDEX
+        else:
+            bench.dma.fail_reads = [(descriptor, descriptor + 16)]
+            expected = c.RingFault.DMA_READ
+        function.unpark = 1
+        cycle, kind = await bench.wait_fault(ctx)
+        assert kind == expected
+        await check_stopped(bench, ctx, cycle)
+        bench.collect()
+        assert function.commands == 1 and list(driver.in_flight) == [parked]
+        assert driver.writable_bytes(parked) == parked.sentinel
+
+    bench.run(testbench)

@@ -5,6 +5,11 @@ faults); the function sees one *command* per available buffer (C5: each descript
 is one command): a header with the chain's byte counts, then the chain's device-readable
 bytes as a packed stream of le64 words (two a beat), and it answers with one *result* that the engine
 writes into the chain's device-writable bytes before it publishes the used element.
+
+An engine built with ``parking`` (fromdevq, C6) also lets the function *park* a command
+instead of completing it, and later *unpark* the oldest parked one: its chain is walked
+again and comes back as a new command with ``parked`` set. Used elements then leave the
+ring order; without ``parking`` every command is completed in order.
 """
 
 from amaranth.lib import data, stream, wiring
@@ -14,10 +19,12 @@ from amaranth.lib.wiring import In, Out
 class CommandHeader(data.Struct):
     """One available buffer: ``head`` is its descriptor chain's head index (the used
     element's id); ``readable``/``writable`` are the chain's total device-readable and
-    device-writable byte counts."""
+    device-writable byte counts; ``parked``: the chain of a parked command, walked again
+    (only from an engine built with ``parking``)."""
     head: 16
     readable: 32
     writable: 32
+    parked: 1
 
 
 #: Command words per beat: two le64 words, so the balloon executes two pages a clock.
@@ -43,17 +50,24 @@ class CommandResult(data.Struct):
     """How to complete the current command: write ``write_count`` (0..16) bytes of
     ``write_data`` (byte 0 = bits 7..0) at the start of the chain's writable bytes, then
     publish the used element with ``used_len``. Sent after the command's last word was
-    taken (or at once when it has none)."""
+    taken (or at once when it has none). ``park`` (only to an engine built with
+    ``parking``): write nothing, publish nothing, keep the command for ``unpark``."""
     used_len: 32
     write_data: 128
     write_count: 5
+    park: 1
 
 
 class CommandSignature(wiring.Signature):
-    """Seen from the virtqueue engine."""
-    def __init__(self):
-        super().__init__({
+    """Seen from the virtqueue engine. With ``parking``, ``unpark`` asks for the oldest
+    parked command again (ready while one is parked); its header follows, behind the
+    headers already on their way."""
+    def __init__(self, *, parking=False):
+        members = {
             "header": Out(stream.Signature(CommandHeader)),
             "words": Out(stream.Signature(CommandWords)),
             "result": In(stream.Signature(CommandResult)),
-        })
+        }
+        if parking:
+            members["unpark"] = In(stream.Signature(0))
+        super().__init__(members)

@@ -14,6 +14,7 @@ from .vq_avail import AvailFetcher
 from .vq_chain import RESULT_BYTES, ChainWalker, Segment, WritableSegment
 from .vq_data import DataFetcher
 from .vq_narrow import ResponseNarrower
+from .vq_park import ParkedHeads
 from .vq_read_port import ReadPort
 from .vq_realign import Realigner
 from .vq_used import PendingCompletion, UsedWriter
@@ -69,6 +70,19 @@ class VirtqueueEngine(wiring.Component):
     ``DMA_READ_BEAT_BYTES`` (16) a clock, two command words a beat; the ChainWalker takes
     descriptors 8 bytes a beat, through a ``ResponseNarrower``.
 
+    With ``parking`` (fromdevq, C6: a buffer held for a minimum must not hold up the
+    malformed ones behind it), the function may park a command instead of completing it
+    and unpark it later (``interface.py``). The engine keeps only the head of a parked
+    command (``ParkedHeads``, one 16-bit entry per buffer up to the largest queue size)
+    and walks its chain again when it is unparked: one more round trip, once per
+    minimum, instead of storing every held chain's writable segments. Faults found on
+    that walk stop the queue as on the first. Without ``parking`` (todevq) commands
+    complete strictly in order, and the heads go from the AvailFetcher straight to the
+    ChainWalker::
+
+        AvailFetcher ─heads─▶ ParkedHeads ─▶ ChainWalker     (parking only)
+                                  ▲   ▲
+               UsedWriter ─parked─┘   └─ command.unpark
 
     Attributes
     ----------
@@ -82,7 +96,7 @@ class VirtqueueEngine(wiring.Component):
         VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_INDIRECT_DESC negotiated.
     notify : In(1)
         Doorbell pulse.
-    command : Out(CommandSignature())
+    command : Out(CommandSignature(parking=parking))
     interrupt : Out(1)
         Pulse: a used-buffer notification is due (after suppression, C11); the used index
         is written before.
@@ -106,6 +120,8 @@ class VirtqueueEngine(wiring.Component):
 
     Parameters
     ----------
+    parking : bool
+        Commands may be parked and unparked (fromdevq).
     data_buffer_depth : int
         Beats of readable data buffered ahead of the function.
     max_in_flight : int
@@ -115,14 +131,18 @@ class VirtqueueEngine(wiring.Component):
         chain while a 4 KiB command goes by. 96 covers a latency of 64 clocks.
     """
 
-    def __init__(self, params: DeviceParams, *, data_buffer_depth=512, max_in_flight=96):
+    def __init__(self, params: DeviceParams, *, parking=False, data_buffer_depth=512,
+                 max_in_flight=96):
         self._params = params
+        self._parking = parking
         self.avail_fetcher = AvailFetcher()
         self.chain_walker = ChainWalker(table_window=_TABLE_WINDOW)
         self.data_fetcher = DataFetcher(buffer_depth=data_buffer_depth,
                                         max_in_flight=max_in_flight)
         self.realigner = Realigner()
-        self.used_writer = UsedWriter()
+        self.used_writer = UsedWriter(parking=parking)
+        if parking:
+            self.parked_heads = ParkedHeads(depth=params.max_queue_size)
         super().__init__({
             "dma": Out(DmaSignature()),
             "config": In(QueueConfig),
@@ -130,7 +150,7 @@ class VirtqueueEngine(wiring.Component):
             "event_idx": In(1),
             "indirect": In(1),
             "notify": In(1),
-            "command": Out(CommandSignature()),
+            "command": Out(CommandSignature(parking=parking)),
             "interrupt": Out(1),
             "fault": Out(1),
             "fault_kind": Out(c.RingFault),
@@ -190,7 +210,21 @@ class VirtqueueEngine(wiring.Component):
         m.d.comb += avail.kick.eq(self.notify | (self.run & ~run_seen))
 
         # --- Queues between the stages, emptied by a halt --------------------------------
-        wiring.connect(m, avail.heads, walker.heads)
+        if self._parking:
+            parked = self.parked_heads
+            m.submodules.parked_heads = ResetInserter(halt)(parked)
+            wiring.connect(m, avail.heads, parked.fresh)
+            wiring.connect(m, used.parked, parked.park)
+            wiring.connect(m, wiring.flipped(self.command.unpark), parked.unpark)
+            wiring.connect(m, parked.walks, walker.heads)
+            heads_waiting = avail.heads_queued | parked.walks.valid
+        else:
+            m.d.comb += [
+                walker.heads.payload.head.eq(avail.heads.payload),
+                walker.heads.valid.eq(avail.heads.valid),
+                avail.heads.ready.eq(walker.heads.ready),
+            ]
+            heads_waiting = avail.heads_queued
         # A direct chain has at most max_queue_size buffers.
         _fifo(m, "readable_queue", Segment,
               min(READABLE_QUEUE_DEPTH, self._params.max_queue_size),
@@ -223,9 +257,9 @@ class VirtqueueEngine(wiring.Component):
         # --- C7: the first fault stops the queue until reset -------------------------------
         # A fault found ahead of the function (ring and descriptor reads, the ring's
         # structure) waits until every command walked before it is completed and
-        # published, as if buffers were taken one at a time; a fault while a command is
-        # being read or completed (its data, its writes, the suppression read) stops the
-        # queue at once.
+        # published (or parked), as if buffers were taken one at a time; a fault while a
+        # command is being read or completed (its data, its writes, the suppression read)
+        # stops the queue at once.
         walker_fault = Signal()
         walker_kind = Signal(c.RingFault)
         avail_fault = Signal()
@@ -247,7 +281,7 @@ class VirtqueueEngine(wiring.Component):
             # A chain changed under its second walk: its header is out already.
             (walker.fault & walker.header_sent, walker.fault_kind),
             (walker_fault & completed, walker_kind),
-            (avail_fault & completed & walker.idle & ~avail.heads_queued, avail_kind),
+            (avail_fault & completed & walker.idle & ~heads_waiting, avail_kind),
         )
         m.d.sync += self.fault.eq(0)
         with m.If(self.reset):

@@ -21,6 +21,13 @@ class Descriptor(data.Struct):
     next: 16
 
 
+class WalkRequest(data.Struct):
+    """A chain to walk: its ``head``, and whether it is a parked command's (its header
+    carries the flag, ``CommandHeader.parked``)."""
+    head: 16
+    parked: 1
+
+
 class Segment(data.Struct):
     """A device-readable buffer of a chain, in chain order; ``last`` marks the chain's
     final one."""
@@ -77,7 +84,7 @@ class ChainWalker(wiring.Component):
     config : In(QueueConfig)
     indirect : In(1)
         VIRTIO_F_INDIRECT_DESC was negotiated.
-    heads : In(stream.Signature(16))
+    heads : In(stream.Signature(WalkRequest))
     read, response :
         Descriptor reads, through the engine's ``ReadPort``.
     chains : Out(stream.Signature(CommandHeader))
@@ -100,7 +107,7 @@ class ChainWalker(wiring.Component):
         super().__init__({
             "config": In(QueueConfig),
             "indirect": In(1),
-            "heads": In(stream.Signature(16)),
+            "heads": In(stream.Signature(WalkRequest)),
             "read": Out(stream.Signature(ReadRequest)),
             "response": In(stream.Signature(ReadResponse)),
             "chains": Out(stream.Signature(CommandHeader)),
@@ -124,6 +131,7 @@ class ChainWalker(wiring.Component):
         beat_index = Signal(range(2 * window_size))
 
         head = Signal(16)
+        parked = Signal()
         index = Signal(16)
         in_table = Signal()
         table_address = Signal(64)
@@ -165,6 +173,7 @@ class ChainWalker(wiring.Component):
 
         m.d.comb += [
             self.chains.payload.head.eq(head),
+            self.chains.payload.parked.eq(parked),
             self.chains.payload.readable.eq(readable_total),
             self.chains.payload.writable.eq(writable_total),
             self.readable.valid.eq(offered),
@@ -182,8 +191,9 @@ class ChainWalker(wiring.Component):
                 ]
                 with m.If(self.heads.valid):
                     m.d.sync += [
-                        head.eq(self.heads.payload),
-                        index.eq(self.heads.payload),
+                        head.eq(self.heads.payload.head),
+                        parked.eq(self.heads.payload.parked),
+                        index.eq(self.heads.payload.head),
                         walked.eq(0),
                         in_table.eq(0),
                         readable_total.eq(0),
@@ -192,7 +202,7 @@ class ChainWalker(wiring.Component):
                         window_filled.eq(0),
                         counting.eq(0),
                     ]
-                    with m.If(self.heads.payload >= size):
+                    with m.If(self.heads.payload.head >= size):
                         fail(c.RingFault.DESC_INDEX)
                     with m.Else():
                         m.next = "Fetch"

@@ -31,6 +31,10 @@ class UsedWriter(wiring.Component):
     or ``used_event`` (with EVENT_IDX: an interrupt when the new index passed it since the
     previous publication, ``vring_need_event``), and raises ``interrupt`` accordingly.
 
+    With ``parking``, a result with ``park`` set writes nothing and publishes nothing: its
+    chain's segments are popped and its head goes out on ``parked``, for the engine to
+    walk the chain again later (the parked command's next result completes it).
+
     Attributes
     ----------
     config : In(QueueConfig)
@@ -44,6 +48,8 @@ class UsedWriter(wiring.Component):
         The ``WritePort`` has no write outstanding.
     read, response :
         The suppression read, through the engine's ``ReadPort``.
+    parked : Out(stream.Signature(16))
+        With ``parking``: heads of parked commands, in command order.
     used_idx : Out(16)
         The next used element's index (counts modulo 2**16).
     interrupt : Out(1)
@@ -52,9 +58,10 @@ class UsedWriter(wiring.Component):
         Every result taken is published and its notification decided.
     """
 
-    def __init__(self, max_batch=8):
+    def __init__(self, max_batch=8, *, parking=False):
         self._max_batch = max_batch
-        super().__init__({
+        self._parking = parking
+        members = {
             "config": In(QueueConfig),
             "event_idx": In(1),
             "completions": In(stream.Signature(PendingCompletion)),
@@ -67,7 +74,10 @@ class UsedWriter(wiring.Component):
             "used_idx": Out(16),
             "interrupt": Out(1),
             "idle": Out(1),
-        })
+        }
+        if parking:
+            members["parked"] = Out(stream.Signature(16))
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -75,6 +85,7 @@ class UsedWriter(wiring.Component):
         used_idx = self.used_idx
 
         head = Signal(16)
+        park = Signal()
         used_len = Signal(32)
         result_data = Signal(8 * RESULT_BYTES)
         to_write = Signal(range(RESULT_BYTES + 1))     # result bytes not written yet
@@ -106,6 +117,10 @@ class UsedWriter(wiring.Component):
                         written.eq(0),
                         segment_bytes.eq(completion.writable),
                     ]
+                    if self._parking:
+                        m.d.sync += park.eq(result.park)
+                        with m.If(result.park):
+                            m.d.sync += to_write.eq(0)
                     m.next = "Write-Data"
                 with m.Elif(unpublished != 0):
                     m.next = "Publish"
@@ -114,6 +129,9 @@ class UsedWriter(wiring.Component):
                 # One segment per step; those past the result's bytes are only popped.
                 with m.If(segment_bytes == 0):
                     m.next = "Write-Element"
+                    if self._parking:
+                        with m.If(park):        # no used element for it
+                            m.next = "Park"
                 with m.Elif(self.segments.valid):
                     # piece == 0, without the comparison inside ``piece`` in front of it.
                     with m.If((segment.length == 0) | (to_write == 0)):
@@ -151,6 +169,15 @@ class UsedWriter(wiring.Component):
                     with m.If(unpublished + 1 == self._max_batch):
                         m.next = "Publish"
                     with m.Else():
+                        m.next = "Idle"
+
+            if self._parking:
+                with m.State("Park"):
+                    m.d.comb += [
+                        self.parked.valid.eq(1),
+                        self.parked.payload.eq(head),
+                    ]
+                    with m.If(self.parked.ready):
                         m.next = "Idle"
 
             with m.State("Publish"):
