@@ -76,7 +76,8 @@ class MemballoonDevice(wiring.Component):
         m.submodules.balloon = balloon = BalloonCore(params.bitmap_pages)
         engines = []
         for queue in range(c.NUM_QUEUES):
-            engine = VirtqueueEngine(params)
+            # fromdevq parks the buffers held for a minimum (C6); todevq completes in order.
+            engine = VirtqueueEngine(params, parking=queue == c.FROMDEVQ)
             m.submodules[f"virtqueue{queue}"] = engine
             engines.append(engine)
 

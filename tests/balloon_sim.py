@@ -1,5 +1,6 @@
 """Simulation helpers shared by the balloon tests: a bounded wait for a signal to clear,
-command payloads, and a virtqueue engine model on a CommandSignature."""
+command payloads, and virtqueue engine models on a CommandSignature (one that completes
+in order, one that parks)."""
 
 from collections import deque
 
@@ -91,3 +92,66 @@ class EngineModel:
                 return
             await ctx.tick()
         raise AssertionError(f"{len(self.results)} of {count} results after {timeout} cycles")
+
+
+class ParkingEngineModel(EngineModel):
+    """A parking engine's side of ``CommandSignature(parking=True)`` (fromdevq, C6): a
+    result with ``park`` set keeps its buffer; an unpark taken (ready while one is kept,
+    with backpressure) sends the oldest kept buffer's header again with ``parked`` set,
+    behind the headers already queued, as the engine's second walk does.
+
+    ``results`` holds the completing results in the order they came and ``used`` the
+    index of the buffer each completed (the order of ``submit``); ``changed[i] =
+    (readable, writable)`` makes buffer ``i`` come back so (a driver that changed it while
+    it was parked). A result before the last beat of its buffer, or a park of a buffer
+    that came back, fails the test.
+    """
+
+    def __init__(self, port, rng, idle=0.3, backpressure=0.3):
+        super().__init__(port, rng, idle, backpressure)
+        self._buffers = []              # (readable, writable) of each submitted buffer
+        self._due = deque()             # (buffer, parked, beats queued up to it) per header
+        self._beats_queued = 0
+        self.parked = deque()           # buffers kept, oldest first
+        self.changed = {}
+        self.used = []
+
+    def submit(self, readable, writable):
+        self._buffers.append((readable, writable))
+        self._queue(len(self._buffers) - 1, parked=0)
+
+    def _queue(self, index, parked):
+        readable, writable = self.changed.get(index, self._buffers[index]) if parked \
+            else self._buffers[index]
+        beats = command_payloads(readable)
+        self._headers.append({"head": index, "readable": len(readable), "writable": writable,
+                              "parked": parked})
+        self._beats.extend(beats)
+        self._beats_queued += len(beats)
+        self._due.append((index, parked, self._beats_queued))
+
+    @property
+    def submitted(self):
+        return len(self._buffers)
+
+    def _result_taken(self, payload):
+        assert self._due, "result without a buffer"
+        index, parked, beats = self._due.popleft()
+        assert self._beats_taken >= beats, f"result of buffer {index} before its last beat"
+        if payload.park:
+            assert not parked, f"buffer {index} parked again"
+            self.parked.append(index)
+        else:
+            self.results.append((payload.used_len, payload.write_data, payload.write_count))
+            self.used.append(index)
+
+    def background(self):
+        unpark = self._port.unpark
+
+        async def unparks(ctx):
+            async for _, _, valid, ready in ctx.tick().sample(unpark.valid, unpark.ready):
+                if valid and ready:
+                    self._queue(self.parked.popleft(), parked=1)
+                ctx.set(unpark.ready,
+                        bool(self.parked) and self._rng.random() >= self._backpressure)
+        return super().background() + [unparks]

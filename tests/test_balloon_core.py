@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from amaranth.lib import data
 
-from balloon_sim import EngineModel, wait_until_clear
+from balloon_sim import EngineModel, ParkingEngineModel, wait_until_clear
 from memballoon import constants as c
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
@@ -193,7 +193,7 @@ class CoreBench:
         self.pages = pages
         self.model = model_class(page_shift, base, extra_mem, pages)
         self.todevq = EngineModel(self.dut.todevq, self.rng, idle, backpressure)
-        self.fromdevq = EngineModel(self.dut.fromdevq, self.rng, idle, backpressure)
+        self.fromdevq = ParkingEngineModel(self.dut.fromdevq, self.rng, idle, backpressure)
 
     async def start(self, ctx):
         """Settings as the device has them when the driver runs; the power-on clear."""

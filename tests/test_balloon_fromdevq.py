@@ -1,10 +1,11 @@
-"""fromdevq and MIN_BALLOON (C6)."""
+"""fromdevq and MIN_BALLOON (C6), against a parking engine model: good buffers are
+parked and asked back one per minimum, malformed ones are used at once."""
 
 import random
 
 import pytest
 
-from balloon_sim import EngineModel
+from balloon_sim import ParkingEngineModel
 from memballoon import constants as c
 from memballoon.hdl.balloon.fromdevq import MinBalloonSender
 from sim_util import simulate
@@ -22,7 +23,7 @@ class Bench:
     def __init__(self, seed, idle=0.3, backpressure=0.3):
         self.rng = random.Random(seed)
         self.dut = MinBalloonSender()
-        self.engine = EngineModel(self.dut.command, self.rng, idle, backpressure)
+        self.engine = ParkingEngineModel(self.dut.command, self.rng, idle, backpressure)
         self.events = {"fromdevq_malformed": 0, "min_sent": 0, "min_dropped": 0}
 
     async def commit(self, ctx, value):
@@ -108,9 +109,10 @@ def test_malformed_buffers_are_used_empty_and_keep_the_pending_value(readable, w
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_buffers_and_minimums(seed):
-    """Commits and buffers at random times: buffers are answered in order, every value
-    sent was committed and newer than the one sent before, each commit is sent, dropped
-    or still pending, and the last value reaches a buffer offered after it."""
+    """Commits and buffers at random times: good buffers are answered in ring order, every
+    value sent was committed and newer than the one sent before, each commit is sent,
+    dropped or still pending, the last value reaches a buffer offered after it, and every
+    malformed buffer is answered (without a minimum)."""
     bench = Bench(seed)
     rng = bench.rng
     committed = []
@@ -124,7 +126,7 @@ def test_random_buffers_and_minimums(seed):
                 committed.append(value)
                 await bench.commit(ctx, value)
             if rng.random() < 0.5:
-                good = rng.random() < 0.8
+                good = rng.random() < 0.6
                 kinds.append(good)
                 if good:
                     bench.engine.submit(b"", rng.choice([16, 24, 4096]))
@@ -135,7 +137,7 @@ def test_random_buffers_and_minimums(seed):
         while len(bench.engine.results) < bench.engine.submitted:
             committed.append(len(committed) << 12)
             await bench.commit(ctx, committed[-1])
-            await ctx.tick().repeat(30)
+            await ctx.tick().repeat(60)
         committed.append(-4096)
         await bench.commit(ctx, -4096)
         kinds.append(True)
@@ -143,11 +145,13 @@ def test_random_buffers_and_minimums(seed):
         await bench.engine.wait_results(ctx)
 
     bench.run(testbench)
-    results = bench.engine.results
-    assert len(results) == len(kinds), f"seed {seed}"
+    results, used = bench.engine.results, bench.engine.used
+    assert sorted(used) == list(range(len(kinds))), f"seed {seed}"
+    good_order = [index for index in used if kinds[index]]
+    assert good_order == sorted(good_order), f"seed {seed}: good buffers out of ring order"
     sent = []
-    for good, (used_len, data, count) in zip(kinds, results):
-        if good:
+    for index, (used_len, data, count) in zip(used, results):
+        if kinds[index]:
             assert (used_len, count) == (16, 16) and data & MASK64 == MIN_BALLOON, \
                 f"seed {seed}"
             value = data >> 64
@@ -161,3 +165,50 @@ def test_random_buffers_and_minimums(seed):
     assert bench.events["min_sent"] + bench.events["min_dropped"] == len(committed), \
         f"seed {seed}"
     assert bench.events["fromdevq_malformed"] == kinds.count(False), f"seed {seed}"
+
+
+def test_malformed_buffers_behind_held_good_ones_are_used_at_once():
+    """C6: three good buffers held, malformed ones interleaved behind them: every
+    malformed one is used at once, in ring order, with no minimum; then each minimum
+    fills the oldest good buffer, in ring order."""
+    layout = [(b"", 16), (b"", 24), (b"\x01" * 8, 16), (b"", 16), (b"", 15),
+              (bytes(20), 0), (b"", 32), (b"", 8)]
+    good = [index for index, (readable, writable) in enumerate(layout)
+            if not readable and writable >= 16]
+
+    async def testbench(ctx, bench):
+        ctx.set(bench.dut.extra_mem, 1)
+        for readable, writable in layout:
+            bench.engine.submit(readable, writable)
+        await bench.engine.wait_results(ctx, len(layout) - len(good))
+        await ctx.tick().repeat(100)
+        assert bench.engine.used == [i for i in range(len(layout)) if i not in good]
+        assert all(result == (0, result[1], 0) for result in bench.engine.results)
+        for n, index in enumerate(good):
+            await bench.commit(ctx, n << 12)
+            await bench.engine.wait_results(ctx, len(layout) - len(good) + n + 1)
+            assert bench.engine.used[-1] == index
+            assert bench.engine.results[-1] == (16, message(n << 12), 16)
+    bench = Bench(5)
+    bench.run(testbench)
+    assert bench.events == {"fromdevq_malformed": len(layout) - len(good),
+                            "min_sent": len(good), "min_dropped": 0}
+
+
+def test_a_held_buffer_that_comes_back_malformed_passes_the_minimum_on():
+    """A driver changed a held buffer (now 8 writable bytes): when it comes back for a
+    minimum it is used with len 0 and counted, and the minimum goes to the next held one."""
+    async def testbench(ctx, bench):
+        ctx.set(bench.dut.extra_mem, 1)
+        bench.engine.submit(b"", 16)
+        bench.engine.submit(b"", 16)
+        bench.engine.changed[0] = (b"", 8)
+        await ctx.tick().repeat(100)
+        await bench.commit(ctx, 9 << 12)
+        await bench.engine.wait_results(ctx)
+        assert bench.engine.used == [0, 1]
+        assert bench.engine.results[0][0::2] == (0, 0)
+        assert bench.engine.results[1] == (16, message(9 << 12), 16)
+    bench = Bench(6)
+    bench.run(testbench)
+    assert bench.events == {"fromdevq_malformed": 1, "min_sent": 1, "min_dropped": 0}

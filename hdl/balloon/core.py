@@ -32,8 +32,9 @@ class BalloonCore(wiring.Component):
 
     Attributes
     ----------
-    todevq, fromdevq : In(CommandSignature())
-        The virtqueue engines' commands: queue 1 and queue 0 (C2).
+    todevq, fromdevq : In(CommandSignature()), In(CommandSignature(parking=True))
+        The virtqueue engines' commands: queue 1 and queue 0 (C2); fromdevq's engine
+        parks the buffers held for a minimum (C6).
     page_shift : In(6)
         log2 of the negotiated page size (C4); fixed until reset.
     extra_mem : In(1)
@@ -50,7 +51,7 @@ class BalloonCore(wiring.Component):
         self._pages = pages
         super().__init__({
             "todevq": In(CommandSignature()),
-            "fromdevq": In(CommandSignature()),
+            "fromdevq": In(CommandSignature(parking=True)),
             "page_shift": In(6),
             "extra_mem": In(1),
             "reset": In(1),
