@@ -47,10 +47,13 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   or extra memory without EXTRA_MEM) counts ``MGMT_VIOLATION_NOT_IN_BALLOON``.
   Malformed checks, in order: length 0 or not a multiple of 8, unknown code, N = 0,
   EXCHANGE odd count, writable bytes wrong for the code.
-- C6: fromdevq buffers are used in ring order, one at a time: a malformed one is used at
-  once with len 0; a good one is held until a minimum is sent, and the buffers behind it
-  wait for it (the hardware engine completes its commands in order). The negative-to-0
-  rule is applied when the value is sent.
+- C6: every fromdevq buffer is looked at when it is taken: a malformed one is used at
+  once with len 0, also behind held good ones (used elements leave ring order); a good
+  one is held by its head. Each minimum goes to the oldest held buffer, whose chain is
+  walked again then, as the RTL does: a C7 fault found on that walk stops the queue, and
+  a buffer the driver made malformed meanwhile is used with len 0 and counted, the
+  minimum going on to the next held one. The negative-to-0 rule is applied when the
+  value is sent.
 - C8/C10: the window base is used rounded down to the negotiated page size. A page is
   granted by GET when its bit is set and it is outside the committed extra range, or
   EXTRA_MEM was negotiated. Committing an extra range sets the bits of the new range
@@ -213,7 +216,7 @@ class _Queue:
         self.used_idx = 0
         self.stopped = False
         self.kick = False
-        #: fromdevq buffers taken from the ring and not used yet: (head, writable segments).
+        #: Heads of good fromdevq buffers taken from the ring and not used yet, oldest first.
         self.held = []
 
 
@@ -759,9 +762,8 @@ class MemballoonRef:
         try:
             if kicked:
                 self._drain(index)
-            # A sent minimum frees the held buffer: the ones behind it are taken next.
-            while index == c.FROMDEVQ and self._send_min():
-                self._drain(index)
+            if index == c.FROMDEVQ:
+                self._send_min()
         except _Fault as fault:
             self._ring_fault(index, fault.kind)
         if q.used_idx != old_used:
@@ -786,22 +788,20 @@ class MemballoonRef:
             pending = avail_idx - q.last_avail & 0xFFFF
             if pending > q.size:
                 raise _Fault(c.RingFault.AVAIL_AHEAD)
-            if not pending or q.held:
+            if not pending:
                 break
             for _ in range(pending):
-                if q.held:
-                    break           # C6: in order, behind the held fromdevq buffer
                 slot = q.driver + c.VRING_AVAIL_RING + 2 * (q.last_avail % q.size)
                 head = self._rd16(slot)
                 readable, writable = self._walk(q, head)
                 q.last_avail = q.last_avail + 1 & 0xFFFF
                 if index == c.TODEVQ:
                     self._command(index, head, readable, writable)
-                elif readable or sum(length for _, length in writable) < c.FROMDEVQ_MIN_BUFFER:
-                    self._count("MGMT_FROMDEVQ_MALFORMED")      # C6
+                elif self._fromdevq_malformed(readable, writable):
+                    self._count("MGMT_FROMDEVQ_MALFORMED")      # C6, at once
                     self._publish(index, head, 0)
                 else:
-                    q.held.append((head, writable))
+                    q.held.append(head)
         if self.negotiated(c.VIRTIO_F_RING_EVENT_IDX):
             self._wr(q.device + vring_avail_event_offset(q.size),
                      q.last_avail.to_bytes(2, "little"))
@@ -969,23 +969,34 @@ class MemballoonRef:
 
     # --- fromdevq (C6) -----------------------------------------------------------------------
 
+    @staticmethod
+    def _fromdevq_malformed(readable, writable):
+        """C6: readable bytes, or fewer than 16 writable bytes."""
+        return bool(readable) or sum(length for _, length in writable) < c.FROMDEVQ_MIN_BUFFER
+
     def _send_min(self):
-        """Write the pending minimum into the held fromdevq buffer; True if one was sent."""
+        """Write the pending minimum into the oldest held fromdevq buffer, its chain walked
+        again (C7 faults raise); one made malformed meanwhile is used with len 0 and
+        counted, and the next one is tried. True if one was sent."""
         q = self.queues[c.FROMDEVQ]
-        if self.min_pending is None or not q.held:
-            return False
-        value = self.min_pending
-        if not self.negotiated(c.VIRTIO_MEMBALLOON_F_EXTRA_MEM):
-            value = max(value, 0)       # the draft: never negative without EXTRA_MEM
-        head, writable = q.held[0]
-        self._write_segments(writable, struct.pack("<Qq", c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON,
-                                                   value))
-        q.held.pop(0)
-        self._publish(c.FROMDEVQ, head, c.FROMDEVQ_MIN_BUFFER)
-        self.min_pending = None
-        self._count("MGMT_MIN_SENT")
-        self.min_messages.append(value)
-        return True
+        while self.min_pending is not None and q.held:
+            head = q.held.pop(0)
+            readable, writable = self._walk(q, head)
+            if self._fromdevq_malformed(readable, writable):
+                self._count("MGMT_FROMDEVQ_MALFORMED")
+                self._publish(c.FROMDEVQ, head, 0)
+                continue
+            value = self.min_pending
+            if not self.negotiated(c.VIRTIO_MEMBALLOON_F_EXTRA_MEM):
+                value = max(value, 0)   # the draft: never negative without EXTRA_MEM
+            self._write_segments(writable, struct.pack(
+                "<Qq", c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON, value))
+            self._publish(c.FROMDEVQ, head, c.FROMDEVQ_MIN_BUFFER)
+            self.min_pending = None
+            self._count("MGMT_MIN_SENT")
+            self.min_messages.append(value)
+            return True
+        return False
 
     def _set_min(self, value):
         if self.min_pending is not None:

@@ -732,21 +732,57 @@ async def test_min_balloon_holds_newest_and_drops_older():
 
 @asynctest
 async def test_malformed_fromdevq_buffers():
-    """C6: readable bytes or fewer than 16 writable bytes: used with len 0 and counted, in
-    ring order (a malformed buffer behind a held good one waits for it)."""
+    """C6: readable bytes or fewer than 16 writable bytes: used with len 0 and counted at
+    once, also behind held good buffers; the good ones get the minimums in ring order."""
     dev = await live()
     model = dev.model
     await post_fromdevq(dev, [(b"x", False), (bytearray(16), True)], [(bytearray(15), True)],
                         [(bytearray(8), True), (bytearray(8), True)], [(bytearray(4), True)],
-                        [(bytearray(16), True)])
-    assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 2
-    assert [length for _, length in model.used[c.FROMDEVQ]] == [0, 0]
-    assert len(model.queues[c.FROMDEVQ].held) == 1
+                        [(bytearray(16), True)], [(bytearray(0), True), (b"y" * 9, False)])
+    assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 4
+    assert [length for _, length in model.used[c.FROMDEVQ]] == [0, 0, 0, 0]
+    q = model.queues[c.FROMDEVQ]
+    assert len(q.held) == 2
     model.set_min_balloon(PAGE)
-    lengths = [(await dev.fromdevq.virtqueue_get_buf())[1] for _ in range(4)]
-    assert lengths == [0, 0, 16, 0]
-    assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 3
-    assert len(model.queues[c.FROMDEVQ].held) == 1      # the last buffer, for the next one
+    got = [await dev.fromdevq.virtqueue_get_buf() for _ in range(5)]
+    assert [length for _, length in got] == [0, 0, 0, 0, 16]
+    assert got[4][0][0][0] == bytearray(struct.pack("<Q", c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON))
+    assert len(q.held) == 1                             # the last good one, for the next
+    model.set_min_balloon(2 * PAGE)
+    assert (await dev.fromdevq.virtqueue_get_buf())[1] == 16 and not q.held
+    assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 4
+    assert model.min_messages == [PAGE, 2 * PAGE]
+
+
+@pytest.mark.parametrize("change", ["malformed", "broken"])
+@asynctest
+async def test_a_held_buffer_is_walked_again_for_its_minimum(change):
+    """A held buffer's chain is walked again when a minimum is due: one the driver made
+    malformed meanwhile is used with len 0 and counted, the minimum going to the next held
+    one; one it broke (a next index past the queue) is a C7 fault."""
+    dev = await live()
+    model, vq = dev.model, dev.fromdevq
+    first = await vq.map_raw(bytes(16))
+    [slot] = await vq.add_raw_chain([VringDesc(first, 16, c.VRING_DESC_F_WRITE)], "first")
+    second = bytearray(16)
+    await vq.virtqueue_add_inbuf([second], "second")
+    await vq.virtqueue_kick()
+    held = model.queues[c.FROMDEVQ].held
+    assert len(held) == 2 and held[0] == slot
+    if change == "malformed":
+        desc = VringDesc(first, 8, c.VRING_DESC_F_WRITE)
+    else:
+        desc = VringDesc(first, 16, c.VRING_DESC_F_WRITE | c.VRING_DESC_F_NEXT, vq.num + 1)
+    await vq.desc.write(c.VRING_DESC_SIZE * slot, desc.pack())
+    model.set_min_balloon(3 * PAGE)
+    if change == "malformed":
+        assert await vq.virtqueue_get_buf() == ("first", 0)
+        assert await vq.virtqueue_get_buf() == ("second", 16)
+        assert struct.unpack("<Qq", second)[1] == 3 * PAGE
+        assert model.counters["MGMT_FROMDEVQ_MALFORMED"] == 1 and model.faults == []
+    else:
+        assert model.faults == [(c.FROMDEVQ, F.DESC_INDEX)]
+        assert await vq.virtqueue_get_buf() is None and model.min_messages == []
 
 
 @asynctest

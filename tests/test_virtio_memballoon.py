@@ -193,7 +193,9 @@ async def test_device_answers_are_checked():
                            ((32768).to_bytes(8, "little") + (-1).to_bytes(8, "little",
                                                                          signed=True),
                             "negative minimum")):
-        head, [(addr, _)] = model.queues[c.FROMDEVQ].held.pop(0)
+        queue = model.queues[c.FROMDEVQ]
+        head = queue.held.pop(0)
+        _, [(addr, _)] = model._walk(queue, head)
         model.memory.write(addr, payload)
         model._publish(c.FROMDEVQ, head, 16)
         with pytest.raises(BalloonDeviceError, match=match):
