@@ -641,31 +641,44 @@ async def min_balloon_held(rig):
 
 async def fromdevq_malformed(rig):
     """C6: a fromdevq buffer with readable bytes or fewer than 16 writable bytes is used
-    with used.len 0 and counted; buffers are used in ring order, so a malformed one behind
-    a held good one waits for it; a good buffer split 5 + 11 gets the whole message."""
+    with used.len 0 and counted at once, also behind good buffers held for a minimum
+    (used elements need not follow ring order); the held good ones then get the minimums
+    in ring order, one each, and one split 5 + 11 gets the whole message."""
     vb = await probe(rig)
     vq = vb.fromdev_vq
     await set_min_balloon(rig, PAGE)
     await wait_used(rig, vq, 1)                 # the probe's buffer: nothing held now
     before = await read_counters(rig)
-    bad = [[(b"\x01" * 8, False), (bytearray(16), True)], [(bytearray(15), True)],
-           [(bytearray(8), True)], [(bytearray(4), True), (bytearray(4), True)]]
-    for i, sgs in enumerate(bad):
-        await vq.virtqueue_add_sgs(sgs, f"bad{i}")
+    good = {"split": [(bytearray(5), True), (bytearray(11), True)],
+            "good16": [(bytearray(16), True)], "good24": [(bytearray(24), True)]}
+    bad = {"readable": [(b"\x01" * 8, False), (bytearray(16), True)],
+           "15": [(bytearray(15), True)], "8": [(bytearray(8), True)],
+           "4+4": [(bytearray(4), True), (bytearray(4), True)]}
+    ring = ["split", "readable", "good16", "15", "8", "good24", "4+4"]
+    for token in ring:
+        await vq.virtqueue_add_sgs(good.get(token) or bad[token], token)
     await vq.virtqueue_kick()
     got = await wait_used(rig, vq, len(bad))
-    assert got == [(f"bad{i}", 0) for i in range(len(bad))], got
-    await expect_counters(rig, before, "malformed fromdevq buffers",
+    assert got == [(token, 0) for token in ring if token in bad], got
+    await assert_quiet(rig, vq, "good buffers without a minimum")
+    await expect_counters(rig, before, "malformed behind held ones",
                           FROMDEVQ_MALFORMED=len(bad))
-    head, tail = bytearray(5), bytearray(11)
-    await vq.virtqueue_add_sgs([(head, True), (tail, True)], "split")
-    await vq.virtqueue_add_sgs([(bytearray(8), True)], "behind")
+    # More malformed ones while the three good ones are still held.
+    late = {"late-readable": [(b"\x02" * 3, False)], "late-12": [(bytearray(12), True)]}
+    for token, sgs in late.items():
+        await vq.virtqueue_add_sgs(sgs, token)
     await vq.virtqueue_kick()
-    await assert_quiet(rig, vq, "a malformed buffer behind a held one")
-    await set_min_balloon(rig, 7 * PAGE)
-    assert await wait_used(rig, vq, 2) == [("split", c.FROMDEVQ_MIN_BUFFER), ("behind", 0)]
-    assert struct.unpack("<Qq", head + tail) == (c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON, 7 * PAGE)
-    await expect_counters(rig, before, "end", FROMDEVQ_MALFORMED=len(bad) + 1, MIN_SENT=1)
+    assert await wait_used(rig, vq, len(late)) == [(token, 0) for token in late]
+    # One minimum each, in ring order ("split": the message across 5 + 11 bytes).
+    for n, token in enumerate(token for token in ring if token in good):
+        await set_min_balloon(rig, (7 + n) * PAGE)
+        assert await wait_used(rig, vq, 1) == [(token, c.FROMDEVQ_MIN_BUFFER)], token
+        written = b"".join(buf for buf, _ in good[token])[:c.FROMDEVQ_MIN_BUFFER]
+        assert struct.unpack("<Qq", written) == \
+            (c.VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON, (7 + n) * PAGE), token
+    await assert_quiet(rig, vq, "nothing held any more")
+    await expect_counters(rig, before, "end", FROMDEVQ_MALFORMED=len(bad) + len(late),
+                          MIN_SENT=len(good))
 
 
 # --- C7 ring faults ----------------------------------------------------------------------
