@@ -1119,11 +1119,14 @@ def test_ring_fault(kind):
     bench.run(testbench)
 
 
-def test_avail_ahead_fault():
+@pytest.mark.parametrize("parking", [False, True])
+def test_avail_ahead_fault(parking):
     """A runaway avail index read while the buffers before it are still being walked
-    (chains of scattered descriptors, slow reads): they complete, then the fault."""
-    bench = Bench(new_seed(), size=32, dma_options={"read_latency": (40, 60)},
-                  function_options={"ready": 1.0, "delay": (0, 0)})
+    (chains of scattered descriptors, slow reads): they complete, then the fault (also
+    on a parking engine, whose heads pass through ParkedHeads)."""
+    options = {"ready": 1.0, "park": 0.0} if parking else {"ready": 1.0, "delay": (0, 0)}
+    bench = Bench(new_seed(), size=32, parking=parking,
+                  dma_options={"read_latency": (40, 60)}, function_options=options)
 
     async def testbench(ctx):
         await bench.configure(ctx)

@@ -103,9 +103,9 @@ class VirtqueueEngine(wiring.Component):
     fault : Out(1)
         Pulse: a C7 ring fault, of kind ``fault_kind``; the queue stops (no DMA) until
         ``reset``. A fault in the ring ahead of the function is raised once the commands
-        before it are completed and published (the faulting chain never reaches the
-        function); a DMA fault while a command is read or completed stops at once, and
-        that command stays unfinished.
+        before it are completed and published, or parked (the faulting chain never
+        reaches the function); a DMA fault while a command is read or completed stops at
+        once, and that command stays unfinished.
     fault_kind : Out(c.RingFault)
         The kind of the last fault; NONE after ``reset``.
     reset : In(1)
