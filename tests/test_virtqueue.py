@@ -999,9 +999,9 @@ def test_used_event_passed_once():
 
 
 def test_long_held_result():
-    """A result the function holds for a long time (fromdevq, C6) stops only this queue's
-    completions; nothing is read or written meanwhile beyond prefetching, and the rest
-    completes after it."""
+    """A result the function holds for a long time stops only this queue's completions
+    (an engine without parking completes in order); nothing is read or written meanwhile
+    beyond prefetching, and the rest completes after it."""
     seed = new_seed()
     bench = Bench(seed, size=8, function_options={"hold_cycles": 3000})
 
