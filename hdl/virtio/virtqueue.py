@@ -77,12 +77,12 @@ class VirtqueueEngine(wiring.Component):
     and walks its chain again when it is unparked: one more round trip, once per
     minimum, instead of storing every held chain's writable segments. Faults found on
     that walk stop the queue as on the first. Without ``parking`` (todevq) commands
-    complete strictly in order, and the heads go from the AvailFetcher straight to the
-    ChainWalker::
+    complete strictly in order and the heads go from the AvailFetcher straight to the
+    ChainWalker; with it they pass ParkedHeads::
 
-        AvailFetcher ─heads─▶ ParkedHeads ─▶ ChainWalker     (parking only)
-                                  ▲   ▲
-               UsedWriter ─parked─┘   └─ command.unpark
+        AvailFetcher ─heads─▶ ParkedHeads ─walks─▶ ChainWalker
+                                 ▲     ▲
+              UsedWriter ─parked─┘     └─ command.unpark
 
     Attributes
     ----------
