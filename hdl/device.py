@@ -73,7 +73,8 @@ class MemballoonDevice(wiring.Component):
         m.submodules.mgmt = mgmt = MgmtPort()
         m.submodules.dma = dma = DmaEngine()
         m.submodules.dma_mux = dma_mux = DmaMux(c.NUM_QUEUES)
-        m.submodules.balloon = balloon = BalloonCore(params.bitmap_pages)
+        m.submodules.balloon = balloon = BalloonCore(params.bitmap_pages,
+                                                     grant_limit=params.get_grant_limit)
         engines = []
         for queue in range(c.NUM_QUEUES):
             engine = VirtqueueEngine(params)
@@ -134,6 +135,10 @@ class MemballoonDevice(wiring.Component):
             # have drained their DMA.
             common_cfg.reset_busy.eq(balloon.busy | Cat(e.busy for e in engines).any()),
             balloon.reset.eq(common_cfg.reset_request),
+            # C7: todevq's commands commit once published; a todevq fault undoes the rest.
+            balloon.commit.eq(engines[c.TODEVQ].committed),
+            balloon.abort.eq(engines[c.TODEVQ].fault),
+            balloon.todevq_busy.eq(engines[c.TODEVQ].busy),
             balloon.page_shift.eq(common_cfg.page_shift),
             balloon.extra_mem.eq(common_cfg.features_ok &
                                  features[c.VIRTIO_MEMBALLOON_F_EXTRA_MEM]),

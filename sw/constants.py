@@ -291,6 +291,7 @@ VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES = GuestCmd.GIVE_PAGES.value
 VIRTIO_MEMBALLOON_GCMD_EXCHANGE_PAGES = GuestCmd.EXCHANGE_PAGES.value
 VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON = HostCmd.MIN_BALLOON.value
 FROMDEVQ_MIN_BUFFER = 16                    # C6: two le64
+GET_GRANT_LIMIT_MIN = 512                   # C5: the smallest per-command grant limit
 
 
 # --- Host management port (C10): AXI4-Lite register offsets ------------------------------
