@@ -1,7 +1,7 @@
 """The committed copy of the balloon bitmap, so that a command that faults changes
 nothing (C7)."""
 
-from amaranth.hdl import Cat, Module, ResetInserter, Signal
+from amaranth.hdl import Cat, Module, Mux, ResetInserter, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -65,6 +65,13 @@ class CommittedBitmap(wiring.Component):
         working bitmap (a fill may start).
     scan, scan_data :
         Whole rows of the working bitmap (``Bitmap.scan``, ``Bitmap.scan_data``).
+    read : In(stream.Signature(row_bits + 1))
+        Read a committed word (management, C10): taken once every committed entry is in
+        the copy (and not while the copy is taken whole or written back), so that it
+        shows exactly the commands committed so far.
+    read_data : Out(stream.Signature(WORD_BITS, always_ready=True))
+        The word, in the cycle after the read was taken; bit ``i`` = page
+        ``WORD_BITS * word + i``.
     """
 
     def __init__(self, pages, journal_depth=JOURNAL_DEPTH, max_uncommitted=MAX_UNCOMMITTED):
@@ -87,6 +94,8 @@ class CommittedBitmap(wiring.Component):
             "scan": Out(stream.Signature(scan_request_layout(self._row_bits))),
             "scan_data": In(stream.Signature(data.ArrayLayout(WORD_BITS, BANKS),
                                              always_ready=True)),
+            "read": In(stream.Signature(self._row_bits + 1)),
+            "read_data": Out(stream.Signature(WORD_BITS, always_ready=True)),
         })
 
     def elaborate(self, platform):
@@ -127,6 +136,7 @@ class CommittedBitmap(wiring.Component):
 
         # --- Journal and committed banks, per bank -----------------------------------------
         drain_busy, copy_reads = [], []
+        host_read = Signal()                # a management read uses the read ports
         for bank in range(BANKS):
             journal = Memory(shape=entry, depth=depth, init=[])
             copy = Memory(shape=WORD_BITS, depth=rows, init=[])
@@ -137,7 +147,7 @@ class CommittedBitmap(wiring.Component):
             copy_write = copy.write_port()
             copy_read = copy.read_port()
             copy_reads.append(copy_read)
-            m.d.comb += copy_read.addr.eq(scan_row)
+            m.d.comb += copy_read.addr.eq(Mux(host_read, self.read.payload[1:], scan_row))
 
             write_ptr = Signal(pointer_bits, name=f"write_ptr{bank}")
             commit_ptr = Signal(pointer_bits, name=f"commit_ptr{bank}")
@@ -207,7 +217,7 @@ class CommittedBitmap(wiring.Component):
             m.d.sync += abort_pending.eq(1)
         scan_taken = self.scan.valid & self.scan.ready
 
-        with m.FSM():
+        with m.FSM() as fsm:
             with m.State("Run"):
                 m.d.comb += [
                     self.commit_ready.eq(boundaries.r_rdy),
@@ -259,6 +269,15 @@ class CommittedBitmap(wiring.Component):
                         m.next = "Run"
                     with m.Else():
                         m.next = "Restore-Read"
+
+        # --- Management reads of the committed copy ----------------------------------------
+        read_bank = Signal()
+        m.d.sync += [read_bank.eq(self.read.payload[0]), self.read_data.valid.eq(host_read)]
+        m.d.comb += [
+            self.read.ready.eq(fsm.ongoing("Run") & ~Cat(*drain_busy).any()),
+            host_read.eq(self.read.valid & self.read.ready),
+            self.read_data.payload.eq(Mux(read_bank, copy_reads[1].data, copy_reads[0].data)),
+        ]
 
         m.d.comb += [
             self.hold.eq(overflow_held | abort_pending),

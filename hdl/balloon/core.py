@@ -1,6 +1,6 @@
 """The balloon core: bitmap, todevq executor, fromdevq sender and the host-side state."""
 
-from amaranth.hdl import Module, Mux, ResetInserter, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, ResetInserter, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -10,7 +10,7 @@ from memballoon import constants as c
 from ..virtio.interface import CommandSignature
 from ..virtio.virtqueue import USED_BATCH
 from .bitmap import Bitmap
-from .committed import MAX_UNCOMMITTED, CommittedBitmap
+from .committed import JOURNAL_DEPTH, MAX_UNCOMMITTED, CommittedBitmap
 from .executor import CommandEffects, CommandExecutor, OpTag
 from .fromdevq import MinBalloonSender
 from .interface import BalloonCounters, BalloonHostSignature
@@ -65,9 +65,10 @@ class BalloonCore(wiring.Component):
         To the management port.
     """
 
-    def __init__(self, pages=2 ** 20, grant_limit=512):
+    def __init__(self, pages=2 ** 20, grant_limit=512, journal_depth=JOURNAL_DEPTH):
         self._pages = pages
         self._grant_limit = grant_limit
+        self._journal_depth = journal_depth
         super().__init__({
             "todevq": In(CommandSignature()),
             "fromdevq": In(CommandSignature()),
@@ -96,7 +97,7 @@ class BalloonCore(wiring.Component):
 
         m.submodules.bitmap = bitmap = Bitmap(pages, OpTag)
         m.submodules.committed = committed = ResetInserter(self.reset | reset_late)(
-            CommittedBitmap(pages))
+            CommittedBitmap(pages, journal_depth=self._journal_depth))
         executor = CommandExecutor(page_bits, grant_limit=self._grant_limit)
         sender = MinBalloonSender()
         # C9: a reset drops the command in progress and the pending minimum; an abort the
@@ -201,7 +202,7 @@ class BalloonCore(wiring.Component):
             counter = getattr(counters, name)
             m.d.sync += counter.eq(counter + getattr(events, name))
 
-        # --- Bitmap reads: 32-bit words of 64-bit RAM words ---------------------------------
+        # --- Bitmap reads: 32-bit words of 64-bit RAM words, of the committed copy ----------
         read = host.bitmap_read
         read_in_bitmap = read.payload < pages // 32
         read_half = Signal()
@@ -210,13 +211,19 @@ class BalloonCore(wiring.Component):
             read_half.eq(read.payload[0]),
             read_past_end.eq(read.valid & ~read_in_bitmap),
         ]
+        # The committed copy is what the host reads (C7: the bitmap changes as commands
+        # commit). A clear or fill reaches it two clocks after the working bitmap: reads
+        # wait for that.
+        bitmap_settling = Signal(2)
+        m.d.sync += bitmap_settling.eq(Cat(bitmap.busy, bitmap_settling[0]))
+        bitmap_quiet = ~bitmap.busy & ~bitmap_settling.any()
         m.d.comb += [
-            read.ready.eq(1),
-            bitmap.read.valid.eq(read.valid & read_in_bitmap),
-            bitmap.read.payload.eq(read.payload[1:]),
-            host.bitmap_data.valid.eq(bitmap.read_data.valid | read_past_end),
+            read.ready.eq(~read_in_bitmap | (committed.read.ready & bitmap_quiet)),
+            committed.read.valid.eq(read.valid & read_in_bitmap),
+            committed.read.payload.eq(read.payload[1:]),
+            host.bitmap_data.valid.eq(committed.read_data.valid | read_past_end),
             host.bitmap_data.payload.eq(
-                Mux(read_past_end, 0, bitmap.read_data.payload.word_select(read_half, 32))),
+                Mux(read_past_end, 0, committed.read_data.payload.word_select(read_half, 32))),
         ]
 
         m.d.comb += [
@@ -234,9 +241,9 @@ class BalloonCore(wiring.Component):
             executor.hold.eq(extra_pending),
             sender.extra_mem.eq(self.extra_mem),
 
-            self.busy.eq(bitmap.busy | committed.busy | abort_pending | extra_pending |
+            self.busy.eq(~bitmap_quiet | committed.busy | abort_pending | extra_pending |
                          fill_started),
-            host.busy.eq(bitmap.busy | committed.busy | extra_pending | fill_started),
+            host.busy.eq(~bitmap_quiet | committed.busy | extra_pending | fill_started),
             host.bitmap_pages.eq(pages),
             host.balloon_pages.eq(balloon_pages),
             host.return_budget.eq(budget),
