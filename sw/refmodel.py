@@ -30,11 +30,12 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   after each drain. Used notifications are decided once per drain (one message for a
   batch), from the used idx before and after it.
 - C7: a chain's descriptors are all checked before any of its data is read, and a
-  command is executed only once all its readable bytes were read: a faulting command
-  changes nothing (the RTL streams words, so after a DMA_READ fault *inside buffer data*
-  it may have applied a prefix; compare bitmaps there with that in mind). A DMA_WRITE
-  fault while completing a command leaves the command's effect and publishes nothing.
-  Elements used before a fault are still published and notified. In an indirect table,
+  command is executed only once all its readable bytes were read; a command is atomic:
+  when its data cannot be read, or its result or used element cannot be written, the
+  bitmap, ``balloon_pages``, the budget and the counters are as before it (only the
+  fault is counted). Elements used before a fault are still published and notified.
+  (The RTL publishes used elements in batches; a failed write there also undoes the
+  batch's unpublished commands before the faulting one, which the driver never saw.) In an indirect table,
   "queue size" is the table's entry count. A descriptor with INDIRECT ends its chain
   (NEXT is ignored on it, virtio 1.2 2.7.5.3.1) and its WRITE flag is ignored. Without
   VIRTIO_F_INDIRECT_DESC negotiated the flag means nothing: the descriptor is an ordinary
@@ -166,17 +167,22 @@ class HostMemory:
         buf, off = self._cpu(addr, len(data))
         buf[off:off + len(data)] = data
 
-    def inject_fault(self, addr, length, read=True, write=True):
-        """Make device reads and/or writes touching ``addr``..``addr + length`` fail."""
-        self._faults.append((addr, addr + length, read, write))
+    def inject_fault(self, addr, length, read=True, write=True, passing=0):
+        """Make device reads and/or writes touching ``addr``..``addr + length`` fail, after
+        the first ``passing`` such accesses."""
+        self._faults.append([addr, addr + length, read, write, passing])
 
     def clear_faults(self):
         self._faults = []
 
     def _device(self, kind, addr, length):
         self.dma_log.append((kind, addr, length))
-        for start, end, read, write in self._faults:
+        for fault in self._faults:
+            start, end, read, write, passing = fault
             if addr < end and start < addr + length and (read if kind == "r" else write):
+                if passing:
+                    fault[4] -= 1
+                    continue
                 raise DmaError(f"injected {kind} fault at {addr:#x}+{length}")
         where = self._locate(addr, length)
         if where is None:
@@ -870,9 +876,24 @@ class MemballoonRef:
 
     def _command(self, index, head, readable, writable):
         data = b"".join(self._rd(addr, length) for addr, length in readable)
+        before = self._balloon_state()
         used_len, result = self._execute(data, sum(length for _, length in writable))
-        self._write_segments(writable, result)
-        self._publish(index, head, used_len)
+        try:
+            self._write_segments(writable, result)
+            self._publish(index, head, used_len)
+        except _Fault:
+            self._restore_balloon_state(before)     # C7: atomic
+            raise
+
+    def _balloon_state(self):
+        """What a command may change (C7), to undo it."""
+        return (set(self.bitmap), self.balloon_pages, self.return_budget, dict(self.counters),
+                len(self.get_grants), Counter(self.malformed))
+
+    def _restore_balloon_state(self, state):
+        (self.bitmap, self.balloon_pages, self.return_budget, self.counters, grants,
+         self.malformed) = state
+        del self.get_grants[grants:]
 
     def _reject(self, reason):
         self._count("MGMT_CMD_MALFORMED")
@@ -914,6 +935,8 @@ class MemballoonRef:
         self._count("MGMT_CMD_GET")
         granted = 0
         for addr in addrs:
+            if granted == self.params.get_grant_limit:
+                break                       # C5: the device's per-command grant limit
             page = self._page(addr)
             if page is None or not self._grantable(page) or self.return_budget == 0:
                 break

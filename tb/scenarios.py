@@ -94,10 +94,11 @@ class Rig(abc.ABC):
         "UR", "CA" (completion status) or "timeout" (no completion at all), C7."""
 
     @abc.abstractmethod
-    def fail_writes_after(self, addr, length):
+    def fail_writes_after(self, addr, length, passing=0):
         """Device writes fail once the device has read all of ``addr``..``addr + length``
-        (C7 DMA_WRITE: the only way a posted write fails on PCIe is Bus Master Enable
-        going low under the device, so the RTL rig does that)."""
+        and made ``passing`` more writes (C7 DMA_WRITE: the only way a posted write fails
+        on PCIe is Bus Master Enable going low under the device, so the RTL rig does
+        that)."""
 
     @abc.abstractmethod
     async def clear_faults(self):
@@ -134,9 +135,9 @@ class RefRig(Rig):
     def fail_reads(self, addr, length, how="UR"):
         self.model.memory.inject_fault(addr, length, read=True, write=False)
 
-    def fail_writes_after(self, addr, length):
+    def fail_writes_after(self, addr, length, passing=0):
         # The model reads a command whole before it writes anything for it.
-        self.model.memory.inject_fault(0, 1 << 64, read=False, write=True)
+        self.model.memory.inject_fault(0, 1 << 64, read=False, write=True, passing=passing)
 
     async def clear_faults(self):
         self.model.memory.clear_faults()
@@ -736,21 +737,22 @@ async def _fault_dma_write(rig, vq):
     await vq.add_raw_chain([VringDesc(buf, len(data))], "t")
 
 
-#: C7 fault kinds: (injection, RingFault, the command's pages enter the balloon).
+#: C7 fault kinds: (injection, RingFault). The faulting command never changes the balloon
+#: (C7: a command is atomic), a 512-page GIVE whose used element cannot be written included.
 RING_FAULTS = {
-    "desc_index": (_fault_desc_index, c.RingFault.DESC_INDEX, False),
-    "desc_index_next": (_fault_desc_index_next, c.RingFault.DESC_INDEX, False),
-    "chain_loop": (_fault_chain_loop, c.RingFault.CHAIN_LOOP, False),
-    "nested_indirect": (_fault_nested_indirect, c.RingFault.NESTED_INDIRECT, False),
-    "indirect_length_zero": (_fault_indirect_length_zero, c.RingFault.INDIRECT_LENGTH, False),
-    "indirect_length_odd": (_fault_indirect_length_odd, c.RingFault.INDIRECT_LENGTH, False),
-    "indirect_loop": (_fault_indirect_loop, c.RingFault.CHAIN_LOOP, False),
-    "avail_ahead": (_fault_avail_ahead, c.RingFault.AVAIL_AHEAD, False),
-    "avail_backwards": (_fault_avail_backwards, c.RingFault.AVAIL_AHEAD, False),
-    "dma_read_ur": (_fault_dma_read("UR"), c.RingFault.DMA_READ, False),
-    "dma_read_ca": (_fault_dma_read("CA"), c.RingFault.DMA_READ, False),
-    "dma_read_timeout": (_fault_dma_read("timeout"), c.RingFault.DMA_READ, False),
-    "dma_write": (_fault_dma_write, c.RingFault.DMA_WRITE, True),
+    "desc_index": (_fault_desc_index, c.RingFault.DESC_INDEX),
+    "desc_index_next": (_fault_desc_index_next, c.RingFault.DESC_INDEX),
+    "chain_loop": (_fault_chain_loop, c.RingFault.CHAIN_LOOP),
+    "nested_indirect": (_fault_nested_indirect, c.RingFault.NESTED_INDIRECT),
+    "indirect_length_zero": (_fault_indirect_length_zero, c.RingFault.INDIRECT_LENGTH),
+    "indirect_length_odd": (_fault_indirect_length_odd, c.RingFault.INDIRECT_LENGTH),
+    "indirect_loop": (_fault_indirect_loop, c.RingFault.CHAIN_LOOP),
+    "avail_ahead": (_fault_avail_ahead, c.RingFault.AVAIL_AHEAD),
+    "avail_backwards": (_fault_avail_backwards, c.RingFault.AVAIL_AHEAD),
+    "dma_read_ur": (_fault_dma_read("UR"), c.RingFault.DMA_READ),
+    "dma_read_ca": (_fault_dma_read("CA"), c.RingFault.DMA_READ),
+    "dma_read_timeout": (_fault_dma_read("timeout"), c.RingFault.DMA_READ),
+    "dma_write": (_fault_dma_write, c.RingFault.DMA_WRITE),
 }
 #: A completion timeout takes the DMA engine's timeout (2**17 user_clk cycles by default).
 FAULT_WAIT = {"dma_read_timeout": 4e-3}
@@ -760,7 +762,7 @@ async def ring_fault(rig, kind):
     """C7: the faulting queue stops, DEVICE_NEEDS_RESET is set and the configuration
     interrupt arrives; the balloon keeps its pages and the host still reads the bitmap;
     the other queue keeps working; a reset brings the device back."""
-    inject, fault, enters = RING_FAULTS[kind]
+    inject, fault = RING_FAULTS[kind]
     vb = await probe(rig, queue_size=8)
     kept = [vb.pool.alloc_page() for _ in range(3)]
     await vb.give_pages(kept)
@@ -774,11 +776,9 @@ async def ring_fault(rig, kind):
     assert await vb.vdev.vp_modern_get_status() == status | c.VIRTIO_CONFIG_S_NEEDS_RESET
     assert await vb.vdev.vp_modern_isr() & c.VIRTIO_PCI_ISR_CONFIG
     assert await rig.mgmt_read(c.MGMT_FAULT_INFO) == c.TODEVQ << 8 | fault.value
-    entered = set(range(1024, 1024 + 512)) if enters else set()
-    assert await read_bitmap(rig) == pages_of(kept) | entered, "C7: nothing is lost"
-    assert await read_balloon_pages(rig) == len(kept) + len(entered)
-    await expect_counters(rig, before, kind, RING_FAULTS=1,
-                          **({"CMD_GIVE": 1, "PAGES_ENTERED": 512} if enters else {}))
+    assert await read_bitmap(rig) == pages_of(kept), "C7: nothing is lost, nothing gained"
+    assert await read_balloon_pages(rig) == len(kept)
+    await expect_counters(rig, before, kind, RING_FAULTS=1)
     # The queue stays stopped: a good command is not used.
     await vb.todev_vq.virtqueue_add_outbuf([cmd(GIVE, page_addr(50))], "after")
     await vb.todev_vq.virtqueue_notify()
@@ -791,6 +791,65 @@ async def ring_fault(rig, kind):
     assert await read_bitmap(rig) == set() and await read_balloon_pages(rig) == 0
     await vb.give_pages([vb.pool.alloc_page()])
     await check_balloon(rig, vb, "after the reset")
+
+
+#: Where a command's fault hits (C7), per command: inside the code word and inside the
+#: address list (reads of its data that fail), the first write after its data (GET's K;
+#: the used element of GIVE and EXCHANGE, which write nothing else) and, for GET, the used
+#: element after K.
+ATOMIC_POINTS = {GIVE: ("code", "addresses", "result"),
+                 GET: ("code", "addresses", "result", "used"),
+                 EXCHANGE: ("code", "addresses", "result")}
+
+
+async def atomic_command(rig, code, point):
+    """C7: a command whose readable bytes cannot all be read, or whose result or used
+    element cannot be written, changes no balloon state: bitmap, balloon_pages, budget
+    and every counter read as before it but for the fault; the driver never sees it
+    used, and K is not written before its data is all in."""
+    vb = await probe(rig, queue_size=8)
+    kept = [vb.pool.alloc_page() for _ in range(4)]
+    await vb.give_pages(kept)
+    await set_return_budget(rig, 10)
+    outside = [page_addr(40 + i) for i in range(4)]
+    data = cmd(code, *{GIVE: outside, GET: kept, EXCHANGE: kept[:2] + outside[:2]}[code])
+    cut = 3 if point == "code" else 24          # into the code word; after two addresses
+    vq = vb.todev_vq
+    head, tail = await vq.map_raw(data[:cut]), await vq.map_raw(data[cut:])
+    result = vq.pool.alloc(GET_RESULT)
+    await result.region.write(result.offset, bytes([0xAA] * GET_RESULT))
+    descs = [VringDesc(head, cut, c.VRING_DESC_F_NEXT, 1),
+             VringDesc(tail, len(data) - cut, c.VRING_DESC_F_NEXT if code == GET else 0, 2)]
+    if code == GET:
+        descs.append(VringDesc(result.iova, GET_RESULT, c.VRING_DESC_F_WRITE))
+    if point in ("code", "addresses"):
+        rig.fail_reads(tail, len(data) - cut)
+        fault = c.RingFault.DMA_READ
+    else:
+        rig.fail_writes_after(tail, len(data) - cut, passing=int(point == "used"))
+        fault = c.RingFault.DMA_WRITE
+    before = await read_counters(rig)
+    status = await vb.vdev.vp_modern_get_status()
+    await vq.add_raw_chain(descs, "atomic")
+    await vq.virtqueue_notify()
+    await rig.settle()
+    await rig.clear_faults()
+    await wait_irq(rig, CONFIG_VECTOR)
+    assert await vb.vdev.vp_modern_get_status() == status | c.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert await rig.mgmt_read(c.MGMT_FAULT_INFO) == c.TODEVQ << 8 | fault.value
+    context = f"C7: {c.GuestCmd(code).name} with a fault at its {point}"
+    assert await read_bitmap(rig) == pages_of(kept), context
+    assert await read_balloon_pages(rig) == len(kept), context
+    assert await rig.mgmt_read(c.MGMT_RETURN_BUDGET) == 10, context
+    await expect_counters(rig, before, context, RING_FAULTS=1)
+    assert await vq.virtqueue_get_buf() is None, f"{context}: used"
+    if point != "used":
+        assert await result.region.read(result.offset, GET_RESULT) == \
+            bytes([0xAA] * GET_RESULT), f"{context}: K written"
+    await vb.reset()
+    assert await read_bitmap(rig) == set() and await read_balloon_pages(rig) == 0
+    await vb.give_pages([vb.pool.alloc_page()])
+    await check_balloon(rig, vb, f"{context}, after the reset")
 
 
 async def host_reset_request(rig):
@@ -1205,6 +1264,9 @@ SCENARIOS = {
     "min_balloon_held": (min_balloon_held, {}),
     "fromdevq_malformed": (fromdevq_malformed, {}),
     **{f"fault_{kind}": (ring_fault, {"kind": kind}) for kind in RING_FAULTS},
+    **{f"atomic_{c.GuestCmd(code).name.lower()}_{point}": (atomic_command,
+                                                           {"code": code, "point": point})
+       for code, points in ATOMIC_POINTS.items() for point in points},
     "host_reset_request": (host_reset_request, {}),
     "extra_memory": (extra_memory, {"extra_mem": True}),
     "extra_memory_refused": (extra_memory, {"extra_mem": False}),
