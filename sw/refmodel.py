@@ -802,12 +802,23 @@ class MemballoonRef:
                 readable, writable = self._walk(q, head)
                 q.last_avail = q.last_avail + 1 & 0xFFFF
                 if index == c.TODEVQ:
-                    self._command(index, head, readable, writable)
+                    try:
+                        self._command(index, head, readable, writable)
+                    except _Fault as fault:
+                        # The chain was taken: avail_event counts it (as the RTL's ring
+                        # fetch writes it) before its data fault stops the queue.
+                        if fault.kind == c.RingFault.DMA_READ:
+                            self._write_avail_event(q)
+                        raise
                 elif readable or sum(length for _, length in writable) < c.FROMDEVQ_MIN_BUFFER:
                     self._count("MGMT_FROMDEVQ_MALFORMED")      # C6
                     self._publish(index, head, 0)
                 else:
                     q.held.append((head, writable))
+        self._write_avail_event(q)
+
+    def _write_avail_event(self, q):
+        """With EVENT_IDX, ``avail_event`` = the next avail index the device takes."""
         if self.negotiated(c.VIRTIO_F_RING_EVENT_IDX):
             self._wr(q.device + vring_avail_event_offset(q.size),
                      q.last_avail.to_bytes(2, "little"))

@@ -455,6 +455,27 @@ async def get_budget(rig):
     await check_balloon(rig, vb, "end")
 
 
+async def get_limit_and_duplicates(rig):
+    """C5: a GET longer than the device's grant limit (``DeviceParams.get_grant_limit``)
+    is a prefix grant of that many pages; an address named twice in one GET is granted
+    once, the prefix stopping at its second occurrence, as executing in place gives."""
+    limit = rig.params.get_grant_limit
+    vb = await probe(rig, pool_pages=limit + 8)
+    pages = [vb.pool.alloc_page() for _ in range(limit + 4)]
+    await vb.give_pages(pages)
+    before = await read_counters(rig)
+    length, result = await raw_command(vb, cmd(GET, *pages[:limit + 3]), GET_RESULT)
+    assert (length, int.from_bytes(result, "little")) == (GET_RESULT, limit)
+    vb._left(pages[:limit])
+    await expect_counters(rig, before, "past the grant limit", CMD_GET=1, PAGES_LEFT=limit,
+                          GET_SHORT=1)
+    a, b = pages[limit:limit + 2]
+    length, result = await raw_command(vb, cmd(GET, a, a, b), GET_RESULT)
+    assert (length, int.from_bytes(result, "little")) == (GET_RESULT, 1)
+    vb._left([a])
+    await check_balloon(rig, vb, "a page named twice")
+
+
 def malformed_cases(bitmap_pages):
     """(name, readable bytes, writable length, sg policy or None) of every C5 malformed
     command; each carries a valid page that must not move."""
@@ -1254,6 +1275,7 @@ async def story(rig):
 SCENARIOS = {
     "commands": (commands, {}),
     "get_budget": (get_budget, {}),
+    "get_limit_and_duplicates": (get_limit_and_duplicates, {}),
     "malformed": (malformed, {}),
     "violations": (violations, {}),
     "window_base": (window_base, {}),
