@@ -13,9 +13,10 @@ message code (``pack_header`` raises on a message) and a bridge's ``match_tlp`` 
 on the locally routed Assert_INTx. So :class:`IntxWire` plays the hard IP's part and
 keeps the virtual wire itself, where the IP would send the messages:
 
-- each change of ``cfg_interrupt_int[0]`` is taken once and answered ``latency`` cycles
-  later by a one-cycle ``cfg_interrupt_sent``; a change before that answer breaks PG213's
-  rule and is counted in ``protocol_errors`` (``tb/harness.py`` fails the test on it);
+- from the end of the user logic's power-on reset on, each change of
+  ``cfg_interrupt_int[0]`` is taken once and answered ``latency`` cycles later by a
+  one-cycle ``cfg_interrupt_sent``; a change before that answer breaks PG213's rule and
+  is counted in ``protocol_errors`` (``tb/harness.py`` fails the test on it);
 - ``asserted`` is INTA as the root complex sees it: taken high and Interrupt Disable
   clear (the IP sends Assert_INTA only then; setting Interrupt Disable while INTA is
   asserted sends Deassert_INTA, as PCIe asks of INTx emulation, and clearing it again
@@ -29,7 +30,7 @@ The driver's side of the wire is the simulation backend's ``wait_intx``
 """
 
 import cocotb
-from cocotb.triggers import Event, First, RisingEdge, Timer, ValueChange
+from cocotb.triggers import Event, FallingEdge, First, RisingEdge, Timer, ValueChange
 from cocotb.utils import get_sim_time
 
 from memballoon import constants as c
@@ -94,6 +95,11 @@ class IntxWire:
     async def _run(self):
         dev = self.device
         clock = RisingEdge(dev.user_clk)
+        # The DUT outlives a cocotb test, the model does not: until the user logic's reset
+        # that each new model starts with, INTA is the previous test's.
+        if not dev.user_reset.value:
+            await RisingEdge(dev.user_reset)
+        await FallingEdge(dev.user_reset)
         while True:
             await clock
             if self._inta() == self._taken:
