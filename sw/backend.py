@@ -2,9 +2,10 @@
 
 The virtio driver model (:mod:`memballoon.virtio_pci_modern`) talks to one PCIe function
 only through a :class:`Backend`: configuration space, BAR accesses of exact widths, DMA
-memory, MSI-X vectors and INTx. The simulation backend (``backend_sim.py``, over cocotbext-pcie)
-and a VFIO backend implement it, so the same driver runs against the RTL and the board
-(Glasgow's one-applet-two-assemblies idiom).
+memory, MSI-X vectors and INTx. The simulation backend (``backend_sim.py``, over
+cocotbext-pcie), the reference-model backend and a VFIO backend implement it, so the same
+driver runs against the RTL, the model and the board (Glasgow's one-applet-two-assemblies
+idiom).
 
 All time arguments are seconds: simulated time in simulation, wall time on hardware.
 """

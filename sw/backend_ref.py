@@ -4,8 +4,8 @@ The same driver that runs against the RTL (``backend_sim``) or the board runs un
 against the model: configuration and BAR accesses go to the model, DMA memory is the
 model's host memory, MSI-X messages arrive as the model sends them (``alloc_irq_vectors``
 programs the table the way Linux's ``msix_capability_init`` does), INTx is the model's
-INTA level, and time is the model's virtual clock. :meth:`RefBackend.schedule` runs host actions (C10) at a virtual
-time, so a driver waiting for an interrupt sees them happen.
+INTA level, and time is the model's virtual clock. :meth:`RefBackend.schedule` runs host
+actions (C10) at a virtual time, so a driver waiting for an interrupt sees them happen.
 """
 
 import heapq

@@ -15,10 +15,10 @@ container, the function's group (checked viable) attached to it, the device fd. 
 - MSI-X: one ``eventfd`` per vector given to ``VFIO_DEVICE_SET_IRQS``, watched by the
   running asyncio loop, so the async driver waits for interrupts unchanged;
 - INTx: an ``eventfd`` on ``VFIO_PCI_INTX_IRQ_INDEX``. vfio-pci masks the level
-  interrupt each time it fires (and owns the command register's Interrupt Disable for
-  that); the next :meth:`VfioBackend.wait_intx` unmasks it (``VFIO_IRQ_SET_ACTION_UNMASK``)
-  once the driver has read the cause away, and vfio-pci fires again at once if the
-  function still asserts it.
+  interrupt each time it fires (with the command register's Interrupt Disable, or at the
+  interrupt controller); the next :meth:`VfioBackend.wait_intx` unmasks it
+  (``VFIO_IRQ_SET_ACTION_UNMASK``) once the driver has read the cause away, and vfio-pci
+  fires again at once if the function still asserts it.
 
 :meth:`VfioBackend.close` (also the context manager's exit, so on errors and Ctrl-C)
 disables the vectors, resets the function, unmaps and frees DMA memory and BARs and closes
@@ -373,6 +373,7 @@ class VfioBackend(Backend):
                 os.close(fd)
         self._eventfds = []
         self._intx_fd = None
+        self._intx_masked = False
 
     def _check_vector(self, vector):
         if not 0 <= vector < len(self._irq_counts):

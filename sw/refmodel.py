@@ -428,8 +428,9 @@ class MemballoonRef:
             bar_offset, length = access
             value = self.bar_read(0, bar_offset, length)
             self._config[data:data + 4] = value.to_bytes(4, "little")
-        status = self._config[c.PCI_STATUS] & ~c.PCI_STATUS_INTERRUPT
-        self._config[c.PCI_STATUS] = status | (c.PCI_STATUS_INTERRUPT if self.intx_pending else 0)
+        self._config[c.PCI_STATUS] &= ~c.PCI_STATUS_INTERRUPT
+        if self.intx_pending:
+            self._config[c.PCI_STATUS] |= c.PCI_STATUS_INTERRUPT
         return self._config_field(offset, width)
 
     def config_write(self, offset, value, width):

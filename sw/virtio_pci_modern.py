@@ -527,8 +527,9 @@ class VirtioPciModernDevice:
             if got != VP_MSIX_CONFIG_VECTOR:
                 raise VectorNotAccepted("msix_config", VP_MSIX_CONFIG_VECTOR, got)
         for index in range(nvec - 1):
-            vector = c.VIRTIO_MSI_NO_VECTOR if self.intx_enabled else VP_MSIX_VQ_VECTOR + index
-            await self.setup_vq(index, queue_size, vector)
+            vector = VP_MSIX_VQ_VECTOR + index
+            await self.setup_vq(index, queue_size,
+                                c.VIRTIO_MSI_NO_VECTOR if self.intx_enabled else vector)
 
         await self.vp_modern_add_status(c.VIRTIO_CONFIG_S_DRIVER_OK)
         return self.queues
