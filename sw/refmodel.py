@@ -61,6 +61,12 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   reset, when they do nothing.
 - Configuration space holds, besides the virtio chain, one MSI-X capability at
   ``MSIX_CAP_POS`` (where the PCIE4 block has it) whose next pointer is the chain.
+- C11 INTx (virtio 1.2 4.1.4.5): Interrupt Pin reads INTA. With MSI-X disabled a
+  non-zero ISR byte is a pending INTx: the Status register's Interrupt Status bit, which
+  Interrupt Disable does not affect (PCI); INTA is asserted while it is pending and the
+  command register's Interrupt Disable is clear (``intx_asserted``), and each change
+  goes to ``intx_sink`` as the Assert_INTA/Deassert_INTA message. The MSI-X message of an
+  event while MSI-X is disabled is dropped, not held: INTx carries it.
 """
 
 import struct
@@ -233,11 +239,13 @@ class MemballoonRef:
     bitmap tracks (C8); ``reset_time`` how long a reset's clear takes (C9);
     ``memory`` the host memory (a new :class:`HostMemory` by default); ``msix_sink``
     a callable ``(address, data) -> bool`` receiving MSI-X messages (False: the hard IP
-    reported the message as failed).
+    reported the message as failed); ``intx_sink`` a callable ``(asserted)`` receiving
+    each change of INTA (the Assert_INTA and Deassert_INTA messages).
     """
 
     def __init__(self, params=DeviceParams(), ring_features=DEFAULT_RING_FEATURES,
-                 bitmap_pages=1 << 16, reset_time=1e-6, memory=None, msix_sink=None):
+                 bitmap_pages=1 << 16, reset_time=1e-6, memory=None, msix_sink=None,
+                 intx_sink=None):
         ring_features = tuple(ring_features)
         if any(bit not in DEFAULT_RING_FEATURES for bit in ring_features):
             raise ValueError(f"ring features {ring_features} outside what the engine "
@@ -255,6 +263,8 @@ class MemballoonRef:
         self.reset_time = reset_time
         self.memory = HostMemory() if memory is None else memory
         self.msix_sink = msix_sink
+        self.intx_sink = intx_sink
+        self._intx_level = False
         self.now = 0.0
 
         self._config = self._config_image()
@@ -313,6 +323,7 @@ class MemballoonRef:
         struct.pack_into("<HH", image, c.PCI_SUBSYSTEM_VENDOR_ID,    # then subsystem ID
                          c.MEMBALLOON_PCI_SUBSYSTEM_VENDOR_ID, c.MEMBALLOON_PCI_SUBSYSTEM_ID)
         image[c.PCI_CAPABILITY_LIST] = MSIX_CAP_POS
+        image[c.PCI_INTERRUPT_PIN] = c.PCI_INTERRUPT_PIN_INTA
         struct.pack_into("<BBHII", image, MSIX_CAP_POS, c.PCI_CAP_ID_MSIX, p.cfg_ext_base,
                          p.msix_vectors - 1, p.bar.msix_table, p.bar.msix_pba)   # BIR 0
 
@@ -333,7 +344,9 @@ class MemballoonRef:
 
     def _config_write_masks(self):
         """Byte offset -> writable bits."""
-        masks = {c.PCI_COMMAND: c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER}
+        masks = {c.PCI_COMMAND: c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER,
+                 c.PCI_COMMAND + 1: c.PCI_COMMAND_INTX_DISABLE >> 8,
+                 c.PCI_INTERRUPT_LINE: 0xFF}
         bar_mask = ~(self.params.bar.size - 1) & 0xFFFF_FFFF_FFFF_FFFF
         for i in range(8):
             masks[c.PCI_BASE_ADDRESS_0 + i] = bar_mask >> 8 * i & 0xFF
@@ -371,6 +384,35 @@ class MemballoonRef:
         return bool(self._config_field(MSIX_CAP_POS + c.PCI_MSIX_FLAGS, 2)
                     & c.PCI_MSIX_FLAGS_MASKALL)
 
+    @property
+    def isr(self):
+        """The ISR status byte (virtio 1.2 4.1.4.5)."""
+        return self._isr
+
+    @isr.setter
+    def isr(self, value):
+        self._isr = value
+        self._update_intx()
+
+    @property
+    def intx_pending(self):
+        """C11: an INTx is pending (the Status register's Interrupt Status bit)."""
+        return bool(self.isr) and not self.msix_enabled
+
+    @property
+    def intx_asserted(self):
+        """INTA as the root complex sees it: pending, and Interrupt Disable clear."""
+        disabled = self._config_field(c.PCI_COMMAND, 2) & c.PCI_COMMAND_INTX_DISABLE
+        return self.intx_pending and not disabled
+
+    def _update_intx(self):
+        """Send Assert_INTA or Deassert_INTA when the level changed."""
+        level = self.intx_asserted
+        if level != self._intx_level:
+            self._intx_level = level
+            if self.intx_sink is not None:
+                self.intx_sink(level)
+
     def _pci_cfg_access(self):
         """The BAR access the PCI_CFG capability describes, or None when it names another
         BAR, a length other than 1, 2 or 4, or an unaligned or out-of-BAR offset."""
@@ -392,6 +434,9 @@ class MemballoonRef:
             bar_offset, length = access
             value = self.bar_read(0, bar_offset, length)
             self._config[data:data + 4] = value.to_bytes(4, "little")
+        self._config[c.PCI_STATUS] &= ~c.PCI_STATUS_INTERRUPT
+        if self.intx_pending:
+            self._config[c.PCI_STATUS] |= c.PCI_STATUS_INTERRUPT
         return self._config_field(offset, width)
 
     def config_write(self, offset, value, width):
@@ -409,6 +454,7 @@ class MemballoonRef:
             self.bar_write(0, bar_offset,
                            self._config_field(data, 4) & (1 << 8 * length) - 1, length)
         self._msix_deliver()
+        self._update_intx()         # MSI-X Enable or Interrupt Disable may have changed
         self._service()
 
     def flr(self):
@@ -686,7 +732,7 @@ class MemballoonRef:
         return 0
 
     def _msix_request(self, vector):
-        if self.msix_enabled:       # no INTx: without MSI-X a message is dropped
+        if self.msix_enabled:       # without MSI-X the ISR byte's INTx carries the event
             self._msix_pending[vector] = True
             self._msix_deliver()
 

@@ -25,7 +25,7 @@ from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.params import DeviceParams
 from memballoon.refmodel import COUNTER_NAMES, DEFAULT_RING_FEATURES, MemballoonRef
-from memballoon.virtio_memballoon import PagePool, VirtioMemballoon
+from memballoon.virtio_memballoon import DeviceNeedsReset, PagePool, VirtioMemballoon
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
 from memballoon.virtio_ring import (VringDesc, sg_split, vring_avail_event_offset,
                                     vring_used_event_offset)
@@ -1090,6 +1090,64 @@ async def index_wrap(rig, buffers, queue_size):
                           CMD_GIVE=1, PAGES_ENTERED=1, PAGES_LEFT=1, GET_SHORT=buffers)
 
 
+# --- C11 INTx ----------------------------------------------------------------------------
+
+async def interrupt_status(rig):
+    """The Status register's Interrupt Status bit: an INTx is pending."""
+    return bool(await rig.backend.config_read(c.PCI_STATUS, 2) & c.PCI_STATUS_INTERRUPT)
+
+
+async def wait_interrupt_status(rig, level, timeout=WAIT, poll=0.2e-6):
+    """Poll until :func:`interrupt_status` is ``level``."""
+    deadline = rig.backend.now() + timeout
+    while await interrupt_status(rig) != level:
+        assert rig.backend.now() < deadline, f"Interrupt Status never read {int(level)}"
+        await rig.backend.sleep(poll)
+
+
+async def intx_fallback(rig):
+    """C11: with no MSI-X vectors (Linux's ``pci=nomsi``) the driver falls back to INTx
+    as ``vp_find_vqs`` does; commands and a host minimum complete on the shared level
+    interrupt; a host reset request sets the Interrupt Status bit and reaches the driver
+    through the ISR byte's configuration bit; the device works again after the reset.
+    MSI-X stays disabled and sends nothing."""
+    rig.backend.nomsi = True
+    vb = await probe(rig, pool_pages=8)
+    vdev = vb.vdev
+    assert vdev.intx_enabled
+    assert await rig.backend.config_read(c.PCI_INTERRUPT_PIN, 1) == c.PCI_INTERRUPT_PIN_INTA
+    assert await vb.fill_balloon(6) == 6
+    assert await vb.leak_balloon(2) == 2
+    await set_min_balloon(rig, 3 * PAGE)
+    assert await vb.wait_for_host(WAIT) == [3 * PAGE]
+    await check_balloon(rig, vb, "on INTx")
+    # Whatever the driver found by polling: take its interrupt, then nothing is pending.
+    await rig.settle()
+    await rig.backend.sleep(QUIET)
+    await vdev.vp_interrupt()
+    await wait_interrupt_status(rig, False)
+
+    await rig.mgmt_write(c.MGMT_CONTROL, c.MGMT_CONTROL_REQUEST_RESET)
+    await wait_interrupt_status(rig, True)
+    await vdev.vp_wait_interrupt(c.VIRTIO_MSI_NO_VECTOR, WAIT)
+    assert vdev.config_changes() == 1
+    await wait_interrupt_status(rig, False)
+    try:
+        await vb.give_pages([page_addr(POOL_FIRST_PAGE - 1)])
+    except DeviceNeedsReset:
+        pass
+    else:
+        raise AssertionError("the driver missed the host's reset request")
+    await vb.reset()
+    assert vb.vdev.intx_enabled and await vb.fill_balloon(2) == 2
+    await check_balloon(rig, vb, "after the reset, on INTx")
+
+    msix = await vb.vdev.find_capability(c.PCI_CAP_ID_MSIX)
+    control = await rig.backend.config_read(msix + c.PCI_MSIX_FLAGS, 2)
+    assert not control & c.PCI_MSIX_FLAGS_ENABLE
+    assert await rig.mgmt_read(c.MGMT_MSIX_SENT) == 0
+
+
 # --- C12 DMA discipline ------------------------------------------------------------------
 
 async def _init_without_driver_ok(vb):
@@ -1298,6 +1356,7 @@ SCENARIOS = {
     "suppression_event_idx": (notification_suppression, {"event_idx": True}),
     "suppression_no_interrupt": (notification_suppression, {"event_idx": False}),
     "drain_and_spurious": (drain_and_spurious, {}),
+    "intx_fallback": (intx_fallback, {}),
     "dma_discipline": (dma_discipline, {}),
     "mgmt_registers": (mgmt_registers, {}),
 }
