@@ -274,14 +274,18 @@ class Bitmap(wiring.Component):
                     (bank_of(lane_word[0]) == bank_of(lane_word[1])) &
                     (lane_word[0] != lane_word[1]))
         second_half = Signal()          # lane 0 of the conflicting beat offered was issued
+        s1_valid = Signal()
+        s1_access = Signal(_Access)
         engines_idle = fsm.ongoing("Ready") & ~fill_pending & ~self.clear & ~self.read.valid
         pages_open = engines_idle & ~self.hold
         issue_pages = self.request.valid & pages_open
-        # A scan write goes to the RAMs at once: not while a write is in the modify stage.
+        # A scan write goes to the RAMs at once: not while an operation is in the modify
+        # stage (decided on the stage's registers, not on whether it writes: timing).
         scan = self.scan.payload
         scan_taken = Signal()
+        s1_may_write = s1_valid & ((s1_access == _Access.PAGE) | (s1_access == _Access.FILL))
         m.d.comb += [
-            self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & s1_writes)),
+            self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & s1_may_write)),
             scan_taken.eq(self.scan.valid & self.scan.ready),
         ]
         issued = Signal(LANES)
@@ -308,8 +312,6 @@ class Bitmap(wiring.Component):
             with m.Else():
                 m.d.comb += read_port.addr.eq(row_of(lane_word[0]))
 
-        s1_valid = Signal()
-        s1_access = Signal(_Access)
         s1_word = Signal.like(engine_word)              # of a read or fill
         s1_mask = Signal(WORD_BITS)
         s1_issued = Signal(LANES)
