@@ -12,7 +12,7 @@ from .pcie.completer import RegCompleter
 from .pcie.dma import DmaEngine
 from .pcie.dma_mux import DmaMux
 from .pcie.interface import (CompleterSignature, ConfigExtSignature, FunctionStatusSignature,
-                             MsixSignature, RequesterSignature)
+                             IntxSignature, MsixSignature, RequesterSignature)
 from .pcie.msix import MsixTable
 from .regbus_arbiter import RegBusArbiter
 from .regbus_decoder import RegBusDecoder
@@ -28,7 +28,8 @@ from .. import constants as c
 class MemballoonDevice(wiring.Component):
     """The memballoon function: virtio transport (C2..C4, C9, C11), one split-ring engine
     per queue over one DMA engine (C7, C12), the balloon core (C5, C6, C8) and the
-    management port (C10).
+    management port (C10). Interrupts (C11) are MSI-X messages, or with MSI-X disabled
+    the ISR byte's INTx.
 
     BAR0 requests come through the completer, the capability window through ``cfg_ext``;
     both reach BAR0's registers over one register bus (the PCI_CFG window's accesses go
@@ -43,6 +44,7 @@ class MemballoonDevice(wiring.Component):
             "requester": In(RequesterSignature()),
             "cfg_ext": In(ConfigExtSignature()),
             "msix": In(MsixSignature()),
+            "intx": In(IntxSignature()),
             "status": In(FunctionStatusSignature()),
             "mgmt": In(AxiLiteSignature(c.MGMT_ADDR_WIDTH)),
         })
@@ -73,7 +75,8 @@ class MemballoonDevice(wiring.Component):
         m.submodules.mgmt = mgmt = MgmtPort()
         m.submodules.dma = dma = DmaEngine()
         m.submodules.dma_mux = dma_mux = DmaMux(c.NUM_QUEUES)
-        m.submodules.balloon = balloon = BalloonCore(params.bitmap_pages)
+        m.submodules.balloon = balloon = BalloonCore(params.bitmap_pages,
+                                                     grant_limit=params.get_grant_limit)
         engines = []
         for queue in range(c.NUM_QUEUES):
             # fromdevq parks the buffers held for a minimum (C6); todevq completes in order.
@@ -91,6 +94,7 @@ class MemballoonDevice(wiring.Component):
         wiring.connect(m, decoder.isr, isr.bus)
         wiring.connect(m, decoder.msix, msix.bus)
         wiring.connect(m, wiring.flipped(self.msix), msix.msix)
+        wiring.connect(m, wiring.flipped(self.intx), isr.intx)
         wiring.connect(m, irq_router.msix_request, msix.request)
         wiring.connect(m, wiring.flipped(self.mgmt), mgmt.axil)
         wiring.connect(m, mgmt.balloon, balloon.host)
@@ -135,6 +139,10 @@ class MemballoonDevice(wiring.Component):
             # have drained their DMA.
             common_cfg.reset_busy.eq(balloon.busy | Cat(e.busy for e in engines).any()),
             balloon.reset.eq(common_cfg.reset_request),
+            # C7: todevq's commands commit once published; a todevq fault undoes the rest.
+            balloon.commit.eq(engines[c.TODEVQ].committed),
+            balloon.abort.eq(engines[c.TODEVQ].fault),
+            balloon.todevq_busy.eq(engines[c.TODEVQ].busy),
             balloon.page_shift.eq(common_cfg.page_shift),
             balloon.extra_mem.eq(common_cfg.features_ok &
                                  features[c.VIRTIO_MEMBALLOON_F_EXTRA_MEM]),
@@ -147,6 +155,8 @@ class MemballoonDevice(wiring.Component):
             isr.set_config.eq(irq_router.isr_config),
             isr.set_queue.eq(irq_router.isr_queue),
             isr.clear.eq(common_cfg.reset_request),
+            isr.msix_enable.eq(self.msix.enable),
+            isr.interrupt_disable.eq(self.status.interrupt_disable),
 
             mgmt.device_status.eq(common_cfg.device_status),
             mgmt.driver_features.eq(common_cfg.driver_features),

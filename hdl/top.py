@@ -19,7 +19,7 @@ from .pcie.usp_shim import UspShim
 
 TOP_NAME = "memballoon_usp"
 MGMT_PREFIX = "s_axil_mgmt_"
-_NEUTRAL_SIDE = ("completer", "requester", "cfg_ext", "msix", "status")
+_NEUTRAL_SIDE = ("completer", "requester", "cfg_ext", "msix", "intx", "status")
 
 
 class MemballoonUsp(wiring.Component):

@@ -2,9 +2,10 @@
 
 The virtio driver model (:mod:`memballoon.virtio_pci_modern`) talks to one PCIe function
 only through a :class:`Backend`: configuration space, BAR accesses of exact widths, DMA
-memory and MSI-X vectors. The simulation backend (``backend_sim.py``, over cocotbext-pcie)
-and a VFIO backend implement it, so the same driver runs against the RTL and the board
-(Glasgow's one-applet-two-assemblies idiom).
+memory, MSI-X vectors and INTx. The simulation backend (``backend_sim.py``, over
+cocotbext-pcie), the reference-model backend and a VFIO backend implement it, so the same
+driver runs against the RTL, the model and the board (Glasgow's one-applet-two-assemblies
+idiom).
 
 All time arguments are seconds: simulated time in simulation, wall time on hardware.
 """
@@ -21,10 +22,12 @@ class BackendError(Exception):
 
 
 class InterruptTimeout(BackendError):
-    """No MSI-X message arrived on a vector before the timeout."""
+    """No MSI-X message arrived on a vector (``vector`` None: INTx was not asserted)
+    before the timeout."""
 
     def __init__(self, vector, timeout):
-        super().__init__(f"no MSI-X interrupt on vector {vector} within {timeout * 1e6:g} us")
+        what = "INTx interrupt" if vector is None else f"MSI-X interrupt on vector {vector}"
+        super().__init__(f"no {what} within {timeout * 1e6:g} us")
         self.vector = vector
         self.timeout = timeout
 
@@ -59,6 +62,10 @@ class DmaRegion(abc.ABC):
 
 class Backend(abc.ABC):
     """One PCIe function as seen by a driver (the subset of Linux's PCI API it uses)."""
+
+    #: The platform gives no MSI-X vectors (Linux booted with ``pci=nomsi``):
+    #: :meth:`alloc_irq_vectors` returns 0 and a driver falls back to INTx.
+    nomsi = False
 
     @abc.abstractmethod
     async def config_read(self, offset, width) -> int:
@@ -110,6 +117,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def irq_count(self, vector) -> int:
         """Messages received on ``vector`` since the vectors were allocated."""
+
+    @abc.abstractmethod
+    async def request_intx(self):
+        """Take the function's INTx for this driver (``request_irq(pdev->irq)``), with the
+        command register's Interrupt Disable clear (``pci_intx(pdev, 1)``); raise
+        :class:`BackendError` when the function or the platform has no INTx."""
+
+    @abc.abstractmethod
+    async def wait_intx(self, timeout):
+        """Return once the function asserts INTx (at once while it is asserted); raise
+        :class:`InterruptTimeout` (``vector`` None). INTx is a level: the caller clears
+        its cause (the virtio ISR read) before it waits again."""
 
     @abc.abstractmethod
     async def sleep(self, seconds):

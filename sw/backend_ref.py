@@ -3,9 +3,9 @@
 The same driver that runs against the RTL (``backend_sim``) or the board runs unchanged
 against the model: configuration and BAR accesses go to the model, DMA memory is the
 model's host memory, MSI-X messages arrive as the model sends them (``alloc_irq_vectors``
-programs the table the way Linux's ``msix_capability_init`` does), and time is the
-model's virtual clock. :meth:`RefBackend.schedule` runs host actions (C10) at a virtual
-time, so a driver waiting for an interrupt sees them happen.
+programs the table the way Linux's ``msix_capability_init`` does), INTx is the model's
+INTA level, and time is the model's virtual clock. :meth:`RefBackend.schedule` runs host
+actions (C10) at a virtual time, so a driver waiting for an interrupt sees them happen.
 """
 
 import heapq
@@ -47,6 +47,10 @@ class RefBackend(Backend):
         self.model.msix_sink = self._msix_message
         #: Every MSI-X message received: (address, data).
         self.messages = []
+        #: Every change of INTA: True for Assert_INTA, False for Deassert_INTA.
+        self.intx_messages = []
+        self.model.intx_sink = self.intx_messages.append
+        self._intx_requested = False
         self._irq_counts = []
         self._irq_taken = []
         self._events = []
@@ -100,6 +104,8 @@ class RefBackend(Backend):
         raise BackendError("the function has no MSI-X capability")
 
     async def alloc_irq_vectors(self, nvec):
+        if self.nomsi:
+            return 0
         pos = await self._find_msix()
         flags = pos + c.PCI_MSIX_FLAGS
         control = await self.config_read(flags, 2)
@@ -135,18 +141,27 @@ class RefBackend(Backend):
 
     async def wait_irq(self, vector, timeout):
         self._check_vector(vector)
-        deadline = self.now() + timeout
-        while self._irq_counts[vector] <= self._irq_taken[vector]:
-            if self._events and self._events[0][0] <= deadline:
-                self._run_next_event()
-            else:
-                self.model.advance(max(0.0, deadline - self.now()))
-                raise InterruptTimeout(vector, timeout)
+        self._run_until(lambda: self._irq_counts[vector] > self._irq_taken[vector],
+                        vector, timeout)
         self._irq_taken[vector] += 1
 
     def irq_count(self, vector):
         self._check_vector(vector)
         return self._irq_counts[vector]
+
+    # --- INTx --------------------------------------------------------------------------------
+
+    async def request_intx(self):
+        if not await self.config_read(c.PCI_INTERRUPT_PIN, 1):
+            raise BackendError("the function has no INTx")
+        command = await self.config_read(c.PCI_COMMAND, 2)
+        await self.config_write(c.PCI_COMMAND, command & ~c.PCI_COMMAND_INTX_DISABLE, 2)
+        self._intx_requested = True
+
+    async def wait_intx(self, timeout):
+        if not self._intx_requested:
+            raise BackendError("INTx was not requested")
+        self._run_until(lambda: self.model.intx_asserted, None, timeout)
 
     # --- virtual time ------------------------------------------------------------------------
 
@@ -156,6 +171,17 @@ class RefBackend(Backend):
         if not delay >= 0:
             raise ValueError(f"delay must be >= 0, not {delay!r}")
         heapq.heappush(self._events, (self.now() + delay, next(self._sequence), action))
+
+    def _run_until(self, condition, vector, timeout):
+        """Run scheduled host actions until ``condition()`` holds; past ``timeout`` let the
+        time pass and raise :class:`InterruptTimeout` for ``vector``."""
+        deadline = self.now() + timeout
+        while not condition():
+            if self._events and self._events[0][0] <= deadline:
+                self._run_next_event()
+            else:
+                self.model.advance(max(0.0, deadline - self.now()))
+                raise InterruptTimeout(vector, timeout)
 
     def _run_next_event(self):
         when, _, action = heapq.heappop(self._events)

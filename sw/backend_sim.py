@@ -2,12 +2,15 @@
 
 Configuration accesses are type 0 configuration TLPs, BAR accesses memory TLPs of exactly
 the asked width, DMA memory comes from the root complex's memory pool and MSI-X vectors
-are the root complex's MSI region, counted per vector. Times are simulated seconds.
+are the root complex's MSI region, counted per vector. INTx is the testbench's virtual
+wire of the hard IP (``tb/intx.py``), since the root complex model takes no INTx
+messages. Times are simulated seconds.
 """
 
 from cocotb.triggers import Event, First, Timer
 from cocotb.utils import get_sim_time
 
+from . import constants as c
 from .backend import Backend, BackendError, DmaRegion, InterruptTimeout, check_access
 
 __all__ = ["SimBackend", "SimDmaRegion"]
@@ -43,13 +46,17 @@ class SimBackend(Backend):
     """One function ``dev`` (a cocotbext-pcie ``PciDevice``) behind root complex ``rc``.
 
     ``completion_timeout`` bounds every non-posted request (simulated seconds), so a
-    device that never answers raises :class:`BackendError` instead of hanging.
+    device that never answers raises :class:`BackendError` instead of hanging. ``intx``
+    is the function's INTA as the root complex sees it (``tb/intx.py``'s ``IntxWire``:
+    ``await intx.wait_level(True, timeout)``), None when it has none.
     """
 
-    def __init__(self, rc, dev, completion_timeout=20e-6):
+    def __init__(self, rc, dev, completion_timeout=20e-6, intx=None):
         self.rc = rc
         self.dev = dev
         self.completion_timeout = completion_timeout
+        self.intx = intx
+        self._intx_requested = False
         self.dma_pool = rc.mem_address_space.create_pool(DMA_POOL_BASE, DMA_POOL_SIZE)
         self._irq_counts = []
         self._irq_taken = []
@@ -99,6 +106,8 @@ class SimBackend(Backend):
         return SimDmaRegion(self.dma_pool.alloc_region(size))
 
     async def alloc_irq_vectors(self, nvec):
+        if self.nomsi:
+            return 0
         if not self.dev.msix_enabled:
             got = await self.dev.alloc_irq_vectors(nvec, nvec)
             if got < nvec:
@@ -129,6 +138,20 @@ class SimBackend(Backend):
 
     def irq_count(self, vector):
         return self._irq_counts[vector]
+
+    async def request_intx(self):
+        if self.intx is None or not await self.config_read(c.PCI_INTERRUPT_PIN, 1):
+            raise BackendError("the function has no INTx")
+        command = await self.config_read(c.PCI_COMMAND, 2)
+        if command & c.PCI_COMMAND_INTX_DISABLE:
+            await self.config_write(c.PCI_COMMAND, command & ~c.PCI_COMMAND_INTX_DISABLE, 2)
+        self._intx_requested = True
+
+    async def wait_intx(self, timeout):
+        if not self._intx_requested:
+            raise BackendError("INTx was not requested")
+        if not await self.intx.wait_level(True, timeout):
+            raise InterruptTimeout(None, timeout)
 
     async def sleep(self, seconds):
         await Timer(_ps(seconds), "ps")

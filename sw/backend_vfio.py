@@ -13,7 +13,12 @@ container, the function's group (checked viable) attached to it, the device fd. 
   :class:`IovaAllocator` (above 4 GiB when the IOMMU allows, so the upper address dword is
   exercised) and carved into naturally aligned regions; unmapped on close;
 - MSI-X: one ``eventfd`` per vector given to ``VFIO_DEVICE_SET_IRQS``, watched by the
-  running asyncio loop, so the async driver waits for interrupts unchanged.
+  running asyncio loop, so the async driver waits for interrupts unchanged;
+- INTx: an ``eventfd`` on ``VFIO_PCI_INTX_IRQ_INDEX``. vfio-pci masks the level
+  interrupt each time it fires (with the command register's Interrupt Disable, or at the
+  interrupt controller); the next :meth:`VfioBackend.wait_intx` unmasks it
+  (``VFIO_IRQ_SET_ACTION_UNMASK``) once the driver has read the cause away, and vfio-pci
+  fires again at once if the function still asserts it.
 
 :meth:`VfioBackend.close` (also the context manager's exit, so on errors and Ctrl-C)
 disables the vectors, resets the function, unmaps and frees DMA memory and BARs and closes
@@ -141,6 +146,11 @@ class VfioBackend(Backend):
         self._irq_counts = []
         self._irq_taken = []
         self._irq_events = []
+        self._intx_fd = None
+        self._intx_count = 0
+        self._intx_taken = 0
+        self._intx_event = None
+        self._intx_masked = False
 
     @classmethod
     def open(cls, bdf, sysfs="/sys", mmap_bars=True):
@@ -322,7 +332,7 @@ class VfioBackend(Backend):
     async def alloc_irq_vectors(self, nvec):
         if self._eventfds:
             return len(self._eventfds)
-        count = min(nvec, self.msix_count)
+        count = 0 if self.nomsi else min(nvec, self.msix_count)
         if count == 0:
             return 0
         self._loop = asyncio.get_running_loop()
@@ -349,16 +359,21 @@ class VfioBackend(Backend):
         self._irq_events[vector].set()
 
     def _free_irqs(self):
-        if self._eventfds:
-            try:
-                self.device.set_irq_eventfds(vfio.VFIO_PCI_MSIX_IRQ_INDEX, [])
-            except OSError:
-                pass                    # never enabled: nothing to disable
-        for fd in self._eventfds:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(fd)
-            os.close(fd)
+        intx = [self._intx_fd] if self._intx_fd is not None else []
+        for index, fds in ((vfio.VFIO_PCI_MSIX_IRQ_INDEX, self._eventfds),
+                           (vfio.VFIO_PCI_INTX_IRQ_INDEX, intx)):
+            if fds:
+                try:
+                    self.device.set_irq_eventfds(index, [])
+                except OSError:
+                    pass                # never enabled: nothing to disable
+            for fd in fds:
+                if self._loop is not None and not self._loop.is_closed():
+                    self._loop.remove_reader(fd)
+                os.close(fd)
         self._eventfds = []
+        self._intx_fd = None
+        self._intx_masked = False
 
     def _check_vector(self, vector):
         if not 0 <= vector < len(self._irq_counts):
@@ -383,6 +398,51 @@ class VfioBackend(Backend):
     def irq_count(self, vector):
         self._check_vector(vector)
         return self._irq_counts[vector]
+
+    # --- INTx ----------------------------------------------------------------------------------
+
+    async def request_intx(self):
+        if self._intx_fd is not None:
+            return
+        if not self.device.irq_info(vfio.VFIO_PCI_INTX_IRQ_INDEX).count:
+            raise BackendError(f"{self.bdf} has no INTx (interrupt pin 0, or no IRQ routed)")
+        self._loop = asyncio.get_running_loop()
+        self._intx_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._intx_event = asyncio.Event()
+        self._loop.add_reader(self._intx_fd, self._intx_ready)
+        try:
+            self.device.set_irq_eventfds(vfio.VFIO_PCI_INTX_IRQ_INDEX, [self._intx_fd])
+        except BaseException:
+            self._free_irqs()
+            raise
+        self._intx_count = self._intx_taken = 0
+        self._intx_masked = False
+
+    def _intx_ready(self):
+        try:
+            self._intx_count += os.eventfd_read(self._intx_fd)
+        except BlockingIOError:
+            return
+        self._intx_event.set()
+
+    async def wait_intx(self, timeout):
+        if self._intx_fd is None:
+            raise BackendError("INTx was not requested")
+        if self._intx_masked:
+            self.device.unmask_irq(vfio.VFIO_PCI_INTX_IRQ_INDEX)
+            self._intx_masked = False
+        deadline = self.now() + timeout
+        while self._intx_count <= self._intx_taken:
+            remaining = deadline - self.now()
+            if remaining <= 0:
+                raise InterruptTimeout(None, timeout)
+            self._intx_event.clear()
+            try:
+                await asyncio.wait_for(self._intx_event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        self._intx_taken = self._intx_count
+        self._intx_masked = True
 
     # --- wall time -----------------------------------------------------------------------------
 

@@ -37,7 +37,9 @@ PCI_DEVICE_ID = 0x02
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
+PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_STATUS = 0x06
+PCI_STATUS_INTERRUPT = 0x08                 # INTx pending in the function (C11)
 PCI_STATUS_CAP_LIST = 0x10
 PCI_REVISION_ID = 0x08
 PCI_CLASS_REVISION = 0x08
@@ -49,6 +51,10 @@ PCI_BASE_ADDRESS_MEM_PREFETCH = 0x08
 PCI_SUBSYSTEM_VENDOR_ID = 0x2C
 PCI_SUBSYSTEM_ID = 0x2E
 PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+#: Interrupt Pin value of INTA (PCI 3.0 6.2.4: 1..4 = INTA..INTD, 0 = none).
+PCI_INTERRUPT_PIN_INTA = 1
 PCI_STD_NUM_BARS = 6
 PCI_CFG_SPACE_EXP_SIZE = 4096
 #: Linux's PCI_FIND_CAP_TTL: a capability list longer than this is a loop.
@@ -291,6 +297,7 @@ VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES = GuestCmd.GIVE_PAGES.value
 VIRTIO_MEMBALLOON_GCMD_EXCHANGE_PAGES = GuestCmd.EXCHANGE_PAGES.value
 VIRTIO_MEMBALLOON_HCMD_MIN_BALLOON = HostCmd.MIN_BALLOON.value
 FROMDEVQ_MIN_BUFFER = 16                    # C6: two le64
+GET_GRANT_LIMIT_MIN = 512                   # C5: the smallest per-command grant limit
 
 
 # --- Host management port (C10): AXI4-Lite register offsets ------------------------------

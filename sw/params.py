@@ -37,6 +37,9 @@ class DeviceParams:
     msix_vectors: int = 1 + c.NUM_QUEUES
     #: Pages the balloon bitmap tracks (C8): a power of two, 2**10 .. 2**24.
     bitmap_pages: int = 1 << 20
+    #: Pages one GET may take at most (C5's per-command grant limit, at least
+    #: ``GET_GRANT_LIMIT_MIN``): a longer GET is a prefix grant.
+    get_grant_limit: int = 512
     #: Legacy configuration-space window the PCIE4 block hands to user logic through
     #: cfg_ext (byte offset and size); see README "PG213 finding".
     cfg_ext_base: int = 0xB0
@@ -55,6 +58,9 @@ class DeviceParams:
         b = self.bitmap_pages
         if b < 1 << 10 or b > 1 << 24 or b & (b - 1):
             raise ValueError(f"bitmap_pages must be a power of two in 2**10..2**24, not {b}")
+        if not c.GET_GRANT_LIMIT_MIN <= self.get_grant_limit < 1 << 32:
+            raise ValueError(f"get_grant_limit must be at least {c.GET_GRANT_LIMIT_MIN} (C5), "
+                             f"not {self.get_grant_limit}")
         if not 1 + c.NUM_QUEUES <= self.msix_vectors <= 64:
             raise ValueError(f"msix_vectors must be in {1 + c.NUM_QUEUES}..64")
         if self.cfg_ext_base % 4 or self.cfg_ext_size % 4 or \

@@ -30,11 +30,12 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   after each drain. Used notifications are decided once per drain (one message for a
   batch), from the used idx before and after it.
 - C7: a chain's descriptors are all checked before any of its data is read, and a
-  command is executed only once all its readable bytes were read: a faulting command
-  changes nothing (the RTL streams words, so after a DMA_READ fault *inside buffer data*
-  it may have applied a prefix; compare bitmaps there with that in mind). A DMA_WRITE
-  fault while completing a command leaves the command's effect and publishes nothing.
-  Elements used before a fault are still published and notified. In an indirect table,
+  command is executed only once all its readable bytes were read; a command is atomic:
+  when its data cannot be read, or its result or used element cannot be written, the
+  bitmap, ``balloon_pages``, the budget and the counters are as before it (only the
+  fault is counted). Elements used before a fault are still published and notified.
+  (The RTL publishes used elements in batches; a failed write there also undoes the
+  batch's unpublished commands before the faulting one, which the driver never saw.) In an indirect table,
   "queue size" is the table's entry count. A descriptor with INDIRECT ends its chain
   (NEXT is ignored on it, virtio 1.2 2.7.5.3.1) and its WRITE flag is ignored. Without
   VIRTIO_F_INDIRECT_DESC negotiated the flag means nothing: the descriptor is an ordinary
@@ -63,6 +64,12 @@ Decisions where the contract leaves room (tell the RTL team; tests pin them)
   reset, when they do nothing.
 - Configuration space holds, besides the virtio chain, one MSI-X capability at
   ``MSIX_CAP_POS`` (where the PCIE4 block has it) whose next pointer is the chain.
+- C11 INTx (virtio 1.2 4.1.4.5): Interrupt Pin reads INTA. With MSI-X disabled a
+  non-zero ISR byte is a pending INTx: the Status register's Interrupt Status bit, which
+  Interrupt Disable does not affect (PCI); INTA is asserted while it is pending and the
+  command register's Interrupt Disable is clear (``intx_asserted``), and each change
+  goes to ``intx_sink`` as the Assert_INTA/Deassert_INTA message. The MSI-X message of an
+  event while MSI-X is disabled is dropped, not held: INTx carries it.
 """
 
 import struct
@@ -169,17 +176,22 @@ class HostMemory:
         buf, off = self._cpu(addr, len(data))
         buf[off:off + len(data)] = data
 
-    def inject_fault(self, addr, length, read=True, write=True):
-        """Make device reads and/or writes touching ``addr``..``addr + length`` fail."""
-        self._faults.append((addr, addr + length, read, write))
+    def inject_fault(self, addr, length, read=True, write=True, passing=0):
+        """Make device reads and/or writes touching ``addr``..``addr + length`` fail, after
+        the first ``passing`` such accesses."""
+        self._faults.append([addr, addr + length, read, write, passing])
 
     def clear_faults(self):
         self._faults = []
 
     def _device(self, kind, addr, length):
         self.dma_log.append((kind, addr, length))
-        for start, end, read, write in self._faults:
+        for fault in self._faults:
+            start, end, read, write, passing = fault
             if addr < end and start < addr + length and (read if kind == "r" else write):
+                if passing:
+                    fault[4] -= 1
+                    continue
                 raise DmaError(f"injected {kind} fault at {addr:#x}+{length}")
         where = self._locate(addr, length)
         if where is None:
@@ -230,11 +242,13 @@ class MemballoonRef:
     bitmap tracks (C8); ``reset_time`` how long a reset's clear takes (C9);
     ``memory`` the host memory (a new :class:`HostMemory` by default); ``msix_sink``
     a callable ``(address, data) -> bool`` receiving MSI-X messages (False: the hard IP
-    reported the message as failed).
+    reported the message as failed); ``intx_sink`` a callable ``(asserted)`` receiving
+    each change of INTA (the Assert_INTA and Deassert_INTA messages).
     """
 
     def __init__(self, params=DeviceParams(), ring_features=DEFAULT_RING_FEATURES,
-                 bitmap_pages=1 << 16, reset_time=1e-6, memory=None, msix_sink=None):
+                 bitmap_pages=1 << 16, reset_time=1e-6, memory=None, msix_sink=None,
+                 intx_sink=None):
         ring_features = tuple(ring_features)
         if any(bit not in DEFAULT_RING_FEATURES for bit in ring_features):
             raise ValueError(f"ring features {ring_features} outside what the engine "
@@ -252,6 +266,8 @@ class MemballoonRef:
         self.reset_time = reset_time
         self.memory = HostMemory() if memory is None else memory
         self.msix_sink = msix_sink
+        self.intx_sink = intx_sink
+        self._intx_level = False
         self.now = 0.0
 
         self._config = self._config_image()
@@ -310,6 +326,7 @@ class MemballoonRef:
         struct.pack_into("<HH", image, c.PCI_SUBSYSTEM_VENDOR_ID,    # then subsystem ID
                          c.MEMBALLOON_PCI_SUBSYSTEM_VENDOR_ID, c.MEMBALLOON_PCI_SUBSYSTEM_ID)
         image[c.PCI_CAPABILITY_LIST] = MSIX_CAP_POS
+        image[c.PCI_INTERRUPT_PIN] = c.PCI_INTERRUPT_PIN_INTA
         struct.pack_into("<BBHII", image, MSIX_CAP_POS, c.PCI_CAP_ID_MSIX, p.cfg_ext_base,
                          p.msix_vectors - 1, p.bar.msix_table, p.bar.msix_pba)   # BIR 0
 
@@ -330,7 +347,9 @@ class MemballoonRef:
 
     def _config_write_masks(self):
         """Byte offset -> writable bits."""
-        masks = {c.PCI_COMMAND: c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER}
+        masks = {c.PCI_COMMAND: c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER,
+                 c.PCI_COMMAND + 1: c.PCI_COMMAND_INTX_DISABLE >> 8,
+                 c.PCI_INTERRUPT_LINE: 0xFF}
         bar_mask = ~(self.params.bar.size - 1) & 0xFFFF_FFFF_FFFF_FFFF
         for i in range(8):
             masks[c.PCI_BASE_ADDRESS_0 + i] = bar_mask >> 8 * i & 0xFF
@@ -368,6 +387,35 @@ class MemballoonRef:
         return bool(self._config_field(MSIX_CAP_POS + c.PCI_MSIX_FLAGS, 2)
                     & c.PCI_MSIX_FLAGS_MASKALL)
 
+    @property
+    def isr(self):
+        """The ISR status byte (virtio 1.2 4.1.4.5)."""
+        return self._isr
+
+    @isr.setter
+    def isr(self, value):
+        self._isr = value
+        self._update_intx()
+
+    @property
+    def intx_pending(self):
+        """C11: an INTx is pending (the Status register's Interrupt Status bit)."""
+        return bool(self.isr) and not self.msix_enabled
+
+    @property
+    def intx_asserted(self):
+        """INTA as the root complex sees it: pending, and Interrupt Disable clear."""
+        disabled = self._config_field(c.PCI_COMMAND, 2) & c.PCI_COMMAND_INTX_DISABLE
+        return self.intx_pending and not disabled
+
+    def _update_intx(self):
+        """Send Assert_INTA or Deassert_INTA when the level changed."""
+        level = self.intx_asserted
+        if level != self._intx_level:
+            self._intx_level = level
+            if self.intx_sink is not None:
+                self.intx_sink(level)
+
     def _pci_cfg_access(self):
         """The BAR access the PCI_CFG capability describes, or None when it names another
         BAR, a length other than 1, 2 or 4, or an unaligned or out-of-BAR offset."""
@@ -389,6 +437,9 @@ class MemballoonRef:
             bar_offset, length = access
             value = self.bar_read(0, bar_offset, length)
             self._config[data:data + 4] = value.to_bytes(4, "little")
+        self._config[c.PCI_STATUS] &= ~c.PCI_STATUS_INTERRUPT
+        if self.intx_pending:
+            self._config[c.PCI_STATUS] |= c.PCI_STATUS_INTERRUPT
         return self._config_field(offset, width)
 
     def config_write(self, offset, value, width):
@@ -406,6 +457,7 @@ class MemballoonRef:
             self.bar_write(0, bar_offset,
                            self._config_field(data, 4) & (1 << 8 * length) - 1, length)
         self._msix_deliver()
+        self._update_intx()         # MSI-X Enable or Interrupt Disable may have changed
         self._service()
 
     def flr(self):
@@ -683,7 +735,7 @@ class MemballoonRef:
         return 0
 
     def _msix_request(self, vector):
-        if self.msix_enabled:       # no INTx: without MSI-X a message is dropped
+        if self.msix_enabled:       # without MSI-X the ISR byte's INTx carries the event
             self._msix_pending[vector] = True
             self._msix_deliver()
 
@@ -796,12 +848,23 @@ class MemballoonRef:
                 readable, writable = self._walk(q, head)
                 q.last_avail = q.last_avail + 1 & 0xFFFF
                 if index == c.TODEVQ:
-                    self._command(index, head, readable, writable)
+                    try:
+                        self._command(index, head, readable, writable)
+                    except _Fault as fault:
+                        # The chain was taken: avail_event counts it (as the RTL's ring
+                        # fetch writes it) before its data fault stops the queue.
+                        if fault.kind == c.RingFault.DMA_READ:
+                            self._write_avail_event(q)
+                        raise
                 elif self._fromdevq_malformed(readable, writable):
                     self._count("MGMT_FROMDEVQ_MALFORMED")      # C6, at once
                     self._publish(index, head, 0)
                 else:
                     q.held.append(head)
+        self._write_avail_event(q)
+
+    def _write_avail_event(self, q):
+        """With EVENT_IDX, ``avail_event`` = the next avail index the device takes."""
         if self.negotiated(c.VIRTIO_F_RING_EVENT_IDX):
             self._wr(q.device + vring_avail_event_offset(q.size),
                      q.last_avail.to_bytes(2, "little"))
@@ -870,9 +933,24 @@ class MemballoonRef:
 
     def _command(self, index, head, readable, writable):
         data = b"".join(self._rd(addr, length) for addr, length in readable)
+        before = self._balloon_state()
         used_len, result = self._execute(data, sum(length for _, length in writable))
-        self._write_segments(writable, result)
-        self._publish(index, head, used_len)
+        try:
+            self._write_segments(writable, result)
+            self._publish(index, head, used_len)
+        except _Fault:
+            self._restore_balloon_state(before)     # C7: atomic
+            raise
+
+    def _balloon_state(self):
+        """What a command may change (C7), to undo it."""
+        return (set(self.bitmap), self.balloon_pages, self.return_budget, dict(self.counters),
+                len(self.get_grants), Counter(self.malformed))
+
+    def _restore_balloon_state(self, state):
+        (self.bitmap, self.balloon_pages, self.return_budget, self.counters, grants,
+         self.malformed) = state
+        del self.get_grants[grants:]
 
     def _reject(self, reason):
         self._count("MGMT_CMD_MALFORMED")
@@ -914,6 +992,8 @@ class MemballoonRef:
         self._count("MGMT_CMD_GET")
         granted = 0
         for addr in addrs:
+            if granted == self.params.get_grant_limit:
+                break                       # C5: the device's per-command grant limit
             page = self._page(addr)
             if page is None or not self._grantable(page) or self.return_budget == 0:
                 break

@@ -70,11 +70,13 @@ VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_BAR5_REGION_INDEX = 5
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 
+VFIO_PCI_INTX_IRQ_INDEX = 0
 VFIO_PCI_MSIX_IRQ_INDEX = 2
 
 VFIO_IRQ_INFO_EVENTFD = 1 << 0
 VFIO_IRQ_SET_DATA_NONE = 1 << 0
 VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
 VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
@@ -300,6 +302,13 @@ class VfioDevice:
         data = (ctypes.c_int32 * len(eventfds))(*eventfds)
         header.argsz = ctypes.sizeof(header) + ctypes.sizeof(data)
         fcntl.ioctl(self.fd, VFIO_DEVICE_SET_IRQS, bytes(header) + bytes(data))
+
+    def unmask_irq(self, index):
+        """``VFIO_DEVICE_SET_IRQS`` unmask of vector 0 of ``index``: INTx, which vfio-pci
+        masks at each interrupt (it is level triggered), may fire again."""
+        header = vfio_irq_set(index=index, start=0, count=1,
+                              flags=VFIO_IRQ_SET_ACTION_UNMASK | VFIO_IRQ_SET_DATA_NONE)
+        fcntl.ioctl(self.fd, VFIO_DEVICE_SET_IRQS, bytes(header))
 
     def reset(self):
         """``VFIO_DEVICE_RESET`` (function level reset or what the device supports)."""

@@ -185,7 +185,7 @@ class VirtioMemballoon:
 
     async def virtballoon_changed(self):
         """The configuration interrupt's handler: notice DEVICE_NEEDS_RESET (C7, C10)."""
-        count = self.backend.irq_count(0)       # init maps configuration changes to vector 0
+        count = self.vdev.config_changes()
         if count != self._config_irqs_seen:
             self._config_irqs_seen = count
             if await self.vdev.vp_modern_get_status() & c.VIRTIO_CONFIG_S_NEEDS_RESET:
@@ -205,7 +205,7 @@ class VirtioMemballoon:
             if remaining <= 0:
                 raise DeviceTimeout(f"{vq.name}: no used buffer within {self.timeout:g} s")
             try:
-                await self.backend.wait_irq(self._vectors[vq], remaining)
+                await self.vdev.vp_wait_interrupt(self._vectors[vq], remaining)
             except InterruptTimeout:
                 pass
 
@@ -370,7 +370,7 @@ class VirtioMemballoon:
             if remaining <= 0:
                 break
             try:
-                await self.backend.wait_irq(self._vectors[self.fromdev_vq], remaining)
+                await self.vdev.vp_wait_interrupt(self._vectors[self.fromdev_vq], remaining)
             except InterruptTimeout:
                 pass
         return values

@@ -5,6 +5,11 @@ so a reader can hold the two side by side; :meth:`VirtioPciModernDevice.init` is
 driver initialisation of virtio 1.2 3.1.1 as ``virtio_dev_probe`` and ``vp_find_vqs`` run
 it. Every access goes through a :class:`~memballoon.backend.Backend`; nothing here imports
 cocotb. Contract sections (C1..C12) are cited where a check comes from them.
+
+Interrupts as ``vp_find_vqs`` sets them up (``virtio_pci_common.c``): MSI-X, one vector
+for configuration changes and one per queue; when the platform gives no MSI-X vectors,
+INTx (``vp_request_intx``), one shared level interrupt whose handler
+(:meth:`VirtioPciModernDevice.vp_interrupt`) reads the ISR byte.
 """
 
 from dataclasses import dataclass, field
@@ -16,6 +21,10 @@ from .backend import BackendError
 #: accepts from a device that is not a memballoon.
 TRANSPORT_FEATURES = (1 << c.VIRTIO_F_INDIRECT_DESC | 1 << c.VIRTIO_F_RING_EVENT_IDX |
                       1 << c.VIRTIO_F_VERSION_1 | 1 << c.VIRTIO_F_ACCESS_PLATFORM)
+#: MSI-X vector of configuration changes, and of queue 0 (the next queues follow), as
+#: Linux's ``virtio_pci_common.h`` numbers them.
+VP_MSIX_CONFIG_VECTOR = 0
+VP_MSIX_VQ_VECTOR = 1
 
 
 def _align_up(value, align):
@@ -125,6 +134,8 @@ class VirtioPciModernDevice:
         self.queues = []
         self.offered_features = None
         self.accepted_features = None
+        self.intx_enabled = False   # vp_dev->intx_enabled: INTx instead of MSI-X
+        self.intx_config_changes = 0    # configuration changes vp_interrupt read
 
     # --- configuration space -------------------------------------------------------------
 
@@ -353,6 +364,44 @@ class VirtioPciModernDevice:
         """Read (and so clear) the ISR status byte (virtio 1.2 4.1.4.5)."""
         return await self.isr.ioread(0, 1)
 
+    # --- interrupts (virtio 1.2 4.1.5.3, 4.1.5.4; C11) -------------------------------------
+
+    async def vp_request_intx(self):
+        """``vp_request_intx``: the function's INTx for the configuration and every queue,
+        handled by :meth:`vp_interrupt`. As ``vp_find_vqs`` does, give up when the
+        function has no interrupt pin (Linux: ``pci_dev->irq`` is 0)."""
+        if not await self.backend.config_read(c.PCI_INTERRUPT_PIN, 1):
+            raise VirtioError("no MSI-X vectors, and no INTx: the interrupt pin reads 0")
+        await self.backend.request_intx()
+        self.intx_enabled = True
+
+    async def vp_interrupt(self):
+        """The INTx handler (``vp_interrupt``): read the ISR byte, which clears it and so
+        deasserts INTx; a configuration change (bit 1) counts for :meth:`config_changes`
+        (``vp_config_changed``); any bit set means every queue may have used buffers for
+        its driver (``vp_vring_interrupt``). Returns the byte, 0 when the interrupt was
+        not this function's (IRQ_NONE)."""
+        isr = await self.vp_modern_isr()
+        if isr & c.VIRTIO_PCI_ISR_CONFIG:
+            self.intx_config_changes += 1
+        return isr
+
+    async def vp_wait_interrupt(self, vector, timeout):
+        """Wait for the interrupt of MSI-X ``vector``; with INTx for the shared line, then
+        run :meth:`vp_interrupt`. Raises :class:`~memballoon.backend.InterruptTimeout`."""
+        if self.intx_enabled:
+            await self.backend.wait_intx(timeout)
+            await self.vp_interrupt()
+        else:
+            await self.backend.wait_irq(vector, timeout)
+
+    def config_changes(self):
+        """Configuration-change interrupts so far: messages on the configuration vector,
+        or with INTx the ISR configuration bits :meth:`vp_interrupt` read."""
+        if self.intx_enabled:
+            return self.intx_config_changes
+        return self.backend.irq_count(VP_MSIX_CONFIG_VECTOR)
+
     # --- PCI configuration access capability (virtio 1.2 4.1.4.9) ------------------------
 
     async def _vp_pci_cfg_select(self, bar, offset, width):
@@ -439,9 +488,10 @@ class VirtioPciModernDevice:
 
         notify = await self.vp_modern_map_vq_notify(index)
         notify_off = await self.vp_modern_get_queue_notify_off(index)
-        got = await self.vp_modern_queue_vector(index, vector)
-        if got != vector:
-            raise VectorNotAccepted(f"queue {index} queue_msix_vector", vector, got)
+        if vector != c.VIRTIO_MSI_NO_VECTOR:        # INTx: nothing to write
+            got = await self.vp_modern_queue_vector(index, vector)
+            if got != vector:
+                raise VectorNotAccepted(f"queue {index} queue_msix_vector", vector, got)
         await self.vp_modern_set_queue_enable(index, True)
         info = VirtQueueInfo(index=index, num=num, vector=vector, notify_off=notify_off,
                              ring=ring, desc_addr=desc, avail_addr=avail, used_addr=used,
@@ -452,7 +502,8 @@ class VirtioPciModernDevice:
     async def init(self, page_size=None, wanted=None, queue_size=None, reset_timeout=100e-6):
         """Bring the device to DRIVER_OK with both queues live: reset handshake (C9),
         ACKNOWLEDGE, DRIVER, negotiation with exactly one page size (C4), MSI-X vectors
-        config 0 and queue i -> i + 1 (C11), queues, DRIVER_OK."""
+        config 0 and queue i -> i + 1, or INTx when the platform gives no vectors (C11),
+        queues, DRIVER_OK."""
         if self.common is None:
             await self.vp_modern_probe()
         await self.vp_modern_reset(reset_timeout)
@@ -466,13 +517,19 @@ class VirtioPciModernDevice:
 
         nvec = await self.vp_modern_get_num_queues() + 1
         got_vec = await self.backend.alloc_irq_vectors(nvec)
-        if got_vec < nvec:
+        self.intx_enabled = False
+        if got_vec == 0:
+            await self.vp_request_intx()        # vp_find_vqs' last resort
+        elif got_vec < nvec:
             raise VirtioError(f"need {nvec} MSI-X vectors, platform gave {got_vec}")
-        got = await self.vp_modern_config_vector(0)
-        if got != 0:
-            raise VectorNotAccepted("msix_config", 0, got)
+        else:
+            got = await self.vp_modern_config_vector(VP_MSIX_CONFIG_VECTOR)
+            if got != VP_MSIX_CONFIG_VECTOR:
+                raise VectorNotAccepted("msix_config", VP_MSIX_CONFIG_VECTOR, got)
         for index in range(nvec - 1):
-            await self.setup_vq(index, queue_size, index + 1)
+            vector = VP_MSIX_VQ_VECTOR + index
+            await self.setup_vq(index, queue_size,
+                                c.VIRTIO_MSI_NO_VECTOR if self.intx_enabled else vector)
 
         await self.vp_modern_add_status(c.VIRTIO_CONFIG_S_DRIVER_OK)
         return self.queues

@@ -4,7 +4,7 @@ Layout after verilog-pcie/Corundum testbenches: :class:`MemballoonTb` builds a
 cocotbext-pcie ``RootComplex`` and an ``UltraScalePlusPcieDevice`` configured from
 :class:`~memballoon.params.DeviceParams` (Gen3 x16 at 512 bits, Gen3 x8 at 256 bits; BAR0
 64-bit of ``params.bar.size``; MSI-X with the table and PBA in BAR0 held by the DUT; the
-cfg_ext window of ``tb/cfg_ext.py``), connects the DUT by port prefixes, and keeps idle
+cfg_ext window of ``tb/cfg_ext.py``; INTA of ``tb/intx.py``), connects the DUT by port prefixes, and keeps idle
 and backpressure inserters running on every AXI stream and on the AXI4-Lite management
 master for the whole test. The model drives ``user_clk`` (250 MHz) and ``user_reset`` as
 the hard IP does.
@@ -28,6 +28,7 @@ from memballoon.backend_sim import SimBackend
 from memballoon.params import DeviceParams
 
 from .cfg_ext import CfgExtWindow
+from .intx import IntxWire
 
 __all__ = ["MemballoonTb", "pause_pattern"]
 
@@ -106,6 +107,9 @@ class MemballoonTb:
             cfg_interrupt_msix_sent=dut.cfg_interrupt_msix_sent,
             cfg_interrupt_msix_fail=dut.cfg_interrupt_msix_fail,
             cfg_interrupt_msi_function_number=dut.cfg_interrupt_msi_function_number,
+            cfg_interrupt_int=dut.cfg_interrupt_int,
+            cfg_interrupt_pending=dut.cfg_interrupt_pending,
+            cfg_interrupt_sent=dut.cfg_interrupt_sent,
             cfg_ext_read_received=dut.cfg_ext_read_received,
             cfg_ext_write_received=dut.cfg_ext_write_received,
             cfg_ext_register_number=dut.cfg_ext_register_number,
@@ -129,6 +133,7 @@ class MemballoonTb:
         self.function.configure_bar(0, params.bar.size, ext=True, prefetch=False)
         self.cfg_ext = CfgExtWindow(self.dev, self.function,
                                     params.cfg_ext_base, params.cfg_ext_size)
+        self.intx = IntxWire(self.dev, self.function)
 
         self.rc.make_port().connect(self.dev)
 
@@ -169,7 +174,7 @@ class MemballoonTb:
         self.pci_dev = self.rc.find_device(self.function.pcie_id)
         await self.pci_dev.enable_device()
         await self.pci_dev.set_master()
-        self.backend = SimBackend(self.rc, self.pci_dev)
+        self.backend = SimBackend(self.rc, self.pci_dev, intx=self.intx)
         await self.wait_power_on_clear()
         return self.backend
 
@@ -237,7 +242,8 @@ class MemballoonTb:
 
     def check_errors(self, expect_ur=False):
         """Fail on anything the hard IP model flagged: local errors (dropped TLPs, buffer
-        overflows), target/master aborts and poisoned data on the function."""
+        overflows), target/master aborts and poisoned data on the function, and INTA
+        edges that did not wait for cfg_interrupt_sent (PG213)."""
         errors = []
         while not self.dev.local_error.empty():
             errors.append(f"local error {self.dev.local_error.get_nowait()!r}")
@@ -249,6 +255,8 @@ class MemballoonTb:
                 errors.append(flag)
         if fn.received_master_abort and not expect_ur:
             errors.append("received_master_abort")
+        if self.intx.protocol_errors:
+            errors.append(f"{self.intx.protocol_errors} INTA changes before cfg_interrupt_sent")
         assert not errors, f"hard IP model reports: {', '.join(errors)}"
 
     async def inject_cq_request(self, fmt_type, bar_id, offset, length=1, data=None,

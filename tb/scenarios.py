@@ -25,7 +25,7 @@ from memballoon import constants as c
 from memballoon.backend_ref import RefBackend
 from memballoon.params import DeviceParams
 from memballoon.refmodel import COUNTER_NAMES, DEFAULT_RING_FEATURES, MemballoonRef
-from memballoon.virtio_memballoon import PagePool, VirtioMemballoon
+from memballoon.virtio_memballoon import DeviceNeedsReset, PagePool, VirtioMemballoon
 from memballoon.virtio_pci_modern import VirtioPciModernDevice
 from memballoon.virtio_ring import (VringDesc, sg_split, vring_avail_event_offset,
                                     vring_used_event_offset)
@@ -94,10 +94,11 @@ class Rig(abc.ABC):
         "UR", "CA" (completion status) or "timeout" (no completion at all), C7."""
 
     @abc.abstractmethod
-    def fail_writes_after(self, addr, length):
+    def fail_writes_after(self, addr, length, passing=0):
         """Device writes fail once the device has read all of ``addr``..``addr + length``
-        (C7 DMA_WRITE: the only way a posted write fails on PCIe is Bus Master Enable
-        going low under the device, so the RTL rig does that)."""
+        and made ``passing`` more writes (C7 DMA_WRITE: the only way a posted write fails
+        on PCIe is Bus Master Enable going low under the device, so the RTL rig does
+        that)."""
 
     @abc.abstractmethod
     async def clear_faults(self):
@@ -134,9 +135,9 @@ class RefRig(Rig):
     def fail_reads(self, addr, length, how="UR"):
         self.model.memory.inject_fault(addr, length, read=True, write=False)
 
-    def fail_writes_after(self, addr, length):
+    def fail_writes_after(self, addr, length, passing=0):
         # The model reads a command whole before it writes anything for it.
-        self.model.memory.inject_fault(0, 1 << 64, read=False, write=True)
+        self.model.memory.inject_fault(0, 1 << 64, read=False, write=True, passing=passing)
 
     async def clear_faults(self):
         self.model.memory.clear_faults()
@@ -454,6 +455,27 @@ async def get_budget(rig):
     await check_balloon(rig, vb, "end")
 
 
+async def get_limit_and_duplicates(rig):
+    """C5: a GET longer than the device's grant limit (``DeviceParams.get_grant_limit``)
+    is a prefix grant of that many pages; an address named twice in one GET is granted
+    once, the prefix stopping at its second occurrence, as executing in place gives."""
+    limit = rig.params.get_grant_limit
+    vb = await probe(rig, pool_pages=limit + 8)
+    pages = [vb.pool.alloc_page() for _ in range(limit + 4)]
+    await vb.give_pages(pages)
+    before = await read_counters(rig)
+    length, result = await raw_command(vb, cmd(GET, *pages[:limit + 3]), GET_RESULT)
+    assert (length, int.from_bytes(result, "little")) == (GET_RESULT, limit)
+    vb._left(pages[:limit])
+    await expect_counters(rig, before, "past the grant limit", CMD_GET=1, PAGES_LEFT=limit,
+                          GET_SHORT=1)
+    a, b = pages[limit:limit + 2]
+    length, result = await raw_command(vb, cmd(GET, a, a, b), GET_RESULT)
+    assert (length, int.from_bytes(result, "little")) == (GET_RESULT, 1)
+    vb._left([a])
+    await check_balloon(rig, vb, "a page named twice")
+
+
 def malformed_cases(bitmap_pages):
     """(name, readable bytes, writable length, sg policy or None) of every C5 malformed
     command; each carries a valid page that must not move."""
@@ -749,21 +771,22 @@ async def _fault_dma_write(rig, vq):
     await vq.add_raw_chain([VringDesc(buf, len(data))], "t")
 
 
-#: C7 fault kinds: (injection, RingFault, the command's pages enter the balloon).
+#: C7 fault kinds: (injection, RingFault). The faulting command never changes the balloon
+#: (C7: a command is atomic), a 512-page GIVE whose used element cannot be written included.
 RING_FAULTS = {
-    "desc_index": (_fault_desc_index, c.RingFault.DESC_INDEX, False),
-    "desc_index_next": (_fault_desc_index_next, c.RingFault.DESC_INDEX, False),
-    "chain_loop": (_fault_chain_loop, c.RingFault.CHAIN_LOOP, False),
-    "nested_indirect": (_fault_nested_indirect, c.RingFault.NESTED_INDIRECT, False),
-    "indirect_length_zero": (_fault_indirect_length_zero, c.RingFault.INDIRECT_LENGTH, False),
-    "indirect_length_odd": (_fault_indirect_length_odd, c.RingFault.INDIRECT_LENGTH, False),
-    "indirect_loop": (_fault_indirect_loop, c.RingFault.CHAIN_LOOP, False),
-    "avail_ahead": (_fault_avail_ahead, c.RingFault.AVAIL_AHEAD, False),
-    "avail_backwards": (_fault_avail_backwards, c.RingFault.AVAIL_AHEAD, False),
-    "dma_read_ur": (_fault_dma_read("UR"), c.RingFault.DMA_READ, False),
-    "dma_read_ca": (_fault_dma_read("CA"), c.RingFault.DMA_READ, False),
-    "dma_read_timeout": (_fault_dma_read("timeout"), c.RingFault.DMA_READ, False),
-    "dma_write": (_fault_dma_write, c.RingFault.DMA_WRITE, True),
+    "desc_index": (_fault_desc_index, c.RingFault.DESC_INDEX),
+    "desc_index_next": (_fault_desc_index_next, c.RingFault.DESC_INDEX),
+    "chain_loop": (_fault_chain_loop, c.RingFault.CHAIN_LOOP),
+    "nested_indirect": (_fault_nested_indirect, c.RingFault.NESTED_INDIRECT),
+    "indirect_length_zero": (_fault_indirect_length_zero, c.RingFault.INDIRECT_LENGTH),
+    "indirect_length_odd": (_fault_indirect_length_odd, c.RingFault.INDIRECT_LENGTH),
+    "indirect_loop": (_fault_indirect_loop, c.RingFault.CHAIN_LOOP),
+    "avail_ahead": (_fault_avail_ahead, c.RingFault.AVAIL_AHEAD),
+    "avail_backwards": (_fault_avail_backwards, c.RingFault.AVAIL_AHEAD),
+    "dma_read_ur": (_fault_dma_read("UR"), c.RingFault.DMA_READ),
+    "dma_read_ca": (_fault_dma_read("CA"), c.RingFault.DMA_READ),
+    "dma_read_timeout": (_fault_dma_read("timeout"), c.RingFault.DMA_READ),
+    "dma_write": (_fault_dma_write, c.RingFault.DMA_WRITE),
 }
 #: A completion timeout takes the DMA engine's timeout (2**17 user_clk cycles by default).
 FAULT_WAIT = {"dma_read_timeout": 4e-3}
@@ -773,7 +796,7 @@ async def ring_fault(rig, kind):
     """C7: the faulting queue stops, DEVICE_NEEDS_RESET is set and the configuration
     interrupt arrives; the balloon keeps its pages and the host still reads the bitmap;
     the other queue keeps working; a reset brings the device back."""
-    inject, fault, enters = RING_FAULTS[kind]
+    inject, fault = RING_FAULTS[kind]
     vb = await probe(rig, queue_size=8)
     kept = [vb.pool.alloc_page() for _ in range(3)]
     await vb.give_pages(kept)
@@ -787,11 +810,9 @@ async def ring_fault(rig, kind):
     assert await vb.vdev.vp_modern_get_status() == status | c.VIRTIO_CONFIG_S_NEEDS_RESET
     assert await vb.vdev.vp_modern_isr() & c.VIRTIO_PCI_ISR_CONFIG
     assert await rig.mgmt_read(c.MGMT_FAULT_INFO) == c.TODEVQ << 8 | fault.value
-    entered = set(range(1024, 1024 + 512)) if enters else set()
-    assert await read_bitmap(rig) == pages_of(kept) | entered, "C7: nothing is lost"
-    assert await read_balloon_pages(rig) == len(kept) + len(entered)
-    await expect_counters(rig, before, kind, RING_FAULTS=1,
-                          **({"CMD_GIVE": 1, "PAGES_ENTERED": 512} if enters else {}))
+    assert await read_bitmap(rig) == pages_of(kept), "C7: nothing is lost, nothing gained"
+    assert await read_balloon_pages(rig) == len(kept)
+    await expect_counters(rig, before, kind, RING_FAULTS=1)
     # The queue stays stopped: a good command is not used.
     await vb.todev_vq.virtqueue_add_outbuf([cmd(GIVE, page_addr(50))], "after")
     await vb.todev_vq.virtqueue_notify()
@@ -804,6 +825,65 @@ async def ring_fault(rig, kind):
     assert await read_bitmap(rig) == set() and await read_balloon_pages(rig) == 0
     await vb.give_pages([vb.pool.alloc_page()])
     await check_balloon(rig, vb, "after the reset")
+
+
+#: Where a command's fault hits (C7), per command: inside the code word and inside the
+#: address list (reads of its data that fail), the first write after its data (GET's K;
+#: the used element of GIVE and EXCHANGE, which write nothing else) and, for GET, the used
+#: element after K.
+ATOMIC_POINTS = {GIVE: ("code", "addresses", "result"),
+                 GET: ("code", "addresses", "result", "used"),
+                 EXCHANGE: ("code", "addresses", "result")}
+
+
+async def atomic_command(rig, code, point):
+    """C7: a command whose readable bytes cannot all be read, or whose result or used
+    element cannot be written, changes no balloon state: bitmap, balloon_pages, budget
+    and every counter read as before it but for the fault; the driver never sees it
+    used, and K is not written before its data is all in."""
+    vb = await probe(rig, queue_size=8)
+    kept = [vb.pool.alloc_page() for _ in range(4)]
+    await vb.give_pages(kept)
+    await set_return_budget(rig, 10)
+    outside = [page_addr(40 + i) for i in range(4)]
+    data = cmd(code, *{GIVE: outside, GET: kept, EXCHANGE: kept[:2] + outside[:2]}[code])
+    cut = 3 if point == "code" else 24          # into the code word; after two addresses
+    vq = vb.todev_vq
+    head, tail = await vq.map_raw(data[:cut]), await vq.map_raw(data[cut:])
+    result = vq.pool.alloc(GET_RESULT)
+    await result.region.write(result.offset, bytes([0xAA] * GET_RESULT))
+    descs = [VringDesc(head, cut, c.VRING_DESC_F_NEXT, 1),
+             VringDesc(tail, len(data) - cut, c.VRING_DESC_F_NEXT if code == GET else 0, 2)]
+    if code == GET:
+        descs.append(VringDesc(result.iova, GET_RESULT, c.VRING_DESC_F_WRITE))
+    if point in ("code", "addresses"):
+        rig.fail_reads(tail, len(data) - cut)
+        fault = c.RingFault.DMA_READ
+    else:
+        rig.fail_writes_after(tail, len(data) - cut, passing=int(point == "used"))
+        fault = c.RingFault.DMA_WRITE
+    before = await read_counters(rig)
+    status = await vb.vdev.vp_modern_get_status()
+    await vq.add_raw_chain(descs, "atomic")
+    await vq.virtqueue_notify()
+    await rig.settle()
+    await rig.clear_faults()
+    await wait_irq(rig, CONFIG_VECTOR)
+    assert await vb.vdev.vp_modern_get_status() == status | c.VIRTIO_CONFIG_S_NEEDS_RESET
+    assert await rig.mgmt_read(c.MGMT_FAULT_INFO) == c.TODEVQ << 8 | fault.value
+    context = f"C7: {c.GuestCmd(code).name} with a fault at its {point}"
+    assert await read_bitmap(rig) == pages_of(kept), context
+    assert await read_balloon_pages(rig) == len(kept), context
+    assert await rig.mgmt_read(c.MGMT_RETURN_BUDGET) == 10, context
+    await expect_counters(rig, before, context, RING_FAULTS=1)
+    assert await vq.virtqueue_get_buf() is None, f"{context}: used"
+    if point != "used":
+        assert await result.region.read(result.offset, GET_RESULT) == \
+            bytes([0xAA] * GET_RESULT), f"{context}: K written"
+    await vb.reset()
+    assert await read_bitmap(rig) == set() and await read_balloon_pages(rig) == 0
+    await vb.give_pages([vb.pool.alloc_page()])
+    await check_balloon(rig, vb, f"{context}, after the reset")
 
 
 async def host_reset_request(rig):
@@ -1023,6 +1103,64 @@ async def index_wrap(rig, buffers, queue_size):
                           CMD_GIVE=1, PAGES_ENTERED=1, PAGES_LEFT=1, GET_SHORT=buffers)
 
 
+# --- C11 INTx ----------------------------------------------------------------------------
+
+async def interrupt_status(rig):
+    """The Status register's Interrupt Status bit: an INTx is pending."""
+    return bool(await rig.backend.config_read(c.PCI_STATUS, 2) & c.PCI_STATUS_INTERRUPT)
+
+
+async def wait_interrupt_status(rig, level, timeout=WAIT, poll=0.2e-6):
+    """Poll until :func:`interrupt_status` is ``level``."""
+    deadline = rig.backend.now() + timeout
+    while await interrupt_status(rig) != level:
+        assert rig.backend.now() < deadline, f"Interrupt Status never read {int(level)}"
+        await rig.backend.sleep(poll)
+
+
+async def intx_fallback(rig):
+    """C11: with no MSI-X vectors (Linux's ``pci=nomsi``) the driver falls back to INTx
+    as ``vp_find_vqs`` does; commands and a host minimum complete on the shared level
+    interrupt; a host reset request sets the Interrupt Status bit and reaches the driver
+    through the ISR byte's configuration bit; the device works again after the reset.
+    MSI-X stays disabled and sends nothing."""
+    rig.backend.nomsi = True
+    vb = await probe(rig, pool_pages=8)
+    vdev = vb.vdev
+    assert vdev.intx_enabled
+    assert await rig.backend.config_read(c.PCI_INTERRUPT_PIN, 1) == c.PCI_INTERRUPT_PIN_INTA
+    assert await vb.fill_balloon(6) == 6
+    assert await vb.leak_balloon(2) == 2
+    await set_min_balloon(rig, 3 * PAGE)
+    assert await vb.wait_for_host(WAIT) == [3 * PAGE]
+    await check_balloon(rig, vb, "on INTx")
+    # Whatever the driver found by polling: take its interrupt, then nothing is pending.
+    await rig.settle()
+    await rig.backend.sleep(QUIET)
+    await vdev.vp_interrupt()
+    await wait_interrupt_status(rig, False)
+
+    await rig.mgmt_write(c.MGMT_CONTROL, c.MGMT_CONTROL_REQUEST_RESET)
+    await wait_interrupt_status(rig, True)
+    await vdev.vp_wait_interrupt(c.VIRTIO_MSI_NO_VECTOR, WAIT)
+    assert vdev.config_changes() == 1
+    await wait_interrupt_status(rig, False)
+    try:
+        await vb.give_pages([page_addr(POOL_FIRST_PAGE - 1)])
+    except DeviceNeedsReset:
+        pass
+    else:
+        raise AssertionError("the driver missed the host's reset request")
+    await vb.reset()
+    assert vb.vdev.intx_enabled and await vb.fill_balloon(2) == 2
+    await check_balloon(rig, vb, "after the reset, on INTx")
+
+    msix = await vb.vdev.find_capability(c.PCI_CAP_ID_MSIX)
+    control = await rig.backend.config_read(msix + c.PCI_MSIX_FLAGS, 2)
+    assert not control & c.PCI_MSIX_FLAGS_ENABLE
+    assert await rig.mgmt_read(c.MGMT_MSIX_SENT) == 0
+
+
 # --- C12 DMA discipline ------------------------------------------------------------------
 
 async def _init_without_driver_ok(vb):
@@ -1208,6 +1346,7 @@ async def story(rig):
 SCENARIOS = {
     "commands": (commands, {}),
     "get_budget": (get_budget, {}),
+    "get_limit_and_duplicates": (get_limit_and_duplicates, {}),
     "malformed": (malformed, {}),
     "violations": (violations, {}),
     "window_base": (window_base, {}),
@@ -1218,6 +1357,9 @@ SCENARIOS = {
     "min_balloon_held": (min_balloon_held, {}),
     "fromdevq_malformed": (fromdevq_malformed, {}),
     **{f"fault_{kind}": (ring_fault, {"kind": kind}) for kind in RING_FAULTS},
+    **{f"atomic_{c.GuestCmd(code).name.lower()}_{point}": (atomic_command,
+                                                           {"code": code, "point": point})
+       for code, points in ATOMIC_POINTS.items() for point in points},
     "host_reset_request": (host_reset_request, {}),
     "extra_memory": (extra_memory, {"extra_mem": True}),
     "extra_memory_refused": (extra_memory, {"extra_mem": False}),
@@ -1227,6 +1369,7 @@ SCENARIOS = {
     "suppression_event_idx": (notification_suppression, {"event_idx": True}),
     "suppression_no_interrupt": (notification_suppression, {"event_idx": False}),
     "drain_and_spurious": (drain_and_spurious, {}),
+    "intx_fallback": (intx_fallback, {}),
     "dma_discipline": (dma_discipline, {}),
     "mgmt_registers": (mgmt_registers, {}),
 }

@@ -29,6 +29,7 @@ from cocotbext.pcie.core.utils import PcieId
 
 from memballoon import constants as c
 from memballoon.virtio_memballoon import DeviceNeedsReset
+from memballoon.virtio_ring import VringDesc
 
 from . import scenarios as s
 from .harness import BACKPRESSURE_PATTERNS, pause_pattern
@@ -109,19 +110,32 @@ class SimRig(Rig):
             raise ValueError(f"a read fails by UR, CA or timeout, not {how!r}")
         self._read_faults.append((addr, addr + length, how))
 
-    def fail_writes_after(self, addr, length):
+    def fail_writes_after(self, addr, length, passing=0):
         self._trigger = addr + length
+        self._passing = passing
         self._armed = Event()
 
     async def _drop_bus_master(self):
-        """RQ is held: once the device presents a memory write, clear Bus Master Enable as
-        the host's command-register write would, then let RQ run again."""
+        """RQ is held: once the device presents a memory write (after ``passing`` more,
+        each let through alone), clear Bus Master Enable as the host's command-register
+        write would, then let RQ run again."""
         dut = self.tb.dut
+        sink = self.tb.dev.rq_sink
         while True:
             await RisingEdge(dut.user_clk)
             if dut.m_axis_rq_tvalid.value and int(dut.m_axis_rq_tdata.value) >> \
                     RQ_TYPE_SHIFT & RQ_TYPE_MASK == RQ_TYPE_MEM_WRITE:
-                break
+                if not self._passing:
+                    break
+                self._passing -= 1
+                sink.set_pause_generator(None)
+                sink.pause = False
+                while True:
+                    await RisingEdge(dut.user_clk)
+                    if dut.m_axis_rq_tvalid.value and dut.m_axis_rq_tready.value and \
+                            dut.m_axis_rq_tlast.value:
+                        break
+                sink.set_pause_generator(itertools.repeat(1))
         self.tb.function.bus_master_enable = False
         await ClockCycles(dut.user_clk, BME_SETTLE_CYCLES)
         self.tb.dev.rq_sink.set_pause_generator(pause_pattern(*BACKPRESSURE_PATTERNS["rq"]))
@@ -315,6 +329,30 @@ async def random_stream(lockstep, seed, steps=60):
         await s.set_return_budget(side.rig, c.MGMT_UNLIMITED_BUDGET)
         return refused
 
+    async def dma_fault(side, ahead, data, writable, cut, how):
+        # C7 under a random DMA fault: ``ahead`` good raw commands, then one whose readable
+        # bytes after ``cut`` fail; those ahead complete, the faulting one changes nothing.
+        rig, vq = side.rig, side.vb.todev_vq
+        for command in ahead:
+            await vq.add_raw_chain([VringDesc(await vq.map_raw(command), len(command))],
+                                   "ahead")
+        head, tail = await vq.map_raw(data[:cut]), await vq.map_raw(data[cut:])
+        descs = [VringDesc(head, cut, c.VRING_DESC_F_NEXT, 1),
+                 VringDesc(tail, len(data) - cut, c.VRING_DESC_F_NEXT if writable else 0, 2)]
+        if writable:
+            descs.append(VringDesc(await vq.map_raw(bytes(writable)), writable,
+                                   c.VRING_DESC_F_WRITE))
+        rig.fail_reads(tail, len(data) - cut, how)
+        await vq.add_raw_chain(descs, "faulting")
+        await vq.virtqueue_notify()
+        await rig.backend.wait_irq(s.CONFIG_VECTOR, s.WAIT)
+        await rig.settle()
+        await rig.clear_faults()
+        return await s.wait_used(rig, vq, len(ahead))
+
+    async def reset_after_fault(side):
+        await side.vb.reset()
+
     async def reset_outstanding(side, count):
         # Buffers the device has not used and a doorbell it cannot serve (no bus
         # mastering): the reset drops both and the new queues start clean.
@@ -331,7 +369,7 @@ async def random_stream(lockstep, seed, steps=60):
     raw_cases = [(data, writable) for _, data, writable, policy in
                  s.malformed_cases(n) if policy is None]
     ops = ["give", "give", "get", "get", "exchange", "extra", "budget", "min", "raw",
-           "reset-request", "reset-outstanding"]
+           "reset-request", "reset-outstanding", "dma-fault", "dma-fault"]
     for step in range(steps):
         op = rng.choice(ops)
         lockstep.context = f"{head}, step {step} ({op})"
@@ -366,6 +404,25 @@ async def random_stream(lockstep, seed, steps=60):
             await lockstep.each(lambda side: raw(side, data, writable), "raw command")
         elif op == "reset-request":
             await lockstep.each(reset_request, "reset request refused the next command")
+        elif op == "dma-fault" and vb.todev_vq.num_free >= 6:
+            free = vb.pool.free or [s.page_addr(p, page_size) for p in RAW_PAGES]
+            held = list(vb.pages) or free
+            kind = rng.choice([s.GIVE, s.GET, s.EXCHANGE])
+            count = rng.randint(1, 8)
+            addrs = {s.GIVE: lambda: rng.choices(free, k=count),
+                     s.GET: lambda: rng.choices(held, k=count),
+                     s.EXCHANGE: lambda: rng.choices(held, k=count) +
+                     rng.choices(free, k=count)}[kind]()
+            data = s.cmd(kind, *addrs)
+            writable = s.GET_RESULT if kind == s.GET else 0
+            ahead = [s.cmd(s.GIVE, s.page_addr(rng.choice(RAW_PAGES), page_size))
+                     for _ in range(rng.randint(0, min(3, vb.todev_vq.num_free - 3)))]
+            cut = rng.randrange(1, len(data))
+            how = rng.choice(["UR", "CA"])
+            await lockstep.each(lambda side: dma_fault(side, ahead, data, writable, cut, how),
+                                "commands ahead of the fault")
+            await lockstep.compare(words)
+            await lockstep.each(reset_after_fault, "reset after the fault")
         elif op == "reset-outstanding":
             count = rng.randint(1, vb.todev_vq.num_free)
             await lockstep.each(lambda side: reset_outstanding(side, count), "reset")

@@ -22,7 +22,7 @@ def command_payloads(readable):
     """The ``CommandWords`` payloads of ``readable`` bytes (``tb/command_words.py``), with
     the unused lanes zero."""
     return [{"data": list(words) + [0] * (COMMAND_LANES - len(words)), "count": len(words),
-             "last": last} for words, last in command_beats(readable)]
+             "last": last, "error": 0} for words, last in command_beats(readable)]
 
 
 class EngineModel:
@@ -46,8 +46,13 @@ class EngineModel:
         self._beats_taken = 0
         self.results = []
 
-    def submit(self, readable, writable, head=0):
+    def submit(self, readable, writable, head=0, error_at=None):
+        """One buffer; with ``error_at``, its data fails after that many word beats: an
+        error beat ends it (C7) and it gets no result."""
         beats = command_payloads(readable)
+        if error_at is not None:
+            beats = beats[:error_at] + [{"data": [0] * COMMAND_LANES, "count": 0, "last": 1,
+                                         "error": 1}]
         self._headers.append({"head": head, "readable": len(readable), "writable": writable})
         self._beats.extend(beats)
         self._beat_counts.append(len(beats))

@@ -9,7 +9,8 @@ an ISR byte. Time is a counter advanced by ``sleep``.
 import struct
 
 from memballoon import constants as c
-from memballoon.backend import Backend, DmaRegion, InterruptTimeout, check_access
+from memballoon.backend import (Backend, BackendError, DmaRegion, InterruptTimeout,
+                               check_access)
 from memballoon.params import DeviceParams
 
 CAP_POS = {c.VIRTIO_PCI_CAP_COMMON_CFG: 0x40, c.VIRTIO_PCI_CAP_NOTIFY_CFG: 0x50,
@@ -116,6 +117,8 @@ class FakeVirtioBackend(Backend):
         return region
 
     async def alloc_irq_vectors(self, nvec):
+        if self.nomsi:
+            return 0
         self.irq_counts = [0] * nvec
         return nvec
 
@@ -125,6 +128,13 @@ class FakeVirtioBackend(Backend):
 
     def irq_count(self, vector):
         return self.irq_counts[vector]
+
+    async def request_intx(self):
+        raise BackendError("the fake function has no INTx")
+
+    async def wait_intx(self, timeout):
+        self.time += timeout
+        raise InterruptTimeout(None, timeout)
 
     async def sleep(self, seconds):
         self.time += seconds

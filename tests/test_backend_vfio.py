@@ -1,8 +1,9 @@
 """The parts of the VFIO bring-up that need no root and no device: the sysfs checks of
-``vfio bind``/``unbind`` on a fake ``/sys`` tree, the IOVA allocator, and the driver's
-feature choice for a non-memballoon virtio device. The real thing runs in
-``tests/test_vm_vfio.py``."""
+``vfio bind``/``unbind`` on a fake ``/sys`` tree, the IOVA allocator, the driver's
+feature choice for a non-memballoon virtio device, and INTx's eventfd with vfio-pci's
+masking. The real thing runs in ``tests/test_vm_vfio.py``."""
 
+import asyncio
 import errno
 import functools
 import os
@@ -15,7 +16,7 @@ import pytest
 from memballoon import backend_vfio, cli, vfio
 from memballoon import constants as c
 from memballoon import pci_sysfs as ps
-from memballoon.backend import BackendError
+from memballoon.backend import BackendError, InterruptTimeout
 from memballoon.backend_vfio import IOVA_BASE, IovaAllocator, VfioBackend
 from memballoon.virtio_pci_modern import TRANSPORT_FEATURES, VirtioError, VirtioPciModernDevice
 
@@ -529,3 +530,79 @@ def test_a_run_without_interruption_releases_everything(recorded_vfio, sysfs):
                                                                  "munmap")],
                        "device.close", "group.close", "container.close"]
     recorded_vfio.check_released()
+
+
+# --- INTx over VFIO_PCI_INTX_IRQ_INDEX ------------------------------------------------------
+
+class IntxDevice:
+    """vfio-pci's INTx as the backend sees it: one eventfd, signalled when the line is
+    asserted and not masked; each signal masks it (vfio-pci's automasking of a level
+    interrupt) until ``VFIO_IRQ_SET_ACTION_UNMASK``, which signals again at once while
+    the line is still asserted."""
+
+    def __init__(self, count=1):
+        self.count = count
+        self.fd = None
+        self.line = self.masked = False
+        self.log = []
+
+    def irq_info(self, index):
+        return types.SimpleNamespace(count=self.count if index == vfio.VFIO_PCI_INTX_IRQ_INDEX
+                                     else 0)
+
+    def set_irq_eventfds(self, index, eventfds):
+        self.log.append(("set", index, len(eventfds)))
+        self.fd = eventfds[0] if eventfds else None
+
+    def unmask_irq(self, index):
+        self.log.append(("unmask", index))
+        self.masked = False
+        self.fire()
+
+    def fire(self):
+        if self.line and not self.masked and self.fd is not None:
+            self.masked = True
+            os.eventfd_write(self.fd, 1)
+
+
+def test_intx_is_unmasked_by_the_next_wait():
+    """An interrupt is returned once; the following wait unmasks INTx first, so a line the
+    driver did not clear fires again at once and a cleared one stays quiet."""
+    device = IntxDevice()
+
+    async def run():
+        backend = VfioBackend(DUT)
+        backend.device = device
+        await backend.request_intx()
+        assert device.log == [("set", vfio.VFIO_PCI_INTX_IRQ_INDEX, 1)]
+        with pytest.raises(InterruptTimeout, match="no INTx interrupt"):
+            await backend.wait_intx(0.01)
+        device.line = True
+        device.fire()
+        await backend.wait_intx(1)
+        await backend.wait_intx(1)              # not cleared: fires again after the unmask
+        device.line = False                     # the driver's ISR read
+        with pytest.raises(InterruptTimeout):
+            await backend.wait_intx(0.01)
+        assert device.log.count(("unmask", vfio.VFIO_PCI_INTX_IRQ_INDEX)) == 2
+        fd = device.fd
+        backend._free_irqs()
+        assert device.log[-1] == ("set", vfio.VFIO_PCI_INTX_IRQ_INDEX, 0)
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    asyncio.run(run())
+
+
+def test_no_intx_and_no_msi():
+    """A function without INTx refuses request_intx; ``nomsi`` gives no vectors."""
+    async def run():
+        backend = VfioBackend(DUT)
+        backend.device = IntxDevice(count=0)
+        with pytest.raises(BackendError, match="has no INTx"):
+            await backend.request_intx()
+        with pytest.raises(BackendError, match="not requested"):
+            await backend.wait_intx(0.01)
+        backend.nomsi = True
+        backend.msix_count = 3
+        assert await backend.alloc_irq_vectors(3) == 0
+    asyncio.run(run())

@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 from amaranth.lib import data
 
-from balloon_sim import EngineModel, ParkingEngineModel, wait_until_clear
+from balloon_sim import EngineModel, ParkingEngineModel, command_payloads, wait_until_clear
 from memballoon import constants as c
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
+from memballoon.hdl.virtio.virtqueue import USED_BATCH
 from memballoon.refmodel import MemballoonRef
 from memballoon.tb.seed import new_seed
 from sim_util import simulate
@@ -187,13 +188,15 @@ class ReferenceModel:
 
 class CoreBench:
     def __init__(self, seed, page_shift=12, base=0x2_0000_0000, extra_mem=1, pages=PAGES,
-                 idle=0.3, backpressure=0.3, model_class=BalloonModel):
+                 idle=0.3, backpressure=0.3, model_class=BalloonModel, **core_options):
         self.rng = random.Random(seed)
-        self.dut = BalloonCore(pages)
+        self.dut = BalloonCore(pages, **core_options)
         self.pages = pages
         self.model = model_class(page_shift, base, extra_mem, pages)
         self.todevq = EngineModel(self.dut.todevq, self.rng, idle, backpressure)
         self.fromdevq = ParkingEngineModel(self.dut.fromdevq, self.rng, idle, backpressure)
+        self.published = 0
+        self.publishing = True              # the engine publishes what it is given
 
     async def start(self, ctx):
         """Settings as the device has them when the driver runs; the power-on clear."""
@@ -205,16 +208,17 @@ class CoreBench:
 
     async def reset(self, ctx):
         """C9: a reset pulse; busy rises in the next cycle and stays up until the clear is
-        done, pages / 128 cycles (a 64-bit word of each bank a clock)."""
+        done, pages / 128 cycles (a 64-bit word of each bank a clock), and two more while
+        the last words reach the committed copy."""
         ctx.set(self.dut.reset, 1)
         await ctx.tick()
         ctx.set(self.dut.reset, 0)
         cycles = 0
         while ctx.get(self.dut.busy):
-            assert ctx.get(self.dut.host.busy) and cycles < self.pages // 128
+            assert ctx.get(self.dut.host.busy) and cycles < self.pages // 128 + 2
             await ctx.tick()
             cycles += 1
-        assert cycles == self.pages // 128
+        assert cycles == self.pages // 128 + 2
         self.model.reset()
 
     async def write_budget(self, ctx, budget):
@@ -257,7 +261,7 @@ class CoreBench:
         for command_ in commands:
             self.todevq.submit(*command_)
         await self.todevq.wait_results(ctx)
-        await ctx.tick().repeat(4)              # the last pages reach the bitmap
+        await self.wait_committed(ctx)
         for (readable, _), (used_len, granted), result in zip(
                 commands, expected, self.todevq.results[first:]):
             assert result[0] == used_len, f"{readable.hex()}"
@@ -266,6 +270,18 @@ class CoreBench:
             else:
                 assert result[2] == 0
         self.check_state(ctx)
+
+    async def abort(self, ctx):
+        """A todevq ring fault (C7): what is unpublished is dropped."""
+        self.published = len(self.todevq.results)
+        await self._pulse_signal(ctx, self.dut.abort)
+        await wait_until_clear(ctx, self.dut.busy, timeout=4 * self.pages)
+
+    async def _pulse_signal(self, ctx, signal):
+        ctx.set(signal, 1)
+        await ctx.tick()
+        ctx.set(signal, 0)
+        await ctx.tick()
 
     def check_state(self, ctx):
         host = self.dut.host
@@ -279,7 +295,28 @@ class CoreBench:
         async def bench(ctx):
             await testbench(ctx, self)
         simulate(self.dut, bench, background=self.todevq.background() +
-                 self.fromdevq.background())
+                 self.fromdevq.background() + [self.publisher()])
+
+    def publisher(self):
+        """The todevq engine's used-ring publication: results are committed (C7) in
+        batches of 1..8, some cycles after they were taken."""
+        async def publish(ctx):
+            while True:
+                ctx.set(self.dut.commit, 0)
+                await ctx.tick()
+                unpublished = len(self.todevq.results) - self.published
+                if self.publishing and unpublished and self.rng.random() < 0.3:
+                    batch = min(unpublished, self.rng.randrange(1, 9))
+                    ctx.set(self.dut.commit, batch)
+                    self.published += batch
+                    await ctx.tick()
+        return publish
+
+    async def wait_committed(self, ctx):
+        """Every result published, and its effects applied (one a clock)."""
+        while self.published < len(self.todevq.results):
+            await ctx.tick()
+        await ctx.tick().repeat(2 * USED_BATCH)
 
 
 class Workload:
@@ -497,8 +534,8 @@ def test_budget_is_spent_by_grants_and_all_ones_is_unlimited():
 
 def test_a_budget_written_during_a_get_applies_to_the_next_and_never_wraps():
     """The GET in progress keeps the budget it started with (its pages are a prefix);
-    its grants still spend the new budget, which stops at 0 instead of wrapping to
-    all-ones (unlimited)."""
+    its grants, once committed (C7), still spend the new budget, which stops at 0 instead
+    of wrapping to all-ones (unlimited)."""
     async def testbench(ctx, bench):
         host = bench.dut.host
         await bench.start(ctx)
@@ -509,7 +546,7 @@ def test_a_budget_written_during_a_get_applies_to_the_next_and_never_wraps():
         await ctx.tick().until(bench.dut.todevq.words.valid & bench.dut.todevq.words.ready)
         await bench._pulse(ctx, host.return_budget_write, 2)
         await bench.todevq.wait_results(ctx)
-        await ctx.tick().repeat(4)
+        await bench.wait_committed(ctx)
         assert bench.todevq.results[-1] == (8, 30, 8)
         assert ctx.get(host.return_budget) == 0
         bench.todevq.submit(command(GIVE, address[:3]), 0)
@@ -575,3 +612,102 @@ def test_the_largest_bitmap_tracks_its_last_page():
         assert await bench.read_word(ctx, pages // 32 - 1) == 1 << 31
 
     CoreBench(12, pages=pages).run(testbench)
+
+
+def snapshot(model):
+    return (set(model.owned), model.balloon_pages, model.budget, dict(model.counters))
+
+
+async def check_snapshot(ctx, bench, state, context):
+    owned, balloon_pages, budget, counters = state
+    host = bench.dut.host
+    assert ctx.get(host.balloon_pages) == balloon_pages, context
+    assert ctx.get(host.return_budget) == budget, context
+    got = ctx.get(host.counters)
+    assert {name: getattr(got, name) for name in COUNTERS} == \
+        {name: counters.get(name, 0) for name in COUNTERS}, context
+    assert await bench.owned_pages(ctx) == owned, context
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("how", ["unpublished", "data fault"])
+def test_an_abort_undoes_every_uncommitted_command(seed, how):
+    """C7: commands whose used elements were not published change nothing the host can
+    see (counters, balloon_pages, budget); an abort then restores the bitmap exactly,
+    also when the last command's data failed half-way (its error beat). Long random
+    commands overflow the journal on some seeds: the committed copy stays exact."""
+    rng = random.Random(seed)
+    bench = random_bench(seed, rng, random_streams=True)
+    workload = LaneWorkload(rng, bench.model, range(0))
+    workload.SIZES = [1, 3, 64, 300] + ([1500] if seed % 2 else [])
+
+    async def testbench(ctx, bench):
+        await bench.start(ctx)
+        await bench.write_budget(ctx, rng.choice([40, 500, UNLIMITED]))
+        for _ in range(4):
+            await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 6))])
+        agreed = snapshot(bench.model)
+        bench.publishing = False
+        uncommitted = [workload.command() for _ in range(rng.randrange(1, 6))]
+        for readable, writable in uncommitted:
+            bench.todevq.submit(readable, writable)
+        if how == "data fault":
+            readable, writable = workload.command()
+            beats = len(command_payloads(readable))
+            bench.todevq.submit(readable, writable, error_at=rng.randrange(beats))
+        await bench.todevq.wait_results(ctx, len(bench.todevq.results) + len(uncommitted))
+        await ctx.tick().repeat(50)
+        await check_snapshot(ctx, bench, agreed, "executed, not published")
+        await bench.abort(ctx)
+        await check_snapshot(ctx, bench, agreed, "after the abort")
+
+    bench.run(testbench)
+
+
+def test_long_commands_overflow_the_journal_and_stay_exact():
+    """A command writing more rows of a bank than the journal holds: its commit copies the
+    whole bitmap; later commands wait for it; everything matches the model, and an abort
+    after more commands restores the committed state."""
+    rng = random.Random(21)
+    bench = CoreBench(21, journal_depth=16)
+    workload = LaneWorkload(rng, bench.model, range(0))
+    workload.SIZES = [40, 200]
+
+    async def testbench(ctx, bench):
+        await bench.start(ctx)
+        for _ in range(6):
+            await bench.run_batch(ctx, [workload.command() for _ in range(rng.randrange(1, 5))])
+            assert await bench.owned_pages(ctx) == bench.model.owned
+        agreed = snapshot(bench.model)
+        bench.publishing = False
+        for _ in range(3):
+            bench.todevq.submit(*workload.command())
+        await bench.todevq.wait_results(ctx, len(bench.todevq.results) + 3)
+        await bench.abort(ctx)
+        await check_snapshot(ctx, bench, agreed, "after the abort")
+
+    bench.run(testbench)
+
+
+def test_an_extra_range_waits_for_the_commands_in_flight():
+    """C8 with C7: the range is set once no command is uncommitted, so the fill reaches
+    both copies; a command queued behind it runs after it."""
+    async def testbench(ctx, bench):
+        await bench.start(ctx)
+        address = [bench.model.base + (page << 12) for page in range(PAGES)]
+        bench.publishing = False
+        bench.todevq.submit(command(GIVE, address[10:20]), 0)
+        await bench.todevq.wait_results(ctx)
+        await bench._pulse(ctx, bench.dut.host.extra_range_write, {"first": 100, "count": 8})
+        await ctx.tick().repeat(100)
+        assert ctx.get(bench.dut.host.busy), "the fill waits for the GIVE's commit"
+        bench.publishing = True
+        await wait_until_clear(ctx, bench.dut.busy)
+        bench.model.execute(command(GIVE, address[10:20]), 0)
+        bench.model.commit_extra(100, 8)
+        await bench.run_batch(ctx, [(command(GET, address[100:103]), 8)])
+        assert await bench.owned_pages(ctx) == bench.model.owned
+        await bench.abort(ctx)                  # nothing uncommitted: nothing changes
+        assert await bench.owned_pages(ctx) == bench.model.owned
+
+    CoreBench(22).run(testbench)

@@ -27,7 +27,8 @@ def command(code, addresses=()):
 
 
 class Harness:
-    """CommandExecutor + Bitmap, the executor's inputs set by the test, its events counted."""
+    """CommandExecutor + Bitmap, the executor's inputs set by the test, the effects of its
+    commands summed."""
 
     def __init__(self, seed, page_shift=12, base=0x1_0000_0000, idle=0.3, backpressure=0.3,
                  pages=PAGES):
@@ -86,9 +87,13 @@ class Harness:
 
     def run(self, testbench):
         async def count_events(ctx):
-            async for _, _, events in ctx.tick().sample(self.executor.events):
-                for name, _ in events.shape():
-                    self.events[name] += getattr(events, name)
+            # The core takes a command's effects with its result (C7).
+            async for _, _, valid, effects in ctx.tick().sample(self.executor.effects.valid,
+                                                                 self.executor.effects.payload):
+                ctx.set(self.executor.effects.ready, 1)
+                if valid:
+                    for name, _ in effects.shape():
+                        self.events[name] += getattr(effects, name)
 
         async def bench(ctx):
             await testbench(ctx, self)

@@ -136,6 +136,15 @@ def test_vector_refused_raises():
         run(VirtioPciModernDevice(FakeVirtioBackend(refuse_vectors=True)).init())
 
 
+def test_no_msix_and_no_interrupt_pin_gives_up():
+    """vp_find_vqs: without MSI-X vectors the driver falls back to INTx, and gives up on
+    a function whose interrupt pin reads 0 (the fake has none)."""
+    be = FakeVirtioBackend()
+    be.nomsi = True
+    with pytest.raises(VirtioError, match="no MSI-X vectors, and no INTx"):
+        run(VirtioPciModernDevice(be).init())
+
+
 def test_reset_timeout_raises():
     be = FakeVirtioBackend(stuck_reset=True)
     vdev = VirtioPciModernDevice(be)

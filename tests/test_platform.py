@@ -148,14 +148,14 @@ def test_pcie_ip_settings_equal_the_design_parameters(tree):
     assert (s["pf0_bar0_enabled"], s["pf0_bar0_type"], s["pf0_bar0_64bit"],
             s["pf0_bar0_prefetchable"]) == ("true", "Memory", "true", "false")
     assert s["pf0_bar2_enabled"] == s["pf0_bar4_enabled"] == "false"
-    # C11: MSI-X only, table and PBA in BAR0 where the RTL serves them.
+    # C11: MSI-X with table and PBA in BAR0 where the RTL serves them; INTA without it.
     assert (s["pf0_msi_enabled"], s["pf0_msix_enabled"]) == ("false", "true")
     assert s["MSI_X_OPTIONS"] == "MSI-X_External"
     assert int(s["PF0_MSIX_CAP_TABLE_SIZE"], 16) + 1 == params.msix_vectors
     assert int(s["PF0_MSIX_CAP_TABLE_OFFSET"], 16) == params.bar.msix_table
     assert int(s["PF0_MSIX_CAP_PBA_OFFSET"], 16) == params.bar.msix_pba
     assert s["PF0_MSIX_CAP_TABLE_BIR"] == s["PF0_MSIX_CAP_PBA_BIR"] == "BAR_1:0"
-    assert s["PF0_INTERRUPT_PIN"] == "NONE"
+    assert s["PF0_INTERRUPT_PIN"] == "INTA"
     # The legacy cfg_ext window (README "PG213 finding"), behind the hard capabilities.
     assert s["legacy_ext_pcie_cfg_space_enabled"] == "true"
     assert params.cfg_ext_base >= HARD_CAPABILITIES_END
@@ -211,10 +211,11 @@ def model_ports():
              for name, width in re.findall(r"init_signal\((\w+), (\d+)", source)}
     ports["cfg_max_payload"] = (True, None)     # the model takes 2 or 3 bits
     # IP outputs the model declares but never drives (README "PG213 finding": the model
-    # leaves cfg_ext to tb/cfg_ext.py and cfg_flr_in_process to the harness).
+    # leaves cfg_ext to tb/cfg_ext.py, INTx to tb/intx.py and cfg_flr_in_process to the
+    # harness).
     for name in ("cfg_flr_in_process", "cfg_ext_read_received", "cfg_ext_write_received",
                  "cfg_ext_register_number", "cfg_ext_function_number", "cfg_ext_write_data",
-                 "cfg_ext_write_byte_enable"):
+                 "cfg_ext_write_byte_enable", "cfg_interrupt_sent"):
         ports[name] = (True, ports[name][1])
     return ports
 

@@ -17,6 +17,7 @@ from memballoon.params import BarLayout, DeviceParams
 from memballoon.refmodel import (COUNTER_NAMES, DEFAULT_RING_FEATURES, MSIX_CAP_POS,
                                  HostMemory, Malformed, MemballoonRef)
 from memballoon.tb.scenarios import cmd
+from memballoon.virtio_memballoon import DeviceNeedsReset, VirtioMemballoon
 from memballoon.virtio_pci_modern import DeviceTimeout, VirtioPciModernDevice
 from memballoon.virtio_ring import VringDesc, sg_split, vring_avail_event_offset
 from model_util import asynctest, live
@@ -62,11 +63,18 @@ async def test_identity_and_header():
     assert await rd(PCI_REVISION_ID, 4) >> 8 == c.PCI_CLASS_MEMORY_OTHER
     assert await rd(PCI_SUBSYSTEM_VENDOR_ID, 2) == c.MEMBALLOON_PCI_SUBSYSTEM_VENDOR_ID
     assert await rd(PCI_SUBSYSTEM_ID, 2) == c.MEMBALLOON_PCI_SUBSYSTEM_ID
-    # Read-only fields ignore writes; only Memory and Bus Master of the command register stick.
+    # Read-only fields ignore writes; only Memory, Bus Master and Interrupt Disable of the
+    # command register stick.
     await be.config_write(PCI_VENDOR_ID, 0x1234, 2)
     await be.config_write(c.PCI_COMMAND, 0xFFFF, 2)
     assert await rd(PCI_VENDOR_ID, 2) == c.PCI_VENDOR_ID_REDHAT_QUMRANET
-    assert await rd(c.PCI_COMMAND, 2) == c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER
+    assert await rd(c.PCI_COMMAND, 2) == (c.PCI_COMMAND_MEMORY | c.PCI_COMMAND_MASTER |
+                                          c.PCI_COMMAND_INTX_DISABLE)
+    # C11: INTA, its Interrupt Line writable (the platform's routing), no INTx pending.
+    assert await rd(c.PCI_INTERRUPT_PIN, 1) == c.PCI_INTERRUPT_PIN_INTA
+    await be.config_write(c.PCI_INTERRUPT_LINE, 0x2B, 1)
+    assert await rd(c.PCI_INTERRUPT_LINE, 2) == c.PCI_INTERRUPT_PIN_INTA << 8 | 0x2B
+    assert not await rd(c.PCI_STATUS, 2) & c.PCI_STATUS_INTERRUPT
     # BAR0 is a 64-bit memory BAR of params.bar.size bytes (sizing handshake).
     await be.config_write(0x10, 0xFFFFFFFF, 4)
     await be.config_write(0x14, 0xFFFFFFFF, 4)
@@ -419,14 +427,125 @@ async def test_msix_bus_master_disabled_and_no_vector():
     model.request_reset()
     assert be.irq_count(0) == 1                                       # NO_VECTOR honoured
     assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG       # the ISR still says so
-    # MSI-X disabled: no INTx, the message is dropped, not held.
+    # MSI-X disabled: the event goes to INTx; the message is dropped, not held.
     flags = MSIX_CAP_POS + c.PCI_MSIX_FLAGS
     await be.config_write(flags, 0, 2)
     await vdev.vp_modern_config_vector(0)
     model.request_reset()
+    assert model.intx_asserted and be.intx_messages == [True]
     await be.config_write(flags, c.PCI_MSIX_FLAGS_ENABLE, 2)
-    assert be.irq_count(0) == 1
+    assert be.irq_count(0) == 1 and be.intx_messages == [True, False]
     assert await be.bar_read(0, model.params.bar.msix_pba, 4) == 0
+
+
+# --- C11: INTx with MSI-X disabled ----------------------------------------------------------
+
+async def intx_device():
+    """Probed and reset, MSI-X never enabled (the driver's INTx fallback)."""
+    be = RefBackend()
+    vdev = VirtioPciModernDevice(be)
+    await vdev.vp_modern_probe()
+    await vdev.vp_modern_reset()
+    return be, vdev
+
+
+async def interrupt_status(be):
+    return bool(await be.config_read(c.PCI_STATUS, 2) & c.PCI_STATUS_INTERRUPT)
+
+
+@asynctest
+async def test_intx_follows_the_isr_byte():
+    """virtio 1.2 4.1.4.5: without MSI-X a set ISR bit asserts INTA (Assert_INTA) and
+    sets the Status register's Interrupt Status bit; the driver's ISR read deasserts it
+    (Deassert_INTA) and clears the bit; so does a reset."""
+    be, vdev = await intx_device()
+    model = be.model
+    assert not await interrupt_status(be) and be.intx_messages == []
+    model.request_reset()
+    assert model.intx_asserted and await interrupt_status(be)
+    assert be.intx_messages == [True]
+    model.request_reset()                               # still one level, no new message
+    assert be.intx_messages == [True]
+    assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG
+    assert not model.intx_asserted and not await interrupt_status(be)
+    assert be.intx_messages == [True, False]
+    model.request_reset()
+    await vdev.vp_modern_reset()
+    assert be.intx_messages == [True, False, True, False] and not await interrupt_status(be)
+
+
+@asynctest
+async def test_intx_interrupt_disable():
+    """PCI: with Interrupt Disable set INTA stays deasserted while the ISR byte is set,
+    the Interrupt Status bit still shows it; clearing Interrupt Disable asserts INTA,
+    setting it again deasserts it."""
+    be, vdev = await intx_device()
+    model = be.model
+    command = await be.config_read(c.PCI_COMMAND, 2)
+    disabled = command | c.PCI_COMMAND_INTX_DISABLE
+    await be.config_write(c.PCI_COMMAND, disabled, 2)
+    model.request_reset()
+    assert not model.intx_asserted and be.intx_messages == []
+    assert await interrupt_status(be)
+    await be.config_write(c.PCI_COMMAND, command, 2)
+    assert model.intx_asserted and be.intx_messages == [True]
+    await be.config_write(c.PCI_COMMAND, disabled, 2)
+    assert be.intx_messages == [True, False] and await interrupt_status(be)
+    assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG
+    assert not await interrupt_status(be)
+    await be.config_write(c.PCI_COMMAND, command, 2)
+    assert be.intx_messages == [True, False]
+
+
+@asynctest
+async def test_no_intx_while_msix_is_enabled():
+    """With MSI-X enabled the event is a message, never INTx, and no Interrupt Status."""
+    be, vdev = await msix_device()
+    model = be.model
+    model.request_reset()
+    assert be.irq_count(0) == 1
+    assert not model.intx_asserted and be.intx_messages == []
+    assert not await interrupt_status(be)
+    dev = await live(model=model)
+    assert await command(dev, cmd(GIVE, PAGE)) == (0, b"")
+    assert dev.be.irq_count(2) == 1 and be.intx_messages == []
+
+
+@asynctest
+async def test_driver_falls_back_to_intx():
+    """vp_find_vqs without MSI-X vectors (``pci=nomsi``): the driver requests INTx, leaves
+    every vector at NO_VECTOR, and its commands, a host minimum it waits for and a host
+    reset request all come through vp_interrupt's ISR read."""
+    be = RefBackend()
+    be.nomsi = True
+    model = be.model
+    command_reg = await be.config_read(c.PCI_COMMAND, 2)
+    await be.config_write(c.PCI_COMMAND, command_reg | c.PCI_COMMAND_INTX_DISABLE, 2)
+    vb = VirtioMemballoon(be)
+    await vb.virtballoon_probe(page_size=PAGE)
+    vdev = vb.vdev
+    assert vdev.intx_enabled and not model.msix_enabled
+    assert not await be.config_read(c.PCI_COMMAND, 2) & c.PCI_COMMAND_INTX_DISABLE
+    assert model.config_vector == c.VIRTIO_MSI_NO_VECTOR
+    assert [q.vector for q in model.queues] == [c.VIRTIO_MSI_NO_VECTOR] * c.NUM_QUEUES
+    await vb.give_pages([PAGE, 2 * PAGE])
+    assert model.intx_asserted                          # the used buffer's interrupt
+    assert await vdev.vp_interrupt() == c.VIRTIO_PCI_ISR_QUEUE
+    assert not model.intx_asserted
+    # The driver waits on INTx for a minimum the host sets later.
+    be.schedule(2e-6, lambda: model.set_min_balloon(3 * PAGE))
+    assert await vb.wait_for_host(1e-3) == [3 * PAGE]
+    assert be.intx_messages[-2:] == [True, False]
+    # A host reset request: the ISR's configuration bit, DEVICE_NEEDS_RESET, a reset.
+    be.schedule(1e-6, model.request_reset)
+    await vdev.vp_wait_interrupt(None, 1e-3)
+    assert vdev.config_changes() == 1 and not model.intx_asserted
+    with pytest.raises(DeviceNeedsReset):
+        await vb.give_pages([3 * PAGE])
+    await vb.reset()
+    assert vb.vdev.intx_enabled
+    await vb.give_pages([4 * PAGE])
+    assert model.bitmap == {4} and be.messages == []
 
 
 @asynctest

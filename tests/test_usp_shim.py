@@ -341,8 +341,9 @@ def test_cc_completions(width):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_config_status_and_idle_requester(width):
-    """cfg_ext, command/status (bus master enable for C12, FLR for C9) and MSI-X sideband
-    map 1:1 for PF0; with no DMA the requester sends nothing and takes completions."""
+    """cfg_ext, command/status (bus master enable for C12, INTx disable for C11, FLR for
+    C9) and MSI-X sideband map 1:1 for PF0; with no DMA the requester sends nothing and
+    takes completions."""
     rng = random.Random(width + 2)
     dut = UspShim(width)
     # the widths cocotbext-pcie asserts when it connects by name
@@ -388,6 +389,7 @@ def test_config_status_and_idle_requester(width):
             status = values["cfg_function_status"]
             assert ctx.get(dut.status.memory_enable) == status >> 1 & 1
             assert ctx.get(dut.status.bus_master_enable) == status >> 2 & 1
+            assert ctx.get(dut.status.interrupt_disable) == status >> 3 & 1
             assert ctx.get(dut.status.max_payload) == values["cfg_max_payload"]
             assert ctx.get(dut.status.max_read_request) == values["cfg_max_read_req"]
             assert ctx.get(dut.status.flr) == values["cfg_flr_in_process"] & 1
@@ -449,6 +451,69 @@ def test_msix_one_pulse_per_message(width):
 
     simulate(dut, device, background=[monitor])
 
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_intx_handshake(width):
+    """C11, PG213 "Legacy Interrupt Mode": INTA on cfg_interrupt_int[0] follows
+    intx.wanted, one edge at a time: after an edge it holds until the IP's
+    cfg_interrupt_sent, so a level held for a single cycle still makes an assert and a
+    deassert; cfg_interrupt_pending[0] is intx.pending, and stays up while INTA does.
+    The wanted level changes after random idle, the IP answers after random delays."""
+    rng = random.Random(width + 4)
+    dut = UspShim(width)
+    intx = dut.intx
+    edges = []                  # (level, cycle) of each edge the IP took
+    violations = []
+    cycle = 0
+
+    async def ip(ctx):
+        """The PCIE4 block's side: take an edge, answer it with a one-cycle sent."""
+        nonlocal cycle
+        taken = 0
+        while True:
+            await ctx.tick()
+            cycle += 1
+            inta, pending = ctx.get(dut.cfg_interrupt_int), ctx.get(dut.cfg_interrupt_pending)
+            if pending != ctx.get(intx.pending) | inta & 1 or inta >> 1 or pending >> 1:
+                violations.append(f"cycle {cycle}: int {inta:#x}, pending {pending:#x}")
+            if inta == taken:
+                continue
+            taken = inta
+            edges.append((inta, cycle))
+            for _ in range(rng.randint(0, 6)):
+                await ctx.tick()
+                cycle += 1
+                if ctx.get(dut.cfg_interrupt_int) != taken:
+                    violations.append(f"cycle {cycle}: INTA changed before cfg_interrupt_sent")
+            ctx.set(dut.cfg_interrupt_sent, 1)
+            await ctx.tick()
+            cycle += 1
+            ctx.set(dut.cfg_interrupt_sent, 0)
+
+    async def device(ctx):
+        # A one-cycle request: an assert and a deassert all the same.
+        ctx.set(intx.pending, 1)
+        ctx.set(intx.wanted, 1)
+        await ctx.tick()
+        ctx.set(intx.pending, 0)
+        ctx.set(intx.wanted, 0)
+        await ctx.tick().repeat(20)
+        assert [level for level, _ in edges] == [1, 0]
+        # Random levels, held for random times (Interrupt Disable: pending without wanted).
+        for _ in range(200):
+            pending = rng.randrange(2)
+            ctx.set(intx.pending, pending)
+            ctx.set(intx.wanted, pending & rng.randrange(2))
+            await ctx.tick().repeat(rng.choice([1, 1, 2, 3, rng.randint(4, 20)]))
+        final = ctx.get(intx.wanted)
+        await ctx.tick().repeat(20)
+        assert ctx.get(dut.cfg_interrupt_int) == final
+        assert not violations, violations[:5]
+        levels = [level for level, _ in edges]
+        assert levels == [1, 0] * (len(levels) // 2) + [1] * (len(levels) % 2)
+        assert len(edges) > 60, f"only {len(edges)} edges: the random levels barely moved"
+
+    simulate(dut, device, background=[ip])
 
 
 # --- RQ ---------------------------------------------------------------------------------

@@ -257,6 +257,7 @@ class FunctionModel:
         self.commands = 0
         self.word_cycles = []       # [(first beat cycle, last beat cycle)] per command
         self.cycle = 0
+        self.faulted = None         # the chain whose data failed (C7)
 
     def _result(self, chain):
         writable = sum(n for _, n in chain.writable)
@@ -274,10 +275,10 @@ class FunctionModel:
         async for sample in ctx.tick().sample(
                 header.valid, header.ready, header.payload.head, header.payload.readable,
                 header.payload.writable, words.valid, words.ready, words.payload.data,
-                words.payload.count, words.payload.last, result.valid, result.ready,
-                self.dut.reset):
+                words.payload.count, words.payload.last, words.payload.error, result.valid,
+                result.ready, self.dut.reset):
             (_, _, h_valid, h_ready, head, readable, writable, w_valid, w_ready, lanes,
-             count, last, r_valid, r_ready, reset) = sample
+             count, last, error, r_valid, r_ready, reset) = sample
             self.cycle += 1
             if reset:
                 state, seen = "header", 0
@@ -299,6 +300,12 @@ class FunctionModel:
                 due.append([self._result(chain), wait])
                 beats, position = command_beats(chain.readable), 0
                 state = "words" if readable else "header"
+            elif state == "words" and w_valid and w_ready and error:
+                # C7: the rest of the command could not be read: it is never completed.
+                assert last, "an error beat is its command's last"
+                due.pop()
+                self.faulted = chain
+                state = "faulted"
             elif state == "words" and w_valid and w_ready:
                 # interface.CommandWords: the code word alone, then two words a beat.
                 expected, expected_last = beats[position]
@@ -473,6 +480,7 @@ class Bench:
                                  **self.function_options)
         self.interrupts = []        # cycles
         self.faults = []            # (cycle, kind)
+        self.committed = 0          # commands reported committed (C7)
         self.cycle = 0
 
     def new_driver(self, base=0x1000):
@@ -482,9 +490,10 @@ class Bench:
 
     async def monitor(self, ctx):
         dut = self.dut
-        async for _, _, interrupt, fault, kind in ctx.tick().sample(
-                dut.interrupt, dut.fault, dut.fault_kind):
+        async for _, _, interrupt, fault, kind, committed in ctx.tick().sample(
+                dut.interrupt, dut.fault, dut.fault_kind, dut.committed):
             self.cycle += 1
+            self.committed += committed
             if interrupt:
                 self.interrupts.append(self.cycle)
             if fault:
@@ -1143,6 +1152,34 @@ def test_avail_ahead_fault(parking):
         assert fault == c.RingFault.AVAIL_AHEAD
         await check_stopped(bench, ctx, cycle)
         check_completed_before(bench, 9, cycle)
+
+    bench.run(testbench)
+
+
+@pytest.mark.parametrize("faulting", [0, 3])
+def test_data_read_error_completes_the_commands_before(faulting):
+    """C7: a failed read of command ``faulting``'s data: the commands before it are used,
+    published, notified and reported committed before the fault; the function gets the
+    error beat for that command and never completes it; nothing after it is taken."""
+    bench = Bench(new_seed(), size=32, dma_options={"read_latency": (5, 60)})
+
+    async def testbench(ctx):
+        driver = bench.driver
+        chains, pieces = [], []
+        for _ in range(6):
+            before = len(driver.read_ranges)
+            chains.append(driver.virtqueue_add(bytes(range(40)), 8, max_pieces=2))
+            pieces.append([r for r in driver.read_ranges[before:] if r[1] > r[0]])
+        end = pieces[faulting][-1][1]
+        bench.dma.fail_reads.append((end - 1, end))
+        await bench.configure(ctx)
+        await bench.kick(ctx)
+        cycle, fault = await bench.wait_fault(ctx)
+        assert fault == c.RingFault.DMA_READ
+        await check_stopped(bench, ctx, cycle)
+        check_completed_before(bench, faulting, cycle, faulting=6 - faulting)
+        assert bench.committed == faulting
+        assert bench.function.faulted is chains[faulting]
 
     bench.run(testbench)
 

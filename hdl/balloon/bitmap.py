@@ -43,6 +43,32 @@ def bitmap_request_layout(page_bits, tag_shape):
     })
 
 
+def row_bits_of(pages):
+    """Bits of a bank's row address for a bitmap of ``pages`` pages."""
+    return (pages // (WORD_BITS * BANKS)).bit_length() - 1
+
+
+def scan_request_layout(row_bits):
+    """A whole-row access of every bank, for :class:`.committed.CommittedBitmap`: read
+    row ``row`` (its words come on ``scan_data``), or write ``data[bank]`` into it."""
+    return data.StructLayout({
+        "row": row_bits,
+        "write": 1,
+        "data": data.ArrayLayout(WORD_BITS, BANKS),
+    })
+
+
+def written_layout(row_bits):
+    """One bank's write of the previous cycle: ``journal`` for a page operation (C5),
+    clear for a clear or fill (C8, C9), which change the committed state at once."""
+    return data.StructLayout({
+        "valid": 1,
+        "journal": 1,
+        "row": row_bits,
+        "data": WORD_BITS,
+    })
+
+
 def bitmap_response_layout(tag_shape):
     """The outcome of the enabled operations of one request beat (or of part of it)."""
     return data.StructLayout({
@@ -55,6 +81,14 @@ class _Access(enum.Enum, shape=2):
     PAGE = 0
     FILL = 1
     READ = 2
+    SCAN = 3
+
+
+class _WriteKind(enum.Enum, shape=2):
+    NONE = 0
+    PAGE = 1        # a page operation: journaled until its command commits (C7)
+    DIRECT = 2      # a clear or fill: committed at once
+    SCAN = 3        # the committed copy restored (C7 abort): not written back
 
 
 class Bitmap(wiring.Component):
@@ -108,6 +142,15 @@ class Bitmap(wiring.Component):
         Pulse: set the bits of the extra range (C8), after a running clear or fill.
     busy : Out(1)
         A clear or fill is running or pending. Rises in the cycle after ``clear``.
+    hold : In(1)
+        Page requests wait (the committed copy is being taken or restored, C7).
+    written : Out(data.ArrayLayout(written_layout(row_bits), BANKS))
+        Each bank's write of the previous cycle, for the committed copy.
+    scan : In(stream.Signature(scan_request_layout(row_bits)))
+        Whole-row reads and writes of every bank, taken only while ``hold`` is high and
+        no page operation is left in the pipeline; host reads go first.
+    scan_data : Out(stream.Signature(data.ArrayLayout(WORD_BITS, BANKS), always_ready=True))
+        The row a scan read asked for, in the cycle after it was taken.
     """
 
     def __init__(self, pages, tag_shape):
@@ -128,6 +171,11 @@ class Bitmap(wiring.Component):
             "clear": In(1),
             "fill": In(1),
             "busy": Out(1),
+            "hold": In(1),
+            "written": Out(data.ArrayLayout(written_layout(row_bits_of(pages)), BANKS)),
+            "scan": In(stream.Signature(scan_request_layout(row_bits_of(pages)))),
+            "scan_data": Out(stream.Signature(data.ArrayLayout(WORD_BITS, BANKS),
+                                              always_ready=True)),
         })
 
     def elaborate(self, platform):
@@ -226,8 +274,20 @@ class Bitmap(wiring.Component):
                     (bank_of(lane_word[0]) == bank_of(lane_word[1])) &
                     (lane_word[0] != lane_word[1]))
         second_half = Signal()          # lane 0 of the conflicting beat offered was issued
-        pages_open = fsm.ongoing("Ready") & ~fill_pending & ~self.clear & ~self.read.valid
+        s1_valid = Signal()
+        s1_access = Signal(_Access)
+        engines_idle = fsm.ongoing("Ready") & ~fill_pending & ~self.clear & ~self.read.valid
+        pages_open = engines_idle & ~self.hold
         issue_pages = self.request.valid & pages_open
+        # A scan write goes to the RAMs at once: not while an operation is in the modify
+        # stage (decided on the stage's registers, not on whether it writes: timing).
+        scan = self.scan.payload
+        scan_taken = Signal()
+        s1_may_write = s1_valid & ((s1_access == _Access.PAGE) | (s1_access == _Access.FILL))
+        m.d.comb += [
+            self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & s1_may_write)),
+            scan_taken.eq(self.scan.valid & self.scan.ready),
+        ]
         issued = Signal(LANES)
         m.d.comb += [
             self.read.ready.eq(1),
@@ -245,19 +305,20 @@ class Bitmap(wiring.Component):
                 m.d.comb += read_port.addr.eq(row_of(self.read.payload))
             with m.Elif(fill_issue):
                 m.d.comb += read_port.addr.eq(row_of(engine_word))
+            with m.Elif(scan_taken):
+                m.d.comb += read_port.addr.eq(scan.row)
             with m.Elif(issued[1] & (bank_of(lane_word[1]) == bank)):
                 m.d.comb += read_port.addr.eq(row_of(lane_word[1]))
             with m.Else():
                 m.d.comb += read_port.addr.eq(row_of(lane_word[0]))
 
-        s1_valid = Signal()
-        s1_access = Signal(_Access)
         s1_word = Signal.like(engine_word)              # of a read or fill
         s1_mask = Signal(WORD_BITS)
         s1_issued = Signal(LANES)
         s1_lanes = Signal.like(lanes)
+        scan_read = scan_taken & ~scan.write
         m.d.sync += [
-            s1_valid.eq(self.read.valid | fill_issue | issued.any()),
+            s1_valid.eq(self.read.valid | fill_issue | scan_read | issued.any()),
             s1_word.eq(Mux(self.read.valid, self.read.payload, engine_word)),
             s1_mask.eq(range_mask(engine_word)),
             s1_issued.eq(issued),
@@ -267,23 +328,35 @@ class Bitmap(wiring.Component):
             m.d.sync += s1_access.eq(_Access.READ)
         with m.Elif(fill_issue):
             m.d.sync += s1_access.eq(_Access.FILL)
+        with m.Elif(scan_read):
+            m.d.sync += s1_access.eq(_Access.SCAN)
         with m.Else():
             m.d.sync += s1_access.eq(_Access.PAGE)
 
         # --- Stage 1: modify, write back, respond --------------------------------------------
         bank_words = []
+        last_write_kinds = []
         bank_forwarded = []             # (forwarded, last write's word, RAM word) per bank
         for bank, (read_port, write_port) in enumerate(zip(read_ports, write_ports)):
             s1_row = Signal.like(read_port.addr, name=f"s1_row{bank}")
             last_write_valid = Signal(name=f"last_write_valid{bank}")
             last_write_row = Signal.like(write_port.addr, name=f"last_write_row{bank}")
             last_write_data = Signal.like(write_port.data, name=f"last_write_data{bank}")
+            last_write_kind = Signal(_WriteKind, name=f"last_write_kind{bank}")
             m.d.sync += [
                 s1_row.eq(read_port.addr),
                 last_write_valid.eq(write_port.en),
                 last_write_row.eq(write_port.addr),
                 last_write_data.eq(write_port.data),
             ]
+            written = self.written[bank]
+            m.d.comb += [
+                written.valid.eq(last_write_valid & (last_write_kind != _WriteKind.SCAN)),
+                written.journal.eq(last_write_kind == _WriteKind.PAGE),
+                written.row.eq(last_write_row),
+                written.data.eq(last_write_data),
+            ]
+            last_write_kinds.append(last_write_kind)
             forwarded = last_write_valid & (last_write_row == s1_row)
             bank_words.append(Mux(forwarded, last_write_data, read_port.data))
             bank_forwarded.append((forwarded, last_write_data, read_port.data))
@@ -323,8 +396,19 @@ class Bitmap(wiring.Component):
             page_write = flips[0] | flips[1]
             this_fill = fill_write & (bank_of(s1_word) == bank)
             bank_writes.append(page_write | this_fill)
-            m.d.comb += write_port.en.eq(page_write | this_fill | clear_write)
+            scan_write = scan_taken & scan.write
+            m.d.comb += write_port.en.eq(page_write | this_fill | clear_write | scan_write)
+            kind = last_write_kinds[bank]
             with m.If(page_write):
+                m.d.sync += kind.eq(_WriteKind.PAGE)
+            with m.Elif(scan_write):
+                m.d.sync += kind.eq(_WriteKind.SCAN)
+            with m.Else():
+                m.d.sync += kind.eq(_WriteKind.DIRECT)
+            with m.If(scan_write):
+                m.d.comb += [write_port.addr.eq(scan.row),
+                             write_port.data.eq(scan.data[bank])]
+            with m.Elif(page_write):
                 flipped = bank_words[bank]
                 for flip, lane in zip(flips, s1_lanes):
                     flipped = flipped ^ (flip << lane.page[:_OFFSET_BITS])[:WORD_BITS]
@@ -349,6 +433,9 @@ class Bitmap(wiring.Component):
                 self.response.payload.lanes[index].changed.eq(lane_changed[index]),
             ]
         m.d.comb += [
+            self.scan_data.valid.eq(s1_valid & (s1_access == _Access.SCAN)),
+            self.scan_data.payload[0].eq(bank_words[0]),
+            self.scan_data.payload[1].eq(bank_words[1]),
             self.read_data.valid.eq(s1_valid & (s1_access == _Access.READ)),
             self.read_data.payload.eq(Mux(bank_of(s1_word), bank_words[1], bank_words[0])),
         ]

@@ -21,25 +21,27 @@ class OpTag(enum.Enum, shape=3):
     GRANT_OUT_OF_WINDOW = 4  # the first refusal
 
 
-_EVENT_COUNT = range(LANES + 1)
-
-
-class ExecutorEvents(data.Struct):
-    """Per-cycle counts (0..``LANES``; the command counters 0..1); the names match
-    :class:`.interface.BalloonCounters`."""
+class CommandEffects(data.Struct):
+    """What one command did, to be committed once its used element is published (C7);
+    the names match :class:`.interface.BalloonCounters`."""
     cmd_give: 1
     cmd_get: 1
     cmd_exchange: 1
     cmd_malformed: 1
-    violation_misaligned: _EVENT_COUNT
-    violation_out_of_window: _EVENT_COUNT
-    violation_double_give: _EVENT_COUNT
-    violation_not_in_balloon: _EVENT_COUNT
     get_short: 1
-    pages_entered: _EVENT_COUNT
-    pages_left: _EVENT_COUNT
+    violation_misaligned: 32
+    violation_out_of_window: 32
+    violation_double_give: 32
+    violation_not_in_balloon: 32
+    pages_entered: 32
+    pages_left: 32
     #: Pages a GET granted: as many pages of the return budget are spent (C10).
-    granted: _EVENT_COUNT
+    granted: 32
+
+
+#: The counts of :class:`CommandEffects` that its page operations make.
+_PAGE_COUNTS = ("violation_misaligned", "violation_out_of_window", "violation_double_give",
+                "violation_not_in_balloon", "pages_entered", "pages_left")
 
 
 def _count(bits):
@@ -82,8 +84,16 @@ class CommandExecutor(wiring.Component):
       addresses after it are not looked at). A valid page that cannot be granted counts
       nothing but ``get_short``.
 
-    GIVE and EXCHANGE complete as soon as their last beat is taken (their result does
-    not depend on the bitmap); GET waits for its last response and writes K (le64).
+    A GET also stops at ``grant_limit`` pages (C5's per-command grant limit, a build
+    parameter: ``DeviceParams.get_grant_limit``): a longer GET is a prefix grant.
+
+    Every command completes once its last operation has its response (GET writes K,
+    le64), and hands its :class:`CommandEffects` to the balloon core with its result:
+    the counters, ``balloon_pages`` and the budget change only when the command commits
+    (C7), and the bitmap's committed copy knows where the command's writes end
+    (``effects`` handshake = ``CommittedBitmap.boundary``). A word beat with ``error``
+    (its data could not be read, C7) stops the executor without a result until it is
+    reset (the core's abort restores what the command changed).
 
     Attributes
     ----------
@@ -100,12 +110,19 @@ class CommandExecutor(wiring.Component):
     extra_mem : In(1)
         VIRTIO_MEMBALLOON_F_EXTRA_MEM was negotiated.
     return_budget : In(32)
-        Pages GET may still grant; all-ones = unlimited (C10).
-    events : Out(ExecutorEvents)
+        Pages GET may still grant, the uncommitted grants deducted; all-ones =
+        unlimited (C10).
+    effects : Out(stream.Signature(CommandEffects))
+        One per command, taken together with its result.
+    hold : In(1)
+        Take no new command (the core changes the extra range, C8).
+    idle : Out(1)
+        No command in progress.
     """
 
-    def __init__(self, page_bits):
+    def __init__(self, page_bits, grant_limit=512):
         self._page_bits = page_bits
+        self._grant_limit = grant_limit
         super().__init__({
             "command": In(CommandSignature()),
             "bitmap_request": Out(stream.Signature(bitmap_request_layout(page_bits, OpTag))),
@@ -117,7 +134,9 @@ class CommandExecutor(wiring.Component):
             "extra_end": In(page_bits + 1),
             "extra_mem": In(1),
             "return_budget": In(32),
-            "events": Out(ExecutorEvents),
+            "effects": Out(stream.Signature(CommandEffects)),
+            "hold": In(1),
+            "idle": Out(1),
         })
 
     def elaborate(self, platform):
@@ -125,7 +144,7 @@ class CommandExecutor(wiring.Component):
         page_bits = self._page_bits
         header, words, result = self.command.header, self.command.words, self.command.result
         beat = words.payload
-        events = self.events
+        events = Signal(CommandEffects)     # this cycle's responses and skipped words
 
         readable = Signal(32)
         writable = Signal(32)
@@ -150,6 +169,7 @@ class CommandExecutor(wiring.Component):
         beyond_window = (_ADDRESS_ONES << (self.page_shift + page_bits))[:64]
         unlimited = budget == c.MGMT_UNLIMITED_BUDGET
         payload_taken = Signal()
+        error_beat = words.valid & words.payload.error
 
         # --- Decode of the payload words, one per lane (C4, C5, C8) -------------------------
         decoded = Signal(self.bitmap_request.payload.shape())
@@ -176,7 +196,9 @@ class CommandExecutor(wiring.Component):
             with m.If(is_get):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
-                    operation.allowed.eq(valid & grantable & (unlimited | (position < budget))),
+                    operation.allowed.eq(valid & grantable &
+                                         (unlimited | (position < budget)) &
+                                         (position < self._grant_limit)),
                     operation.chained.eq(position != 0),
                     operation.tag.eq(Mux(valid, OpTag.GRANT,
                                          Mux(misaligned, OpTag.GRANT_MISALIGNED,
@@ -253,6 +275,16 @@ class CommandExecutor(wiring.Component):
             events.granted.eq(_count(grants)),
         ]
         m.d.sync += granted.eq(granted + events.granted)
+        # The command's totals, a clock behind its responses (timing): what a cycle adds
+        # is registered first.
+        totals = Signal(CommandEffects)
+        late = Signal(CommandEffects)
+        m.d.sync += late.eq(events)
+        for name in _PAGE_COUNTS:
+            m.d.sync += getattr(totals, name).eq(getattr(totals, name) + getattr(late, name))
+        effects = self.effects.payload
+        for name in _PAGE_COUNTS:
+            m.d.comb += getattr(effects, name).eq(getattr(totals, name) + getattr(late, name))
 
         # --- One command after the other ------------------------------------------------------
         code = beat.data[0]
@@ -267,15 +299,17 @@ class CommandExecutor(wiring.Component):
 
         with m.FSM():
             with m.State("Header"):
-                m.d.comb += header.ready.eq(1)
-                with m.If(header.valid):
+                m.d.comb += [header.ready.eq(~self.hold), self.idle.eq(1)]
+                with m.If(header.valid & ~self.hold):
                     m.d.sync += [
                         readable.eq(header.payload.readable),
                         writable.eq(header.payload.writable),
                         malformed.eq(1),
+                        granted.eq(0),
+                        totals.eq(0),
                     ]
                     with m.If(header.payload.readable == 0):
-                        m.next = "Result"
+                        m.next = "Finish"
                     with m.Else():
                         m.next = "Code"
 
@@ -288,38 +322,45 @@ class CommandExecutor(wiring.Component):
                         kind.eq(code[:2]),
                         addresses.eq(count),
                         index.eq(0),
-                        granted.eq(0),
                         refused.eq(0),
                         budget.eq(self.return_budget),
                     ]
-                    with m.If(well_formed):
+                    with m.If(error_beat):
+                        m.next = "Faulted"
+                    with m.Elif(well_formed):
                         m.next = "Payload"
                     with m.Elif(beat.last):
-                        m.next = "Result"
+                        m.next = "Finish"
                     with m.Else():
                         m.next = "Drain"
 
             with m.State("Payload"):
                 m.d.comb += [
                     words.ready.eq(~request_valid | self.bitmap_request.ready),
-                    payload_taken.eq(words.valid & words.ready),
+                    payload_taken.eq(words.valid & words.ready & ~words.payload.error),
                 ]
-                with m.If(payload_taken):
+                with m.If(error_beat & words.ready):
+                    m.next = "Faulted"
+                with m.Elif(payload_taken):
                     m.d.sync += index.eq(index + beat.count)
-                    with m.If(beat.last & is_get):
+                    with m.If(beat.last):
                         m.next = "Finish"
-                    with m.Elif(beat.last):
-                        m.next = "Result"
 
             with m.State("Finish"):
-                # K is final once the last operation has its response.
-                with m.If(~request_valid & (in_flight == 0)):
+                # K and the counts are final once the last operation has its response; the
+                # core has room for the effects before the result is offered.
+                with m.If(~request_valid & (in_flight == 0) & self.effects.ready):
                     m.next = "Result"
 
             with m.State("Drain"):
                 m.d.comb += words.ready.eq(1)
-                with m.If(words.valid & beat.last):
-                    m.next = "Result"
+                with m.If(error_beat):
+                    m.next = "Faulted"
+                with m.Elif(words.valid & beat.last):
+                    m.next = "Finish"
+
+            with m.State("Faulted"):
+                pass                            # until the core's abort resets us
 
             with m.State("Result"):
                 get_result = is_get & ~malformed
@@ -328,14 +369,14 @@ class CommandExecutor(wiring.Component):
                     result.payload.used_len.eq(Mux(get_result, 8, 0)),
                     result.payload.write_data.eq(granted),
                     result.payload.write_count.eq(Mux(get_result, 8, 0)),
+                    self.effects.valid.eq(result.ready),
+                    effects.cmd_malformed.eq(malformed),
+                    effects.cmd_give.eq(~malformed & is_give),
+                    effects.cmd_get.eq(~malformed & is_get),
+                    effects.cmd_exchange.eq(~malformed & is_exchange),
+                    effects.get_short.eq(~malformed & is_get & (granted < addresses)),
+                    effects.granted.eq(granted),
                 ]
                 with m.If(result.ready):
-                    m.d.comb += [
-                        events.cmd_malformed.eq(malformed),
-                        events.cmd_give.eq(~malformed & is_give),
-                        events.cmd_get.eq(~malformed & is_get),
-                        events.cmd_exchange.eq(~malformed & is_exchange),
-                        events.get_short.eq(~malformed & is_get & (granted < addresses)),
-                    ]
                     m.next = "Header"
         return m

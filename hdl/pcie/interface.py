@@ -123,6 +123,21 @@ class MsixSignature(wiring.Signature):
         })
 
 
+class IntxSignature(wiring.Signature):
+    """Legacy INTx (INTA) of the function, as two levels the device holds (C11).
+
+    ``pending``: an interrupt is pending in the function; it is the PCI Status register's
+    Interrupt Status bit, which Interrupt Disable does not affect. ``wanted``: INTA is to
+    be asserted (pending, and the command register's Interrupt Disable clear). The shim
+    turns ``wanted`` into the hard IP's assert/deassert handshake.
+    """
+    def __init__(self):
+        super().__init__({
+            "pending": In(1),
+            "wanted": In(1),
+        })
+
+
 class FunctionStatusSignature(wiring.Signature):
     """Command-register and device-control state of the function, and its resets.
 
@@ -134,6 +149,7 @@ class FunctionStatusSignature(wiring.Signature):
         super().__init__({
             "memory_enable": Out(1),
             "bus_master_enable": Out(1),
+            "interrupt_disable": Out(1),
             "max_payload": Out(3),
             "max_read_request": Out(3),
             "flr": Out(1),

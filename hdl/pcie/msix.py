@@ -45,15 +45,15 @@ class MsixTable(wiring.Component):
     bit is implemented; it resets to 1 (masked) as PCIe requires.
 
     Delivery (C11): a ``request`` for vector ``v`` sets its pending bit, unless MSI-X is
-    disabled: then it is dropped, since the function has no INTx to fall back to. A pending
-    vector is delivered once neither the function mask, its own mask bit nor a clear Bus
-    Master Enable stops it; its pending bit clears when the message starts, so a request
-    that comes during the message makes a new one, while repeated requests before it
-    make one message. Among deliverable vectors the engine goes round-robin, so a busy
-    queue cannot starve the others. A message the hard IP answers with ``fail`` was not
-    delivered: its vector becomes pending again (dropped if MSI-X is now disabled).
-    ``request.ready`` is always high: every request goes through the pending bits, so none
-    is lost while a message is in flight.
+    disabled: then it is dropped, since the event is in the ISR byte, which signals it by
+    INTx (``hdl/virtio/isr.py``). A pending vector is delivered once neither the function
+    mask, its own mask bit nor a clear Bus Master Enable stops it; its pending bit clears
+    when the message starts, so a request that comes during the message makes a new one,
+    while repeated requests before it make one message. Among deliverable vectors the
+    engine goes round-robin, so a busy queue cannot starve the others. A message the hard
+    IP answers with ``fail`` was not delivered: its vector becomes pending again (dropped
+    if MSI-X is now disabled). ``request.ready`` is always high: every request goes
+    through the pending bits, so none is lost while a message is in flight.
 
     Everything here (table, masks, PBA) resets with this block's own reset (PCIe reset,
     FLR), never with a virtio device reset (C9). The address and data words are a RAM and

@@ -13,8 +13,8 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .interface import (CompleterRequest, CompleterSignature, ConfigExtSignature, CplError,
-                        FunctionStatusSignature, MsixSignature, ReqKind, RequesterCompletion,
-                        RequesterKind, RequesterSignature)
+                        FunctionStatusSignature, IntxSignature, MsixSignature, ReqKind,
+                        RequesterCompletion, RequesterKind, RequesterSignature)
 
 #: tuser widths per data width (PG213 port tables; cocotbext-pcie ``interface.py``).
 _TUSER_WIDTHS = {
@@ -130,6 +130,10 @@ class UspShim(wiring.Component):
       an RC beat lasts two clocks, at 512 bits four); discontinue on its last beat marks
       the last neutral beat corrupt.
     - cfg_ext, MSI-X (external table), command/status and FLR map 1:1 for PF0.
+    - INTx: ``intx.wanted`` becomes INTA on ``cfg_interrupt_int[0]`` with PG213's
+      handshake (each edge waits for the previous one's ``cfg_interrupt_sent``);
+      ``cfg_interrupt_pending[0]`` (the Status register's Interrupt Status bit) is
+      ``intx.pending``, held up while INTA is.
 
     Attributes
     ----------
@@ -137,6 +141,7 @@ class UspShim(wiring.Component):
     requester : Out(RequesterSignature())
     cfg_ext : Out(ConfigExtSignature())
     msix : Out(MsixSignature())
+    intx : Out(IntxSignature())
     status : Out(FunctionStatusSignature())
     s_axis_cq_* ... cfg_flr_done
         PCIE4 user-logic ports, named and sized as in PG213.
@@ -196,6 +201,10 @@ class UspShim(wiring.Component):
             "cfg_interrupt_msix_sent": In(1),
             "cfg_interrupt_msix_fail": In(1),
             "cfg_interrupt_msi_function_number": Out(8),
+            # Legacy interrupt (INTA..INTD; PF0..PF3 pending)
+            "cfg_interrupt_int": Out(4),
+            "cfg_interrupt_pending": Out(4),
+            "cfg_interrupt_sent": In(1),
             # Function status and FLR
             "cfg_max_payload": In(2),
             "cfg_max_read_req": In(3),
@@ -207,6 +216,7 @@ class UspShim(wiring.Component):
             "requester": Out(RequesterSignature()),
             "cfg_ext": Out(ConfigExtSignature()),
             "msix": Out(MsixSignature()),
+            "intx": Out(IntxSignature()),
             "status": Out(FunctionStatusSignature()),
         })
 
@@ -619,8 +629,8 @@ class UspShim(wiring.Component):
                 ]
 
     def _config_and_interrupts(self, m):
-        """cfg_ext, MSI-X and function status for PF0."""
-        cfg_ext, msix, status = self.cfg_ext, self.msix, self.status
+        """cfg_ext, MSI-X, INTx and function status for PF0."""
+        cfg_ext, msix, intx, status = self.cfg_ext, self.msix, self.intx, self.status
         m.d.comb += [
             cfg_ext.read_received.eq(self.cfg_ext_read_received),
             cfg_ext.write_received.eq(self.cfg_ext_write_received),
@@ -632,9 +642,11 @@ class UspShim(wiring.Component):
             self.cfg_ext_read_data_valid.eq(cfg_ext.read_data_valid),
 
             # cfg_function_status per PF: bit 0 I/O enable, 1 memory enable, 2 bus master
-            # enable (no DMA while it is clear, C12); FLR resets the device (C9).
+            # enable (no DMA while it is clear, C12), 3 INTx disable (C11); FLR resets the
+            # device (C9).
             status.memory_enable.eq(self.cfg_function_status[1]),
             status.bus_master_enable.eq(self.cfg_function_status[2]),
+            status.interrupt_disable.eq(self.cfg_function_status[3]),
             status.max_payload.eq(self.cfg_max_payload),
             status.max_read_request.eq(self.cfg_max_read_req),
             status.flr.eq(self.cfg_flr_in_process[0]),
@@ -658,3 +670,21 @@ class UspShim(wiring.Component):
             m.d.sync += awaiting_answer.eq(0)
         with m.Elif(self.cfg_interrupt_msix_int):
             m.d.sync += awaiting_answer.eq(1)
+
+        # Legacy INTA (PG213 "Legacy Interrupt Mode"): the IP sends Assert_INTA for a
+        # rising edge of cfg_interrupt_int[0] and Deassert_INTA for a falling one, and
+        # answers each with one cycle of cfg_interrupt_sent; INTA must hold until then. So
+        # an edge waits for the previous one's answer, and a request shorter than that
+        # still makes an assert and a deassert. cfg_interrupt_pending[0] drives PF0's
+        # Interrupt Status bit; PG213 wants it up for as long as INTA is.
+        inta = Signal()
+        awaiting_sent = Signal()
+        with m.If(awaiting_sent):
+            with m.If(self.cfg_interrupt_sent):
+                m.d.sync += awaiting_sent.eq(0)
+        with m.Elif(intx.wanted != inta):
+            m.d.sync += [inta.eq(intx.wanted), awaiting_sent.eq(1)]
+        m.d.comb += [
+            self.cfg_interrupt_int.eq(inta),
+            self.cfg_interrupt_pending.eq(intx.pending | inta),
+        ]

@@ -94,7 +94,8 @@ def pcie_ip_config(params: DeviceParams, location: PcieLocation):
         "pf0_class_code_interface": f"{class_code & 0xFF:02X}",
         "PF0_CLASS_CODE": f"{class_code:06X}",
         # BAR0: 64-bit memory, not prefetchable (common configuration and ISR have read
-        # side effects, C2); no other BAR, no INTx (interrupts are MSI-X only, C11).
+        # side effects, C2); no other BAR. Interrupt pin INTA: with MSI-X disabled the
+        # ISR byte signals INTx (C11, hdl/virtio/isr.py).
         "pf0_bar0_enabled": "true",
         "pf0_bar0_type": "Memory",
         "pf0_bar0_64bit": "true",
@@ -103,7 +104,7 @@ def pcie_ip_config(params: DeviceParams, location: PcieLocation):
         "pf0_bar0_size": bar_size,
         "pf0_bar2_enabled": "false",
         "pf0_bar4_enabled": "false",
-        "PF0_INTERRUPT_PIN": "NONE",
+        "PF0_INTERRUPT_PIN": "INTA",
         # MSI-X with the table and PBA in BAR0, held by the RTL (hdl/pcie/msix.py, C11).
         "pf0_msi_enabled": "false",
         "pf0_msix_enabled": "true",
@@ -220,6 +221,7 @@ _SAME_NAME = [
     "cfg_ext_read_data", "cfg_ext_read_data_valid",
     "cfg_interrupt_msix_enable", "cfg_interrupt_msix_mask", "cfg_interrupt_msix_address",
     "cfg_interrupt_msix_data", "cfg_interrupt_msix_int", "cfg_interrupt_msi_function_number",
+    "cfg_interrupt_int", "cfg_interrupt_pending", "cfg_interrupt_sent",
     "cfg_max_payload", "cfg_max_read_req", "cfg_function_status", "cfg_flr_in_process",
     "cfg_flr_done", "user_clk", "user_reset",
 ]
@@ -269,6 +271,7 @@ def pcie_port_widths(data_width):
         "cfg_interrupt_msix_address": 64, "cfg_interrupt_msix_data": 32,
         "cfg_interrupt_msix_int": 1, "cfg_interrupt_msi_sent": 1, "cfg_interrupt_msi_fail": 1,
         "cfg_interrupt_msi_function_number": 8,
+        "cfg_interrupt_int": 4, "cfg_interrupt_pending": 4, "cfg_interrupt_sent": 1,
         "cfg_max_payload": 2, "cfg_max_read_req": 3, "cfg_function_status": 16,
         "cfg_flr_in_process": 4, "cfg_flr_done": 4,
         "user_clk": 1, "user_reset": 1, "user_lnk_up": 1,
@@ -282,7 +285,7 @@ def pcie_port_widths(data_width):
 
 #: PCIE4 inputs the design does not use, tied as an endpoint without those features
 #: needs them: (width, value). Configuration management, messages, flow-control
-#: readout, DSN, power management, legacy interrupts, error injection, VF FLR.
+#: readout, DSN, power management, MSI-X vector pending, error injection, VF FLR.
 PCIE_TIED_INPUTS = {
     "cfg_mgmt_addr": (10, 0), "cfg_mgmt_function_number": (8, 0), "cfg_mgmt_write": (1, 0),
     "cfg_mgmt_write_data": (32, 0), "cfg_mgmt_byte_enable": (4, 0), "cfg_mgmt_read": (1, 0),
@@ -293,7 +296,6 @@ PCIE_TIED_INPUTS = {
     "cfg_power_state_change_ack": (1, 1), "cfg_err_cor_in": (1, 0), "cfg_err_uncor_in": (1, 0),
     "cfg_vf_flr_func_num": (8, 0), "cfg_vf_flr_done": (1, 0),
     "cfg_link_training_enable": (1, 1), "cfg_config_space_enable": (1, 1),
-    "cfg_interrupt_int": (4, 0), "cfg_interrupt_pending": (4, 0),
     "cfg_interrupt_msix_vec_pending": (2, 0),
     "cfg_pm_aspm_l1_entry_reject": (1, 0), "cfg_pm_aspm_tx_l0s_entry_disable": (1, 0),
     "cfg_req_pm_transition_l23_ready": (1, 0), "cfg_hot_reset_in": (1, 0),

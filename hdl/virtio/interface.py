@@ -40,10 +40,15 @@ class CommandWords(data.Struct):
     later beat holds ``COMMAND_LANES`` words but the last, so payload word ``i`` is lane
     ``i % COMMAND_LANES`` of beat ``1 + i // COMMAND_LANES``. ``ceil(readable / 8)`` words
     follow each header (no beat when ``readable`` is 0); the last beat has ``last`` set and
-    its last word is zero-padded past the readable bytes."""
+    its last word is zero-padded past the readable bytes.
+
+    A beat with ``error`` says the rest of the command could not be read (C7): it is the
+    command's last, its words mean nothing, and no beat follows until the engine is
+    reset. The function must then not complete the command."""
     data: data.ArrayLayout(64, COMMAND_LANES)
     count: range(COMMAND_LANES + 1)
     last: 1
+    error: 1
 
 
 class CommandResult(data.Struct):

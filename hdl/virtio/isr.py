@@ -1,10 +1,11 @@
-"""The virtio ISR status byte (virtio 1.2 4.1.4.5)."""
+"""The virtio ISR status byte (virtio 1.2 4.1.4.5) and the legacy INTx it stands for."""
 
 from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In
 
 from ... import constants as c
+from ..pcie.interface import IntxSignature
 from ..regbus import RegBusSignature
 
 
@@ -14,12 +15,21 @@ class VirtioIsr(wiring.Component):
     ``set_queue``/``set_config`` pulses set the bits; a read of byte 0 returns them and
     clears them in the same access (read-clear), a bit set in that very cycle survives.
     ``clear`` (virtio reset, C9) clears both.
+
+    INTx (C11, virtio 1.2 4.1.5.3): with MSI-X disabled a non-zero byte is a pending
+    legacy interrupt (``intx.pending``, the PCI Status register's Interrupt Status bit),
+    and INTA is wanted while the command register's Interrupt Disable is clear
+    (``intx.wanted``); the driver's clearing read ends both. With MSI-X enabled the bits
+    are still set, and the messages go through the MSI-X table instead.
     """
 
     bus: In(RegBusSignature(10))
     set_queue: In(1)
     set_config: In(1)
     clear: In(1)
+    msix_enable: In(1)
+    interrupt_disable: In(1)
+    intx: In(IntxSignature())
 
     def elaborate(self, platform):
         m = Module()
@@ -41,4 +51,10 @@ class VirtioIsr(wiring.Component):
             m.d.sync += status.eq(set_bits)
         with m.Else():
             m.d.sync += status.eq(status | set_bits)
+
+        pending = status.any() & ~self.msix_enable
+        m.d.comb += [
+            self.intx.pending.eq(pending),
+            self.intx.wanted.eq(pending & ~self.interrupt_disable),
+        ]
         return m

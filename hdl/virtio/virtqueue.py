@@ -40,6 +40,8 @@ def _fifo(m, name, shape, depth, producer, consumer, reset):
 #: Readable segments walked ahead of the data reads, at most: a chain of more readable
 #: buffers than the queue holds is walked twice (``ChainWalker``).
 READABLE_QUEUE_DEPTH = 32
+#: Used elements published in one ``used->idx`` write, at most.
+USED_BATCH = 8
 #: The ReadPort's clients, first served first.
 _READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "data_fetcher")
 #: Entries of an indirect table the ChainWalker reads at once: a table of up to 8 costs
@@ -102,10 +104,16 @@ class VirtqueueEngine(wiring.Component):
         is written before.
     fault : Out(1)
         Pulse: a C7 ring fault, of kind ``fault_kind``; the queue stops (no DMA) until
-        ``reset``. A fault in the ring ahead of the function is raised once the commands
-        before it are completed and published, or parked (the faulting chain never
-        reaches the function); a DMA fault while a command is read or completed stops at
-        once, and that command stays unfinished.
+        ``reset``. A fault in the ring ahead of the function, or a failed read of a
+        command's data, is raised once the commands before it are completed and
+        published, or parked (a faulting chain never reaches the function; a command
+        whose data failed gets an ``error`` word beat and is never completed); a failed
+        write, or a failed suppression read, stops at once, with whatever is unpublished
+        left unpublished.
+    committed : Out(range(USED_BATCH + 1))
+        Commands whose used elements the host now sees (a ``used->idx`` write handed to
+        the hard IP): the function commits them (C7). Zero for writes started before a
+        ``reset``.
     fault_kind : Out(c.RingFault)
         The kind of the last fault; NONE after ``reset``.
     reset : In(1)
@@ -140,7 +148,7 @@ class VirtqueueEngine(wiring.Component):
         self.data_fetcher = DataFetcher(buffer_depth=data_buffer_depth,
                                         max_in_flight=max_in_flight)
         self.realigner = Realigner()
-        self.used_writer = UsedWriter(parking=parking)
+        self.used_writer = UsedWriter(max_batch=USED_BATCH, parking=parking)
         if parking:
             self.parked_heads = ParkedHeads(depth=params.max_queue_size)
         super().__init__({
@@ -154,6 +162,7 @@ class VirtqueueEngine(wiring.Component):
             "interrupt": Out(1),
             "fault": Out(1),
             "fault_kind": Out(c.RingFault),
+            "committed": Out(range(USED_BATCH + 1)),
             "reset": In(1),
             "busy": Out(1),
         })
@@ -270,14 +279,18 @@ class VirtqueueEngine(wiring.Component):
             m.d.sync += [avail_fault.eq(1), avail_kind.eq(avail.fault_kind)]
         # FIFO levels, not their outputs, which lag behind a write.
         completed = (header_queue.level == 0) & (completion_queue.level == 0) & used.idle
-        read_error = Signal()
-        for name in ("used_writer", "data_fetcher"):
-            response = read_port.responses[_READ_CLIENTS.index(name)]
-            with m.If(response.valid & response.payload.error):
-                m.d.comb += read_error.eq(1)
+        suppression = read_port.responses[_READ_CLIENTS.index("used_writer")]
+        suppression_error = suppression.valid & suppression.payload.error
+        # A command's data could not be read: the function has its error beat, and every
+        # command before it is published once the UsedWriter is idle.
+        data_error = Signal()
+        words = self.command.words
+        with m.If(words.valid & words.ready & words.payload.error):
+            m.d.sync += data_error.eq(1)
         faults = (
             (write_port.error, c.RingFault.DMA_WRITE),
-            (read_error, c.RingFault.DMA_READ),
+            (suppression_error, c.RingFault.DMA_READ),
+            (data_error & used.idle, c.RingFault.DMA_READ),
             # A chain changed under its second walk: its header is out already.
             (walker.fault & walker.header_sent, walker.fault_kind),
             (walker_fault & completed, walker_kind),
@@ -290,6 +303,7 @@ class VirtqueueEngine(wiring.Component):
                 self.fault_kind.eq(c.RingFault.NONE),
                 walker_fault.eq(0),
                 avail_fault.eq(0),
+                data_error.eq(0),
             ]
         with m.Elif(~stopped):
             for index, (detected, kind) in enumerate(faults):
@@ -299,6 +313,15 @@ class VirtqueueEngine(wiring.Component):
                         self.fault.eq(1),
                         self.fault_kind.eq(kind),
                     ]
+
+        # --- C7: commits, except of writes a reset left behind ---------------------------
+        stale = Signal()
+        with m.If(self.reset):
+            m.d.sync += stale.eq(1)
+        with m.Elif(write_port.idle):
+            m.d.sync += stale.eq(0)
+        with m.If(write_port.published & ~stale & ~self.reset):
+            m.d.comb += self.committed.eq(used.batch)
 
         m.d.comb += [
             self.interrupt.eq(used.interrupt),

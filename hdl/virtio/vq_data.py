@@ -12,10 +12,12 @@ from .vq_read_port import ReadRequest, ReadResponse
 
 class DataBeat(data.Struct):
     """``count`` (1..``DMA_READ_BEAT_BYTES``) readable bytes of a command (byte 0 = bits
-    7..0), as read from one buffer; ``end`` marks the command's last beat."""
+    7..0), as read from one buffer; ``end`` marks the command's last beat. A beat with
+    ``error`` stands for a read that failed (C7): nothing valid follows it."""
     data: 8 * DMA_READ_BEAT_BYTES
     count: range(DMA_READ_BEAT_BYTES + 1)
     end: 1
+    error: 1
 
 
 class DataFetcher(wiring.Component):
@@ -30,6 +32,10 @@ class DataFetcher(wiring.Component):
     words, per clock). Credits and reads count ``DMA_READ_BEAT_BYTES`` beats. A segment
     is read in pieces that are whole beats but for its last one, so only a segment's
     final beat is partial.
+
+    A failed read (C7) puts one ``error`` beat in the buffer where its data would have
+    been, and nothing after it: the commands whose data is all before it still execute
+    (and are published before the queue stops), the one it belongs to never completes.
 
     Attributes
     ----------
@@ -69,6 +75,7 @@ class DataFetcher(wiring.Component):
         remaining = Signal(32)
         last_segment = Signal()
         arrived = Signal(DataBeat)
+        failed = Signal()                           # a read failed: buffer nothing more
 
         beat_bits = (DMA_READ_BEAT_BYTES - 1).bit_length()
         # Beats of the rest of the segment, and whether they fit one read: kept in registers
@@ -91,10 +98,13 @@ class DataFetcher(wiring.Component):
             arrived.data.eq(self.response.payload.data),
             arrived.count.eq(self.response.payload.count),
             arrived.end.eq(self.response.payload.mark & self.response.payload.last),
-            # A failed read stops the queue (C7, the engine sees it): nothing to buffer.
-            buffer.w_en.eq(self.response.valid & ~self.response.payload.error),
+            arrived.error.eq(self.response.payload.error),
+            # Credits cover every beat of a read, so the error beat always has room.
+            buffer.w_en.eq(self.response.valid & ~failed),
             buffer.w_data.eq(arrived),
         ]
+        with m.If(arrive & self.response.payload.error):
+            m.d.sync += failed.eq(1)
         m.d.sync += [
             credits.eq(credits - Mux(issue, piece_beats, 0) + take),
             in_flight.eq(in_flight + Mux(issue, piece_beats, 0) - arrive),

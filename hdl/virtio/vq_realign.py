@@ -22,6 +22,8 @@ class Realigner(wiring.Component):
     short of a beat (up to 15) wait for the next data beat, so full data beats keep one
     beat of words a clock at any residue; a command's last word is zero-padded. A data
     beat that ends a command with more than a beat of words left costs one extra clock.
+    A data beat with ``error`` becomes a word beat with ``error`` and ``last`` (C7): the
+    command's held bytes are dropped.
 
     Attributes
     ----------
@@ -58,11 +60,12 @@ class Realigner(wiring.Component):
         with m.If(self.words.ready):
             m.d.sync += self.words.valid.eq(0)
 
-        def send(value, count, last):
+        def send(value, count, last, error=0):
             m.d.sync += [
                 words.data.eq(value),
                 words.count.eq(count),
                 words.last.eq(last),
+                words.error.eq(error),
                 self.words.valid.eq(1),
             ]
 
@@ -81,7 +84,14 @@ class Realigner(wiring.Component):
         with m.Else():
             m.d.comb += self.beats.ready.eq(can_load)
             with m.If(self.beats.valid & can_load):
-                with m.If(beat.end & (total <= need)):
+                with m.If(beat.error):
+                    send(0, 0, last=1, error=1)
+                    m.d.sync += [
+                        held.eq(0),
+                        held_count.eq(0),
+                        first.eq(1),
+                    ]
+                with m.Elif(beat.end & (total <= need)):
                     send(joined[:8 * LANE_BYTES], words_of(total), last=1)
                     m.d.sync += [
                         held.eq(0),

@@ -52,6 +52,9 @@ class UsedWriter(wiring.Component):
         With ``parking``: heads of parked commands, in command order.
     used_idx : Out(16)
         The next used element's index (counts modulo 2**16).
+    batch : Out(range(max_batch + 1))
+        Used elements the last ``used->idx`` write published (marked ``publish`` for
+        the ``WritePort``: once it is done, the commands are committed, C7).
     interrupt : Out(1)
         Pulse: send a used-buffer notification.
     idle : Out(1)
@@ -72,6 +75,7 @@ class UsedWriter(wiring.Component):
             "read": Out(stream.Signature(ReadRequest)),
             "response": In(stream.Signature(ReadResponse)),
             "used_idx": Out(16),
+            "batch": Out(range(max_batch + 1)),
             "interrupt": Out(1),
             "idle": Out(1),
         }
@@ -186,11 +190,13 @@ class UsedWriter(wiring.Component):
                     self.write.payload.address.eq(config.device + 2),
                     self.write.payload.length.eq(2),
                     self.write.payload.data.eq(used_idx),
+                    self.write.payload.publish.eq(1),
                 ]
                 with m.If(self.write.ready):
                     m.d.sync += [
                         old_idx.eq(used_idx - unpublished),
                         new_idx.eq(used_idx),
+                        self.batch.eq(unpublished),
                         unpublished.eq(0),
                     ]
                     m.next = "Wait-Write"

@@ -2,16 +2,19 @@
 
 from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from ..pcie.interface import DmaWriteBeat, DmaWriteCommand, DmaWriteDone
 
 
 class WriteRequest(data.Struct):
-    """Write ``length`` (1..16) bytes of ``data`` (byte 0 = bits 7..0) at ``address``."""
+    """Write ``length`` (1..16) bytes of ``data`` (byte 0 = bits 7..0) at ``address``;
+    ``publish``: its successful done is reported on ``WritePort.published``."""
     address: 64
     length: 5
     data: 128
+    publish: 1
 
 
 class WritePort(wiring.Component):
@@ -37,6 +40,9 @@ class WritePort(wiring.Component):
         its done is still awaited.
     error : Out(1)
         Pulse: a write failed (C7), unless halted.
+    published : Out(1)
+        Pulse: a write marked ``publish`` was handed to the hard IP without error (also
+        while halted: the host has it).
     idle : Out(1)
         Every write taken has been handed to the hard IP.
     busy : Out(1)
@@ -54,6 +60,7 @@ class WritePort(wiring.Component):
             "allow": In(1),
             "halt": In(1),
             "error": Out(1),
+            "published": Out(1),
             "idle": Out(1),
             "busy": Out(1),
         })
@@ -108,6 +115,14 @@ class WritePort(wiring.Component):
                     ]
 
         m.d.sync += outstanding.eq(outstanding + cmd_fire - done_fire)
+        # Dones come in command order: the publish flags of the outstanding writes.
+        m.submodules.flags = flags = SyncFIFO(width=1, depth=self._max_writes)
+        m.d.comb += [
+            flags.w_en.eq(cmd_fire),
+            flags.w_data.eq(held.publish),
+            flags.r_en.eq(done_fire),
+            self.published.eq(done_fire & flags.r_data & ~self.write_done.payload.error),
+        ]
         m.d.comb += [
             self.idle.eq(~held_valid & (outstanding == 0)),
             self.busy.eq(~self.idle),

@@ -19,7 +19,10 @@ from memballoon.params import DeviceParams
 from memballoon.lspci import format_dump, parse_lspci, read_config_space, run_lspci
 from memballoon.tb.cfg_ext import CfgExtTimeout
 from memballoon.tb.harness import MemballoonTb
+from memballoon.tb.intx import ASSERT_INTA, DEASSERT_INTA
 from memballoon.tb.runner import params_from_env, run_cocotb
+from memballoon.tb.scenarios import cmd
+from memballoon.virtio_memballoon import DeviceNeedsReset, VirtioMemballoon
 from memballoon.virtio_pci_modern import FeaturesNotAccepted, VirtioPciModernDevice
 
 from cocotbext.pcie.core.caps import PciCapId
@@ -566,6 +569,140 @@ async def msix_no_vector(dut):
     assert await tb.mgmt_read(c.MGMT_MSIX_SENT) == 0
     assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG
     assert await vdev.vp_modern_isr() == 0
+    await finish(tb)
+
+
+# --- C11 INTx ----------------------------------------------------------------------------
+
+PAGE = c.page_size_of_feature(c.VIRTIO_MEMBALLOON_F_4K)
+
+
+async def intx_driver(tb, be):
+    """The memballoon driver probed with no MSI-X vectors from the platform (``pci=nomsi``),
+    so on INTx, and nothing pending on it."""
+    be.nomsi = True
+    vb = VirtioMemballoon(be)
+    await vb.virtballoon_probe(page_size=PAGE, queue_size=16)
+    assert vb.vdev.intx_enabled
+    await be.sleep(QUIET_TIME)
+    await vb.vdev.vp_interrupt()
+    assert await tb.intx.wait_level(False, IRQ_TIMEOUT)
+    return vb
+
+
+async def interrupt_status(be):
+    """The Status register's Interrupt Status bit."""
+    return bool(await be.config_read(c.PCI_STATUS, 2) & c.PCI_STATUS_INTERRUPT)
+
+
+def message_names(tb, since=0):
+    return [name for name, _ in tb.intx.messages[since:]]
+
+
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def intx_fallback(dut):
+    """C11: without MSI-X vectors the driver falls back to INTx (Interrupt Pin INTA, every
+    vector NO_VECTOR, MSI-X disabled in its capability). A todevq command's used buffer
+    asserts INTA (Assert_INTA, Interrupt Status set), the ISR read deasserts it
+    (Deassert_INTA, Interrupt Status clear); a host reset request asserts it with the
+    ISR's configuration bit and the driver resets the device; commands wait on INTx.
+    Every edge of cfg_interrupt_int waited for cfg_interrupt_sent (harness check)."""
+    tb, be, _ = await setup(dut)
+    assert await be.config_read(c.PCI_INTERRUPT_PIN, 1) == c.PCI_INTERRUPT_PIN_INTA
+    vb = await intx_driver(tb, be)
+    vdev = vb.vdev
+    assert await vdev.common.ioread(c.VIRTIO_PCI_COMMON_MSIX, 2) == c.VIRTIO_MSI_NO_VECTOR
+    for q in vdev.queues:
+        assert (await read_common(vdev, q.index))["queue_msix_vector"] == \
+            c.VIRTIO_MSI_NO_VECTOR
+    msix_pos = await vdev.find_capability(c.PCI_CAP_ID_MSIX)
+    assert not await be.config_read(msix_pos + c.PCI_MSIX_FLAGS, 2) & c.PCI_MSIX_FLAGS_ENABLE
+    assert not await interrupt_status(be)
+
+    since = len(tb.intx.messages)
+    await vb.todev_vq.virtqueue_add_outbuf([cmd(c.VIRTIO_MEMBALLOON_GCMD_GIVE_PAGES, PAGE)],
+                                           "give")
+    await vb.todev_vq.virtqueue_kick()
+    assert await tb.intx.wait_level(True, IRQ_TIMEOUT), "no Assert_INTA for the used buffer"
+    assert await interrupt_status(be)
+    assert await vb.todev_vq.virtqueue_get_buf() == ("give", 0)
+    assert await vdev.vp_interrupt() == c.VIRTIO_PCI_ISR_QUEUE
+    assert await tb.intx.wait_level(False, IRQ_TIMEOUT), "no Deassert_INTA after the ISR read"
+    assert not await interrupt_status(be)
+    assert message_names(tb, since) == [ASSERT_INTA, DEASSERT_INTA]
+
+    # The driver's own commands wait on INTx.
+    await vb.give_pages([2 * PAGE, 3 * PAGE])
+    assert await vb.get_pages([2 * PAGE]) == [2 * PAGE]
+
+    await be.sleep(QUIET_TIME)
+    await vdev.vp_interrupt()
+    assert await tb.intx.wait_level(False, IRQ_TIMEOUT)
+    since = len(tb.intx.messages)
+    await request_config_change(tb)
+    assert await tb.intx.wait_level(True, IRQ_TIMEOUT), "no Assert_INTA for the config change"
+    assert await vdev.vp_interrupt() == c.VIRTIO_PCI_ISR_CONFIG
+    assert await tb.intx.wait_level(False, IRQ_TIMEOUT)
+    assert message_names(tb, since) == [ASSERT_INTA, DEASSERT_INTA]
+    with pytest.raises(DeviceNeedsReset):
+        await vb.give_pages([4 * PAGE])
+    await vb.reset()
+    await vb.give_pages([5 * PAGE])
+    assert await tb.mgmt_read(c.MGMT_BALLOON_PAGES) == 1
+    assert await tb.mgmt_read(c.MGMT_MSIX_SENT) == 0
+    await finish(tb)
+
+
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def intx_interrupt_disable(dut):
+    """PCI: with Interrupt Disable set (command bit 10, cfg_function_status bit 3) the RTL
+    keeps cfg_interrupt_int low while the ISR byte is set, and the Interrupt Status bit
+    still shows the pending interrupt; clearing Interrupt Disable asserts INTA again,
+    setting it while asserted deasserts it."""
+    tb, be, _ = await setup(dut)
+    vb = await intx_driver(tb, be)
+    command = await be.config_read(c.PCI_COMMAND, 2)
+    disabled = command | c.PCI_COMMAND_INTX_DISABLE
+    await be.config_write(c.PCI_COMMAND, disabled, 2)
+    since, edges = len(tb.intx.messages), tb.intx.edges
+    await request_config_change(tb)
+    for _ in range(100):
+        if await interrupt_status(be):
+            break
+    else:
+        raise AssertionError("Interrupt Status not set for the pending config change")
+    await be.sleep(QUIET_TIME)
+    assert not tb.intx.asserted and tb.intx.edges == edges, "INTA raised under Interrupt Disable"
+    assert await interrupt_status(be)
+    await be.config_write(c.PCI_COMMAND, command, 2)
+    assert await tb.intx.wait_level(True, IRQ_TIMEOUT), "INTA not asserted after the enable"
+    assert tb.intx.edges == edges + 1                  # the RTL raised it, not the model
+    await be.config_write(c.PCI_COMMAND, disabled, 2)
+    assert not tb.intx.asserted                         # the IP's Deassert_INTA
+    await be.sleep(QUIET_TIME)
+    assert tb.intx.edges == edges + 2                   # and the RTL dropped its request
+    await be.config_write(c.PCI_COMMAND, command, 2)
+    assert await tb.intx.wait_level(True, IRQ_TIMEOUT)
+    assert await vb.vdev.vp_interrupt() == c.VIRTIO_PCI_ISR_CONFIG
+    assert await tb.intx.wait_level(False, IRQ_TIMEOUT)
+    assert message_names(tb, since) == [ASSERT_INTA, DEASSERT_INTA] * 2
+    await finish(tb)
+
+
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def intx_not_with_msix(dut):
+    """C11: with MSI-X enabled used buffers and configuration changes are MSI-X messages;
+    INTA is never asserted, cfg_interrupt_int never moves, no Interrupt Status."""
+    tb, be, _ = await setup(dut)
+    vb = VirtioMemballoon(be)
+    await vb.virtballoon_probe(page_size=PAGE, queue_size=16)
+    assert not vb.vdev.intx_enabled
+    await vb.give_pages([PAGE, 2 * PAGE])
+    await request_config_change(tb)
+    await be.wait_irq(0, IRQ_TIMEOUT)
+    assert not await interrupt_status(be)
+    assert await vb.vdev.vp_modern_isr() != 0       # the ISR bits are set all the same
+    assert tb.intx.edges == 0 and tb.intx.messages == []
     await finish(tb)
 
 
