@@ -28,6 +28,7 @@ from cocotbext.pcie.core.tlp import Tlp, TlpType
 from cocotbext.pcie.core.utils import PcieId
 
 from memballoon import constants as c
+from memballoon.hdl.pcie.dma import COMPLETION_TIMEOUT_CYCLES
 from memballoon.virtio_memballoon import DeviceNeedsReset
 from memballoon.virtio_ring import VringDesc
 
@@ -85,6 +86,7 @@ class SimRig(Rig):
         for start, end, how in self._read_faults:
             if addr < end and start < addr + length:
                 if how == "timeout":
+                    cocotb.start_soon(self._timed_out(tlp))
                     return
                 make = Tlp.create_ur_completion_for_tlp if how == "UR" else \
                     Tlp.create_ca_completion_for_tlp
@@ -104,6 +106,15 @@ class SimRig(Rig):
         if not msi:
             self.dma_log.append(("w", addr, length))
         await self._write(tlp)
+
+    async def _timed_out(self, tlp):
+        """A request the host never answers: once the device's completion timeout has
+        passed (3/4 of it at the earliest) its tag is the device's again, as PCIe lets a
+        requester reuse it; the model stops tracking it then, not before."""
+        await ClockCycles(self.tb.dut.user_clk, COMPLETION_TIMEOUT_CYCLES * 3 // 4)
+        dev = self.tb.dev
+        dev.active_request[tlp.tag] = None
+        dev.cpld_credit_count = max(dev.cpld_credit_count - tlp.get_data_credits(), 0)
 
     def fail_reads(self, addr, length, how="UR"):
         if how not in ("UR", "CA", "timeout"):

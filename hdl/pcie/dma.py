@@ -92,6 +92,10 @@ def _request_fields(address, length):
     return dwords[:11], Mux(single, first_be & last_be, first_be), Mux(single, 0, last_be)
 
 
+#: The completion timeout's default, in user_clk cycles (524 us at 250 MHz: PCIe's range
+#: A, 50 us to 10 ms).
+COMPLETION_TIMEOUT_CYCLES = 2 ** 17
+
 class _TagEntry(data.Struct):
     """What the engine keeps of the read request (or failed-command marker) on one tag."""
     line: 10                    # first completion-buffer line of its slice
@@ -144,7 +148,7 @@ class DmaEngine(wiring.Component):
         not more).
     """
 
-    def __init__(self, *, timeout_cycles=2**17, read_buffer_bytes=8192):
+    def __init__(self, *, timeout_cycles=COMPLETION_TIMEOUT_CYCLES, read_buffer_bytes=8192):
         if timeout_cycles < 8:
             raise ValueError(f"timeout_cycles must be at least 8, not {timeout_cycles}")
         if read_buffer_bytes not in (4096, 8192):

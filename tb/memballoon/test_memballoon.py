@@ -104,7 +104,8 @@ async def index_wrap(dut):
 REGULAR_TESTS = [f"name={name}" for name in SCENARIOS] + [f"seed={seed}" for seed in SEEDS]
 SMOKE_TESTS = ["name=commands", "name=malformed", "name=framing", "name=min_balloon_held",
                "name=fault_dma_read_ur", "name=fault_chain_loop", "name=reset_under_load",
-               "name=dma_discipline", "seed=0"]
+               "name=dma_discipline", "name=atomic_get_pages_addresses", "name=intx_fallback",
+               "seed=0"]
 
 
 @pytest.mark.parametrize("data_width", [512, 256])
