@@ -55,7 +55,8 @@ class _CollectedSends:
 
 class HostLatency:
     """Memory reads of root complex ``rc`` answered after ``latency`` ns (see the module
-    docstring); ``requests`` counts the reads answered so far."""
+    docstring); ``requests`` counts the reads taken so far, ``pending`` those whose
+    answer is not sent in full yet."""
 
     def __init__(self, rc, rng, latency=0, bandwidth=None):
         if bandwidth is not None and bandwidth <= 0:
@@ -65,6 +66,7 @@ class HostLatency:
         self.latency = latency
         self.bandwidth = bandwidth
         self.requests = 0
+        self.pending = 0
         self._path_free_ps = 0
         for fmt_type in (TlpType.MEM_READ, TlpType.MEM_READ_64):
             rc.register_rx_tlp_handler(fmt_type, self.handle_mem_read_tlp)
@@ -99,6 +101,7 @@ class HostLatency:
         """Send ``completions`` (answers to request ``tlp``, in order) after its latency."""
         due = get_sim_time("ps") + self._latency_ps(tlp)
         self.requests += 1
+        self.pending += 1
         cocotb.start_soon(self._send(due, completions))
 
     async def _send(self, due, completions):
@@ -110,6 +113,7 @@ class HostLatency:
                     cpl.get_payload_size() * PS_PER_NS / self.bandwidth)
                 await self._until(start)
             await self.rc.send(cpl)
+        self.pending -= 1
 
     @staticmethod
     async def _until(when_ps):
