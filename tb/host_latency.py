@@ -55,8 +55,7 @@ class _CollectedSends:
 
 class HostLatency:
     """Memory reads of root complex ``rc`` answered after ``latency`` ns (see the module
-    docstring); ``requests`` counts the reads taken so far, ``pending`` those whose
-    answer is not sent in full yet."""
+    docstring); ``pending`` counts the reads whose answer is not sent in full yet."""
 
     def __init__(self, rc, rng, latency=0, bandwidth=None):
         if bandwidth is not None and bandwidth <= 0:
@@ -65,7 +64,6 @@ class HostLatency:
         self.rng = rng
         self.latency = latency
         self.bandwidth = bandwidth
-        self.requests = 0
         self.pending = 0
         self._path_free_ps = 0
         for fmt_type in (TlpType.MEM_READ, TlpType.MEM_READ_64):
@@ -100,7 +98,6 @@ class HostLatency:
     def complete(self, tlp, completions):
         """Send ``completions`` (answers to request ``tlp``, in order) after its latency."""
         due = get_sim_time("ps") + self._latency_ps(tlp)
-        self.requests += 1
         self.pending += 1
         cocotb.start_soon(self._send(due, completions))
 
