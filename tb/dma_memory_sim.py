@@ -2,9 +2,11 @@
 
 The model plays the DMA engine's side of ``hdl/pcie/interface.py``: reads are answered in
 command order with byte-packed beats (``DMA_READ_BEAT_BYTES`` each, at most one a clock,
-the last one ``count``), writes take ``ceil(length / 8)`` beats and answer one
-``DmaWriteDone``. Latency, backpressure and idle beats are random (seeded by the
-caller); reads or writes that touch an address range marked as failing fail as the
+the last one ``count``), as the engine's client port delivers them (the engine puts the
+host's out-of-order completions back in order; ``tests/test_dma.py``'s host sends them out
+of order), writes take ``ceil(length / 8)`` beats and answer one ``DmaWriteDone``.
+Latency (by default a server's, ``SERVER_READ_LATENCY_CYCLES``), backpressure and idle
+beats are random (seeded by the caller); reads or writes that touch an address range marked as failing fail as the
 docstrings say (a read ends early with an error beat, a write writes nothing and reports
 ``error``). It checks the client's side of the streams (payload held while ``valid`` and
 not ``ready``, ``last`` on the right beat) and logs every command with its cycle.
@@ -14,6 +16,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..hdl.pcie.interface import DMA_READ_BEAT_BYTES
+
+#: A server answers a device's read after roughly 400-1000 ns (Neugebauer et al., SIGCOMM
+#: 2018: about 500 ns median on Xeon): in user_clk cycles at 250 MHz.
+SERVER_READ_LATENCY_CYCLES = (100, 250)
 
 
 @dataclass
@@ -56,8 +62,8 @@ class DmaMemory:
     streams not ready. ``reads`` and ``writes`` log the commands; ``cycle`` counts clocks.
     """
 
-    def __init__(self, port, memory, rng, *, read_latency=(1, 16), done_latency=(0, 6),
-                 stall=0.2, idle=0.2, partial_reads="random"):
+    def __init__(self, port, memory, rng, *, read_latency=SERVER_READ_LATENCY_CYCLES,
+                 done_latency=(0, 6), stall=0.2, idle=0.2, partial_reads="random"):
         self.port = port
         self.memory = memory
         self.rng = rng

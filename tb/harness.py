@@ -7,13 +7,18 @@ cocotbext-pcie ``RootComplex`` and an ``UltraScalePlusPcieDevice`` configured fr
 cfg_ext window of ``tb/cfg_ext.py``; INTA of ``tb/intx.py``), connects the DUT by port prefixes, and keeps idle
 and backpressure inserters running on every AXI stream and on the AXI4-Lite management
 master for the whole test. The model drives ``user_clk`` (250 MHz) and ``user_reset`` as
-the hard IP does.
+the hard IP does. The root complex answers memory reads after a host's latency
+(``tb/host_latency.py``): by default a random one per request, ``TEST_HOST_LATENCY_NS``,
+drawn from the test's seed (``tb/seed.py``: a CRC of the cocotb test's name, ``SEED=n``
+replays), which the log names.
 """
 
 import itertools
 import logging
+import random
 import time
 
+from cocotb.task import current_task
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
 from cocotb.utils import get_sim_time
 from cocotbext.axi import AxiLiteBus, AxiLiteMaster, AxiStreamBus
@@ -28,7 +33,9 @@ from memballoon.backend_sim import SimBackend
 from memballoon.params import DeviceParams
 
 from .cfg_ext import CfgExtWindow
+from .host_latency import HostLatency
 from .intx import IntxWire
+from .seed import seed_for
 
 __all__ = ["MemballoonTb", "pause_pattern"]
 
@@ -37,6 +44,10 @@ LINK_CONFIG = {512: (3, 16), 256: (3, 8)}
 USER_CLK_FREQUENCY = 250e6
 #: Largest payload the modelled hard IP supports (PCIe Device Capabilities).
 MAX_PAYLOAD_SIZE = 512
+#: The host's memory read latency in tests (ns, uniform per request): a server's
+#: 400-1000 ns and shorter, so that completions of different requests often overtake
+#: each other.
+TEST_HOST_LATENCY_NS = (50, 1000)
 
 
 def pause_pattern(period, paused):
@@ -50,9 +61,11 @@ BACKPRESSURE_PATTERNS = {"cc": (7, 3), "rq": (3, 1), "b": (4, 1), "r": (5, 2)}
 
 
 class MemballoonTb:
-    """One DUT instance with its PCIe host and management master."""
+    """One DUT instance with its PCIe host and management master; ``host_latency`` and
+    ``host_bandwidth`` are :class:`~memballoon.tb.host_latency.HostLatency`'s."""
 
-    def __init__(self, dut, params: DeviceParams):
+    def __init__(self, dut, params: DeviceParams, host_latency=TEST_HOST_LATENCY_NS,
+                 host_bandwidth=None):
         self.dut = dut
         self.params = params
         self.log = logging.getLogger("cocotb.tb")
@@ -60,6 +73,11 @@ class MemballoonTb:
 
         generation, lanes = LINK_CONFIG[params.data_width]
         self.rc = RootComplex()
+        self.seed = seed_for(current_task().get_name())
+        self.host = HostLatency(self.rc, random.Random(self.seed), host_latency,
+                                host_bandwidth)
+        self.log.info("host: %s, seed %d (SEED=%d replays)", self.host.describe(),
+                      self.seed, self.seed)
         self.dev = UltraScalePlusPcieDevice(
             pcie_generation=generation,
             pcie_link_width=lanes,

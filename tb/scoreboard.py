@@ -10,6 +10,12 @@ RQ interface from the last read of a given range on, waits for the device to pre
 write there, and then drops Bus Master Enable: that write is dropped by the hard IP and
 the next one cannot be issued.
 
+SimRig wraps the read handler of the harness's host (``tb/host_latency.py``), so it sees
+every read when it arrives, before the host's latency: ``dma_log`` is in the order the
+device sent its requests. An injected UR or CA answer goes out after the request's host
+latency, as the host's own answer would (:meth:`HostLatency.complete`); a timed-out read
+is never answered.
+
 :class:`Lockstep` drives two rigs with the same operations, each through its own driver
 model, and after every step compares what the contract fixes: the bitmap (read over the
 management port), ``balloon_pages``, the balloon counters, device status, fault info and
@@ -38,8 +44,9 @@ from .scenarios import Rig
 
 __all__ = ["SimRig", "Lockstep", "ScoreboardMismatch", "random_stream"]
 
-#: user_clk cycles :meth:`SimRig.settle` lets pass (the device finishing a used-ring
-#: update or an interrupt after the driver saw the buffer).
+#: user_clk cycles in a row :meth:`SimRig.settle` lets pass with no read waiting for the
+#: host (the device finishing a used-ring update or an interrupt after the driver saw the
+#: buffer; a request that follows an answer comes well within them).
 SETTLE_CYCLES = 200
 #: How many times a comparison settles and looks again before it calls a difference real.
 SETTLE_TRIES = 20
@@ -90,7 +97,7 @@ class SimRig(Rig):
                     return
                 make = Tlp.create_ur_completion_for_tlp if how == "UR" else \
                     Tlp.create_ca_completion_for_tlp
-                await self.tb.rc.send(make(tlp, PcieId(0, 0, 0)))
+                self.tb.host.complete(tlp, [make(tlp, PcieId(0, 0, 0))])
                 return
         if self._trigger is not None and addr < self._trigger <= addr + length:
             self._trigger = None
@@ -164,7 +171,12 @@ class SimRig(Rig):
         await self.tb.restore_msix_table()
 
     async def settle(self):
-        await ClockCycles(self.tb.dut.user_clk, SETTLE_CYCLES)
+        """SETTLE_CYCLES in a row with no read waiting for the host's latency: a chain of
+        dependent reads settles however slow the host is."""
+        quiet = 0
+        while quiet < SETTLE_CYCLES:
+            await RisingEdge(self.tb.dut.user_clk)
+            quiet = 0 if self.tb.host.pending else quiet + 1
 
 
 # --- lockstep ---------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ rules (max payload and read request size, 4 KiB boundaries, byte enables, a tag 
 reused while its request is outstanding, no request decided while ``enable`` is low),
 writes posted payload into its memory, and answers reads with completions split at
 random RCB (64 or 128 byte) boundaries up to its max payload, out of order across tags,
-after random latency. It can inject UR, CA and poisoned completions, stray completions,
-and lost or late completions (timeouts). The clients check read data byte for byte, the
-error beat of C7, the written memory, the order of write TLPs and of write_done.
+after random latency (by default a server's). It can inject UR, CA and poisoned
+completions, stray completions, and lost or late completions (timeouts). The clients check
+read data byte for byte, the error beat of C7, the written memory, the order of write TLPs
+and of write_done.
 
 Every stream has seeded random idle or backpressure; the seeds are in the test ids.
 """
@@ -26,6 +27,7 @@ from memballoon.hdl.pcie.dma import TAGS, DmaEngine
 from memballoon.hdl.pcie.interface import (DMA_READ_BEAT_BYTES, CompletionBeat, CplError,
                                            CplStatus, RequesterKind)
 from memballoon.hdl.pcie.usp_shim import UspShim
+from memballoon.tb.dma_memory_sim import SERVER_READ_LATENCY_CYCLES
 from sim_util import simulate, stream_consumer, stream_put, wait_until
 
 BASE = 0xFEDC_BA98_7654_0000           # 64-bit host addresses, 64 KiB aligned
@@ -67,7 +69,8 @@ def check_byte_enables(h):
 class HostModel:
     """Host memory and hard IP on the requester side of a DmaEngine."""
 
-    def __init__(self, dut, rng, *, mps, mrrs, rcb, host_mps=512, latency=(4, 60),
+    def __init__(self, dut, rng, *, mps, mrrs, rcb, host_mps=512,
+                 latency=SERVER_READ_LATENCY_CYCLES,
                  req_backpressure=0.3, cpl_idle=0.3, faults=None, timeout=None, strays=0.0,
                  late_delay=None):
         self.dut, self.rng = dut, rng

@@ -19,6 +19,10 @@ from sim_util import simulate, wait_until
 
 MEMORY_SIZE = 1 << 20
 RESULT_BYTES = 16
+#: The cycle counts of these tests (held results, waits, limits) were chosen for a memory
+#: answering reads within this many cycles; :meth:`Bench.cycles` stretches them for the
+#: slower memory a bench has (DmaMemory's default: a server's latency).
+CALIBRATED_LATENCY = 16
 
 
 def vring_need_event(event, new, old):
@@ -453,7 +457,9 @@ class ParkingFunctionModel:
 
 @dataclass
 class Bench:
-    """A VirtqueueEngine with its DMA memory, a driver, a function model and monitors."""
+    """A VirtqueueEngine with its DMA memory, a driver, a function model and monitors.
+    ``function_options["hold_cycles"]`` and the limits of :meth:`drain` and
+    :meth:`wait_fault` count in :meth:`cycles`."""
     seed: int
     size: int = 16
     event_idx: bool = False
@@ -474,14 +480,23 @@ class Bench:
         # One generator per process: the simulator runs them in any order.
         self.dma = DmaMemory(self.dut.dma, self.memory, random.Random(self.seed + 1),
                              **self.dma_options)
+        self.stretch = -(-self.dma.read_latency[1] // CALIBRATED_LATENCY)
         self.driver = self.new_driver()
         function = ParkingFunctionModel if self.parking else FunctionModel
+        options = dict(self.function_options)
+        if "hold_cycles" in options:
+            options["hold_cycles"] = self.cycles(options["hold_cycles"])
         self.function = function(self.dut, self.driver, random.Random(self.seed + 2),
-                                 **self.function_options)
+                                 **options)
         self.interrupts = []        # cycles
         self.faults = []            # (cycle, kind)
         self.committed = 0          # commands reported committed (C7)
         self.cycle = 0
+
+    def cycles(self, calibrated):
+        """``calibrated`` cycles (for a memory answering within ``CALIBRATED_LATENCY``)
+        on this bench's memory."""
+        return calibrated * self.stretch
 
     def new_driver(self, base=0x1000):
         return Driver(self.memory, self.rng, self.size, event_idx=self.event_idx,
@@ -527,7 +542,7 @@ class Bench:
         """Waits until every published buffer is used and the engine has had no DMA
         outstanding for ``quiet`` cycles (its last interrupt decision is in)."""
         still = 0
-        for _ in range(limit):
+        for _ in range(self.cycles(limit)):
             self.collect()
             busy = ctx.get(self.dut.busy) or self.dma.outstanding
             still = 0 if self.driver.in_flight or busy else still + 1
@@ -537,7 +552,7 @@ class Bench:
         raise AssertionError(f"{len(self.driver.in_flight)} buffers still not used")
 
     async def wait_fault(self, ctx, limit=5000):
-        for _ in range(limit):
+        for _ in range(self.cycles(limit)):
             if self.faults:
                 return self.faults[0]
             await ctx.tick()
@@ -611,7 +626,7 @@ async def stream_commands(bench, ctx, count, *, max_pieces=4, longest=80, suppre
     collecting used buffers and moving the suppression fields about."""
     driver, rng = bench.driver, bench.rng
     queued = 0
-    deadline = bench.cycle + 500 * count
+    deadline = bench.cycle + bench.cycles(500) * count
     while queued < count:
         assert bench.cycle < deadline, f"stuck after {queued} commands"
         for _ in range(rng.randint(1, 4)):
@@ -1021,9 +1036,9 @@ def test_long_held_result():
         for _ in range(3):
             assert bench.driver.virtqueue_add(*random_command(bench.rng), max_pieces=1)
         await bench.kick(ctx)
-        await ctx.tick().repeat(500)
+        await ctx.tick().repeat(bench.cycles(500))
         commands = len(bench.dma.reads) + len(bench.dma.writes)
-        await ctx.tick().repeat(1000)
+        await ctx.tick().repeat(bench.cycles(1000))
         assert len(bench.dma.reads) + len(bench.dma.writes) == commands
         assert bench.driver.virtqueue_get_buf() is None
         await bench.drain(ctx)
@@ -1086,7 +1101,7 @@ def build_fault(bench, kind):
 async def check_stopped(bench, ctx, fault_cycle):
     """After a fault: no DMA command from the fault's cycle on, busy falls once the reads
     are drained, and the queue stays quiet."""
-    for _ in range(2000):
+    for _ in range(bench.cycles(2000)):
         if not ctx.get(bench.dut.busy):
             break
         await ctx.tick()
@@ -1121,7 +1136,7 @@ def test_ring_fault(kind):
         await bench.configure(ctx)
         cycle, fault = await bench.wait_fault(ctx)
         assert fault == expected
-        assert cycle > 300
+        assert cycle > bench.cycles(300)
         await check_stopped(bench, ctx, cycle)
         check_completed_before(bench, 1, cycle, faulting=1)
 
