@@ -21,7 +21,7 @@ from .virtio.common_cfg import CommonCfg
 from .virtio.irq_router import IrqRouter
 from .virtio.isr import VirtioIsr
 from .virtio.notify import VirtioNotify
-from .virtio.virtqueue import VirtqueueEngine
+from .virtqueue.split.engine import VirtqueueEngine
 from .. import constants as c
 
 

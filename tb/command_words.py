@@ -1,7 +1,7 @@
 """The command words a virtqueue engine owes the function for a command's readable bytes
-(``hdl/virtio/interface.py``, ``CommandWords``; C5), for testbenches to compare with."""
+(``hdl/virtqueue/interface.py``, ``CommandWords``; C5), for testbenches to compare with."""
 
-from ..hdl.virtio.interface import COMMAND_LANES
+from ..hdl.virtqueue.interface import COMMAND_LANES
 
 
 def command_beats(readable):

@@ -5,7 +5,7 @@ in order, one that parks)."""
 from collections import deque
 
 from sim_util import stream_consumer, stream_put
-from memballoon.hdl.virtio.interface import COMMAND_LANES
+from memballoon.hdl.virtqueue.interface import COMMAND_LANES
 from memballoon.tb.command_words import command_beats
 
 

@@ -12,7 +12,7 @@ from balloon_sim import EngineModel, ParkingEngineModel, command_payloads, wait_
 from memballoon import constants as c
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
-from memballoon.hdl.virtio.virtqueue import USED_BATCH
+from memballoon.hdl.virtqueue.split.engine import USED_BATCH
 from memballoon.refmodel import MemballoonRef
 from memballoon.tb.seed import new_seed
 from sim_util import simulate

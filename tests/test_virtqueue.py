@@ -10,7 +10,7 @@ import pytest
 
 from memballoon import constants as c
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
-from memballoon.hdl.virtio.virtqueue import READABLE_QUEUE_DEPTH, VirtqueueEngine
+from memballoon.hdl.virtqueue.split.engine import READABLE_QUEUE_DEPTH, VirtqueueEngine
 from memballoon.params import DeviceParams
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.dma_memory_sim import DmaMemory

@@ -3,7 +3,7 @@
 import random
 
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
-from memballoon.hdl.virtio.vq_narrow import NARROW_BEAT_BYTES, ResponseNarrower
+from memballoon.hdl.virtqueue.narrow import NARROW_BEAT_BYTES, ResponseNarrower
 from memballoon.tb.seed import new_seed
 from sim_util import simulate
 

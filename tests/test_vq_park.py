@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from memballoon.hdl.virtio.vq_park import ParkedHeads
+from memballoon.hdl.virtqueue.park import ParkedHeads
 from memballoon.tb.seed import new_seed
 from sim_util import simulate, stream_consumer, stream_put, wait_until
 

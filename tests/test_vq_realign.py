@@ -5,7 +5,7 @@ import itertools
 import random
 
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
-from memballoon.hdl.virtio.vq_realign import Realigner
+from memballoon.hdl.virtqueue.realign import Realigner
 from memballoon.tb.command_words import command_beats
 from memballoon.tb.seed import new_seed
 from sim_util import simulate

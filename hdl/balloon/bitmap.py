@@ -5,7 +5,7 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..virtio.interface import COMMAND_LANES
+from ..virtqueue.interface import COMMAND_LANES
 
 #: Bits per RAM word: one UltraRAM row (4K x 72) or one BRAM36 row in 512 x 72 mode.
 WORD_BITS = 64

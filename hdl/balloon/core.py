@@ -7,8 +7,8 @@ from amaranth.lib.wiring import In, Out
 
 from memballoon import constants as c
 
-from ..virtio.interface import CommandSignature
-from ..virtio.virtqueue import USED_BATCH
+from ..virtqueue.interface import CommandSignature
+from ..virtqueue.split.engine import USED_BATCH
 from .bitmap import Bitmap
 from .committed import JOURNAL_DEPTH, MAX_UNCOMMITTED, CommittedBitmap
 from .executor import CommandEffects, CommandExecutor, OpTag

@@ -6,7 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from memballoon import constants as c
 
-from ..virtio.interface import CommandSignature
+from ..virtqueue.interface import CommandSignature
 from .bitmap import LANES, BitmapAction, bitmap_request_layout, bitmap_response_layout
 
 _ADDRESS_ONES = Const(2 ** 64 - 1, 64)

@@ -6,7 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from memballoon import constants as c
 
-from ..virtio.interface import CommandSignature
+from ..virtqueue.interface import CommandSignature
 
 
 class FromDevqEvents(data.Struct):

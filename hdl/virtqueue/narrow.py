@@ -6,7 +6,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..pcie.interface import DMA_READ_BEAT_BYTES
-from .vq_read_port import ReadResponse
+from .read_port import ReadResponse
 
 #: Bytes of a narrow beat: half a DMA read beat.
 NARROW_BEAT_BYTES = DMA_READ_BEAT_BYTES // 2

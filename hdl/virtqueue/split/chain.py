@@ -4,10 +4,12 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ... import constants as c
-from .common_cfg import QueueConfig
-from .interface import CommandHeader
-from .vq_read_port import ReadRequest, ReadResponse
+from .... import constants as c
+from ...virtio.common_cfg import QueueConfig
+from ..data import Segment
+from ..interface import CommandHeader
+from ..park import WalkRequest
+from ..read_port import ReadRequest, ReadResponse
 
 #: A result writes at most this many bytes (``CommandResult.write_count``).
 RESULT_BYTES = 16
@@ -19,21 +21,6 @@ class Descriptor(data.Struct):
     length: 32
     flags: 16
     next: 16
-
-
-class WalkRequest(data.Struct):
-    """A chain to walk: its ``head``, and whether it is a parked command's (its header
-    carries the flag, ``CommandHeader.parked``)."""
-    head: 16
-    parked: 1
-
-
-class Segment(data.Struct):
-    """A device-readable buffer of a chain, in chain order; ``last`` marks the chain's
-    final one."""
-    address: 64
-    length: 32
-    last: 1
 
 
 class WritableSegment(data.Struct):

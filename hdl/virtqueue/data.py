@@ -6,8 +6,15 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..pcie.interface import DMA_READ_BEAT_BYTES
-from .vq_chain import Segment
-from .vq_read_port import ReadRequest, ReadResponse
+from .read_port import ReadRequest, ReadResponse
+
+
+class Segment(data.Struct):
+    """A device-readable buffer of a chain, in chain order; ``last`` marks the chain's
+    final one."""
+    address: 64
+    length: 32
+    last: 1
 
 
 class DataBeat(data.Struct):

@@ -1,11 +1,17 @@
 """Parked commands of a virtqueue: kept by their head until the function wants them (C6)."""
 
 from amaranth.hdl import Module, Mux
-from amaranth.lib import stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .vq_chain import WalkRequest
+
+class WalkRequest(data.Struct):
+    """A chain to walk: its ``head``, and whether it is a parked command's (its header
+    carries the flag, ``CommandHeader.parked``)."""
+    head: 16
+    parked: 1
+
 
 
 class ParkedHeads(wiring.Component):

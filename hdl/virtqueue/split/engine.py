@@ -5,20 +5,20 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from ... import constants as c
-from ...params import DeviceParams
-from ..pcie.interface import DmaSignature
-from .common_cfg import QueueConfig
-from .interface import CommandHeader, CommandSignature
-from .vq_avail import AvailFetcher
-from .vq_chain import RESULT_BYTES, ChainWalker, Segment, WritableSegment
-from .vq_data import DataFetcher
-from .vq_narrow import ResponseNarrower
-from .vq_park import ParkedHeads
-from .vq_read_port import ReadPort
-from .vq_realign import Realigner
-from .vq_used import PendingCompletion, UsedWriter
-from .vq_write_port import WritePort
+from .... import constants as c
+from ....params import DeviceParams
+from ...pcie.interface import DmaSignature
+from ...virtio.common_cfg import QueueConfig
+from ..data import DataFetcher, Segment
+from ..interface import CommandHeader, CommandSignature
+from ..narrow import ResponseNarrower
+from ..park import ParkedHeads
+from ..read_port import ReadPort
+from ..realign import Realigner
+from ..write_port import WritePort
+from .avail import AvailFetcher
+from .chain import RESULT_BYTES, ChainWalker, WritableSegment
+from .used import PendingCompletion, UsedWriter
 
 
 def _fifo(m, name, shape, depth, producer, consumer, reset):

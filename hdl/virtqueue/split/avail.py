@@ -5,11 +5,11 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from ... import constants as c
-from ..pcie.interface import DMA_READ_BEAT_BYTES
-from .common_cfg import QueueConfig
-from .vq_read_port import ReadRequest, ReadResponse
-from .vq_write_port import WriteRequest
+from .... import constants as c
+from ...pcie.interface import DMA_READ_BEAT_BYTES
+from ...virtio.common_cfg import QueueConfig
+from ..read_port import ReadRequest, ReadResponse
+from ..write_port import WriteRequest
 
 
 class AvailFetcher(wiring.Component):

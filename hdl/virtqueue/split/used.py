@@ -5,12 +5,12 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ... import constants as c
-from .common_cfg import QueueConfig
-from .interface import CommandResult
-from .vq_chain import RESULT_BYTES, WritableSegment
-from .vq_read_port import ReadRequest, ReadResponse
-from .vq_write_port import WriteRequest
+from .... import constants as c
+from ...virtio.common_cfg import QueueConfig
+from ..interface import CommandResult
+from ..read_port import ReadRequest, ReadResponse
+from ..write_port import WriteRequest
+from .chain import RESULT_BYTES, WritableSegment
 
 
 class PendingCompletion(data.Struct):

@@ -4,8 +4,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .data import DataBeat
 from .interface import COMMAND_LANES, CommandWords
-from .vq_data import DataBeat
 
 WORD_BYTES = 8
 #: Bytes of a beat of command words.
