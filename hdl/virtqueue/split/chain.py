@@ -23,6 +23,19 @@ class Descriptor(data.Struct):
     next: 16
 
 
+#: Descriptors of a chain's table read ahead with its head (``DescriptorPrefetcher``): the
+#: head's and the next one, all of the 1- and 2-descriptor chains a driver lays out in order.
+PREFETCH_WINDOW = 2
+
+
+class PrefetchedWalk(data.Struct):
+    """A chain to walk with descriptors ``walk.head`` .. ``walk.head + filled - 1`` of the
+    descriptor table read ahead (``filled`` 0: none, the walker reads them)."""
+    walk: WalkRequest
+    window: data.ArrayLayout(Descriptor, PREFETCH_WINDOW)
+    filled: range(PREFETCH_WINDOW + 1)
+
+
 class WritableSegment(data.Struct):
     """A piece of the first 16 device-writable bytes of a chain (all a result can write),
     in chain order; a chain's pieces add up to min(writable bytes, 16)."""
@@ -45,8 +58,10 @@ class ChainWalker(wiring.Component):
     as a fresh ring hands them out, costs one read) and ``table_window`` of an indirect
     table (laid out in order by every driver). Each read is a round trip behind the data
     in flight, and each descriptor read costs channel beats the data could have used:
-    the windows weigh one against the other. The window is dropped at each new chain,
-    whose descriptors the driver may have just written. Zero-length buffers are skipped.
+    the windows weigh one against the other. Each chain starts with the window read ahead
+    with its head (``heads``: the DescriptorPrefetcher read it after the head was seen
+    available); what an earlier chain left is dropped, as the driver may have rewritten
+    it since. Zero-length buffers are skipped.
 
     An INDIRECT descriptor (only with VIRTIO_F_INDIRECT_DESC; without it the flag means
     nothing) continues the chain in its table and ends it there: INDIRECT together with
@@ -71,7 +86,8 @@ class ChainWalker(wiring.Component):
     config : In(QueueConfig)
     indirect : In(1)
         VIRTIO_F_INDIRECT_DESC was negotiated.
-    heads : In(stream.Signature(WalkRequest))
+    heads : In(stream.Signature(PrefetchedWalk))
+        Chains to walk, with the descriptors read ahead.
     read, response :
         Descriptor reads, through the engine's ``ReadPort``.
     chains : Out(stream.Signature(CommandHeader))
@@ -94,7 +110,7 @@ class ChainWalker(wiring.Component):
         super().__init__({
             "config": In(QueueConfig),
             "indirect": In(1),
-            "heads": In(stream.Signature(WalkRequest)),
+            "heads": In(stream.Signature(PrefetchedWalk)),
             "read": Out(stream.Signature(ReadRequest)),
             "response": In(stream.Signature(ReadResponse)),
             "chains": Out(stream.Signature(CommandHeader)),
@@ -109,7 +125,7 @@ class ChainWalker(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         size = self.config.size
-        window_size = max(self._direct_window, self._table_window)
+        window_size = max(self._direct_window, self._table_window, PREFETCH_WINDOW)
 
         # The descriptors last read: entries base .. base + filled - 1 of the table.
         window = Signal(data.ArrayLayout(Descriptor, window_size))
@@ -176,20 +192,25 @@ class ChainWalker(wiring.Component):
                     self.idle.eq(1),
                     self.heads.ready.eq(1),
                 ]
+                walk = self.heads.payload.walk
                 with m.If(self.heads.valid):
                     m.d.sync += [
-                        head.eq(self.heads.payload.head),
-                        parked.eq(self.heads.payload.parked),
-                        index.eq(self.heads.payload.head),
+                        head.eq(walk.head),
+                        parked.eq(walk.parked),
+                        index.eq(walk.head),
                         walked.eq(0),
                         in_table.eq(0),
                         readable_total.eq(0),
                         writable_total.eq(0),
                         writable_covered.eq(0),
-                        window_filled.eq(0),
+                        # The window starts with what was read ahead of the walk.
+                        window.as_value()[:len(self.heads.payload.window.as_value())].eq(
+                            self.heads.payload.window),
+                        window_base.eq(walk.head),
+                        window_filled.eq(self.heads.payload.filled),
                         counting.eq(0),
                     ]
-                    with m.If(self.heads.payload.head >= size):
+                    with m.If(walk.head >= size):
                         fail(c.RingFault.DESC_INDEX)
                     with m.Else():
                         m.next = "Fetch"
@@ -208,8 +229,8 @@ class ChainWalker(wiring.Component):
             with m.State("Read-Window"):
                 m.d.comb += [
                     self.read.valid.eq(1),
-                    self.read.payload.command.address.eq(table + 16 * index),
-                    self.read.payload.command.length.eq(16 * window_read),
+                    self.read.payload.command.address.eq(table + c.VRING_DESC_SIZE * index),
+                    self.read.payload.command.length.eq(c.VRING_DESC_SIZE * window_read),
                 ]
                 with m.If(self.read.ready):
                     m.d.sync += [

@@ -7,6 +7,7 @@ from amaranth.lib.wiring import In, Out
 
 from .... import constants as c
 from ....params import DeviceParams
+from ...pcie.dma import TAGS
 from ...pcie.interface import DmaSignature
 from ...virtio.common_cfg import QueueConfig
 from ..data import DataFetcher, Segment
@@ -18,6 +19,7 @@ from ..realign import Realigner
 from ..write_port import WritePort
 from .avail import AvailFetcher
 from .chain import RESULT_BYTES, ChainWalker, WritableSegment
+from .prefetch import DescriptorPrefetcher
 from .used import PendingCompletion, UsedWriter
 
 
@@ -43,7 +45,8 @@ READABLE_QUEUE_DEPTH = 32
 #: Used elements published in one ``used->idx`` write, at most.
 USED_BATCH = 8
 #: The ReadPort's clients, first served first.
-_READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "data_fetcher")
+_READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "descriptor_prefetcher",
+                 "data_fetcher")
 #: Entries of an indirect table the ChainWalker reads at once: a table of up to 8 costs
 #: one round trip (a 4 KiB command goes by in 256 clocks, about two round trips behind the
 #: data in flight, while the next chain is walked). Its reads of the descriptor table stay
@@ -61,13 +64,19 @@ class VirtqueueEngine(wiring.Component):
     A doorbell or the queue starting makes it drain every available buffer (C11). The
     stages overlap, so commands reach the function back to back::
 
-        AvailFetcher ─heads─▶ ChainWalker ─chains──────────────▶ command.header
-                                 │ └─readable─▶ DataFetcher ─▶ Realigner ─▶ command.words
-                                 └───writable────────────────▶ UsedWriter ◀─ command.result
+        AvailFetcher ─▶ DescriptorPrefetcher ─▶ ChainWalker ─chains─▶ command.header
+            ┌─readable──────────────────────────────┘ │
+            ▼                                        │
+        DataFetcher ─▶ Realigner ─▶ command.words    └─writable─▶ UsedWriter ◀─ command.result
 
-    The blocks share the DMA read channel through a ``ReadPort`` (priority: used-ring
-    suppression read, ring, descriptors, data) and the write channel through a
-    ``WritePort``. Reads of data are credited against their buffer so that no beat ever
+    Every stage keeps reads in flight for several commands, so that a host's read latency
+    is paid once per pipeline fill, not once per command: the ring is read in batches, the
+    head descriptors of every available chain are read ahead, several heads a read
+    (``DescriptorPrefetcher``), the data of the next commands is read while earlier ones
+    execute, and used elements are published without waiting on a read. The blocks share
+    the DMA read channel through a ``ReadPort`` (priority: used-ring suppression read,
+    ring, the walker's descriptors, prefetched descriptors, data; up to ``TAGS`` reads out)
+    and the write channel through a ``WritePort``. Reads of data are credited against their buffer so that no beat ever
     waits on the function, and the in-order read channel cannot deadlock. Data moves
     ``DMA_READ_BEAT_BYTES`` (16) a clock, two command words a beat; the ChainWalker takes
     descriptors 8 bytes a beat, through a ``ResponseNarrower``.
@@ -134,16 +143,18 @@ class VirtqueueEngine(wiring.Component):
         Beats of readable data buffered ahead of the function.
     max_in_flight : int
         Data beats requested and not yet arrived. Two words per clock need at least the
-        DMA read latency (in clocks) plus one read (32 beats); every descriptor read waits
-        behind them, so more slows the chain walk, which has 256 clocks to walk the next
-        chain while a 4 KiB command goes by. 96 covers a latency of 64 clocks.
+        DMA read latency (in clocks) plus one read (32 beats): 320 covers a host answering
+        after 1000 ns (250 clocks) and the hard IP's and DMA engine's 30-odd. A walker's
+        own descriptor read waits behind them; the heads' descriptors do not, they are
+        read ahead.
     """
 
     def __init__(self, params: DeviceParams, *, parking=False, data_buffer_depth=512,
-                 max_in_flight=96):
+                 max_in_flight=320):
         self._params = params
         self._parking = parking
         self.avail_fetcher = AvailFetcher()
+        self.descriptor_prefetcher = DescriptorPrefetcher()
         self.chain_walker = ChainWalker(table_window=_TABLE_WINDOW)
         self.data_fetcher = DataFetcher(buffer_depth=data_buffer_depth,
                                         max_in_flight=max_in_flight)
@@ -173,16 +184,19 @@ class VirtqueueEngine(wiring.Component):
         halt = self.reset | stopped
 
         avail = self.avail_fetcher
+        prefetcher = self.descriptor_prefetcher
         walker = self.chain_walker
         fetcher = self.data_fetcher
         realigner = self.realigner
         used = self.used_writer
-        for name, block in (("avail_fetcher", avail), ("chain_walker", walker),
+        for name, block in (("avail_fetcher", avail), ("descriptor_prefetcher", prefetcher),
+                            ("chain_walker", walker),
                             ("data_fetcher", fetcher), ("realigner", realigner),
                             ("used_writer", used)):
             m.submodules[name] = ResetInserter(halt)(block)
 
-        m.submodules.read_port = read_port = ReadPort(clients=len(_READ_CLIENTS))
+        m.submodules.read_port = read_port = ReadPort(clients=len(_READ_CLIENTS),
+                                                        max_reads=TAGS)
         m.submodules.write_port = write_port = WritePort(clients=2)
         for port in (read_port, write_port):
             m.d.comb += [port.allow.eq(self.run), port.halt.eq(halt)]
@@ -205,7 +219,7 @@ class VirtqueueEngine(wiring.Component):
             wiring.connect(m, block.write, write_port.requests[index])
             m.d.comb += block.write_idle.eq(write_port.idle)
 
-        for block in (avail, walker, used):
+        for block in (avail, prefetcher, walker, used):
             m.d.comb += block.config.eq(self.config)
         m.d.comb += [
             avail.event_idx.eq(self.event_idx),
@@ -225,15 +239,16 @@ class VirtqueueEngine(wiring.Component):
             wiring.connect(m, avail.heads, parked.fresh)
             wiring.connect(m, used.parked, parked.park)
             wiring.connect(m, wiring.flipped(self.command.unpark), parked.unpark)
-            wiring.connect(m, parked.walks, walker.heads)
-            heads_waiting = avail.heads_queued | parked.walks.valid
+            wiring.connect(m, parked.walks, prefetcher.heads)
+            heads_waiting = avail.heads_queued | parked.walks.valid | ~prefetcher.idle
         else:
             m.d.comb += [
-                walker.heads.payload.head.eq(avail.heads.payload),
-                walker.heads.valid.eq(avail.heads.valid),
-                avail.heads.ready.eq(walker.heads.ready),
+                prefetcher.heads.payload.head.eq(avail.heads.payload),
+                prefetcher.heads.valid.eq(avail.heads.valid),
+                avail.heads.ready.eq(prefetcher.heads.ready),
             ]
-            heads_waiting = avail.heads_queued
+            heads_waiting = avail.heads_queued | ~prefetcher.idle
+        wiring.connect(m, prefetcher.walks, walker.heads)
         # A direct chain has at most max_queue_size buffers.
         _fifo(m, "readable_queue", Segment,
               min(READABLE_QUEUE_DEPTH, self._params.max_queue_size),
