@@ -4,15 +4,17 @@ The host model plays host memory and the hard IP. It checks every request agains
 rules (max payload and read request size, 4 KiB boundaries, byte enables, a tag is not
 reused while its request is outstanding, no request decided while ``enable`` is low),
 writes posted payload into its memory, and answers reads with completions split at
-random RCB (64 or 128 byte) boundaries up to its max payload, out of order across tags,
-after random latency (by default a server's). It can inject UR, CA and poisoned
-completions, stray completions, and lost or late completions (timeouts). The clients check
-read data byte for byte, the error beat of C7, the written memory, the order of write TLPs
-and of write_done.
+random RCB (64 or 128 byte) boundaries up to its max payload (or at every one), out of
+order across tags, after random latency (by default a server's). It counts what it still
+owes (requests, completions, bytes, receive-buffer credits) and keeps the peaks. It can
+inject UR, CA and poisoned completions, stray completions, and lost or late completions
+(timeouts). The clients check read data byte for byte, the error beat of C7, the written
+memory, the order of write TLPs and of write_done.
 
 Every stream has seeded random idle or backpressure; the seeds are in the test ids.
 """
 
+import itertools
 import random
 
 import pytest
@@ -23,7 +25,8 @@ from cocotbext.pcie.core.tlp import Tlp, TlpType
 from cocotbext.pcie.xilinx.us.tlp import Tlp_us
 from test_usp_shim import rc_beats, rq_frames
 
-from memballoon.hdl.pcie.dma import TAGS, DmaEngine
+from memballoon.hdl.pcie.dma import (CPL_HEADER_BUDGET, READ_BUFFER_BYTES,
+                                     READ_COMMANDS_HELD, TAGS, DmaEngine)
 from memballoon.hdl.pcie.interface import (DMA_READ_BEAT_BYTES, CompletionBeat, CplError,
                                            CplStatus, RequesterKind)
 from memballoon.hdl.pcie.usp_shim import UspShim
@@ -36,6 +39,11 @@ WRITE_BASE = BASE + READ_REGION         # writes to the next 64 KiB
 PAGE = 4096
 CPL_FIELDS = ("tag", "status", "error", "byte_count", "lower_address", "dwords",
               "request_completed")
+#: A real host's read latency in user_clk cycles: 500 ns and 1000 ns at 250 MHz.
+HOST_LATENCY_CYCLES = (125, 250)
+#: cocotbext-pcie's PCIE4 receive buffer drops completions past this many 16-byte data
+#: credits, a completion costing its data credits plus one (usp_model.py).
+MODEL_CPL_DATA_CREDITS = 32768 // 16
 #: Payload bytes per completion beat on the requester interface.
 CPL_BEAT_BYTES = data.Layout.cast(CompletionBeat)["data"].shape // 8
 
@@ -72,9 +80,10 @@ class HostModel:
     def __init__(self, dut, rng, *, mps, mrrs, rcb, host_mps=512,
                  latency=SERVER_READ_LATENCY_CYCLES,
                  req_backpressure=0.3, cpl_idle=0.3, faults=None, timeout=None, strays=0.0,
-                 late_delay=None):
+                 late_delay=None, split_every_rcb=False):
         self.dut, self.rng = dut, rng
         self.mps, self.mrrs, self.rcb, self.host_mps = mps, mrrs, rcb, host_mps
+        self.split_every_rcb = split_every_rcb
         self.latency, self.req_backpressure, self.cpl_idle = latency, req_backpressure, cpl_idle
         # page index (from BASE) -> "ur", "ca", "poison", "misplaced", "corrupt" (error
         # completions), "lost", "late" (timeouts) or "slow" (700 cycles more latency)
@@ -89,6 +98,11 @@ class HostModel:
         self.queues = {}                # tag -> [(due, completion)], in request order
         self.write_tlps = []            # (first enabled byte address, bytes) per write TLP
         self.reads = 0
+        # owed: requests taken whose last completion is not sent, their completions not
+        # sent, the bytes those carry and the credits the IP's receive buffer counts for
+        # them (cocotbext-pcie: per completion its data credits plus one); peak: the most
+        self.owed = dict(requests=0, completions=0, bytes=0, credits=0)
+        self.peak = dict(self.owed)
         self.enable_low_since = None
         self.headers_while_low = []
 
@@ -138,11 +152,12 @@ class HostModel:
         due = self.cycle + rng.randint(*self.latency) + (700 if fault == "slow" else 0)
         queue = self.queues.setdefault(h.tag, [])
         assert not queue
+        self.owe(requests=1)
         if fault in ("ur", "ca"):
             status = CplStatus.UR if fault == "ur" else CplStatus.CA
-            queue.append((due, dict(tag=h.tag, status=status, error=CplError.BAD_STATUS,
-                                    byte_count=count, lower_address=first & 0x7F, dwords=0,
-                                    request_completed=1, data=[])))
+            self.send_later(queue, due, dict(
+                tag=h.tag, status=status, error=CplError.BAD_STATUS, byte_count=count,
+                lower_address=first & 0x7F, dwords=0, request_completed=1, data=[], bytes=0))
             self.outstanding[h.tag] = None
             return
         if fault == "lost":
@@ -166,13 +181,17 @@ class HostModel:
                     if b < end]
             if end <= limit:
                 ends.append(end)
-            stop = rng.choice(ends) if rng.random() < 0.5 else ends[-1]
+            if self.split_every_rcb:
+                stop = ends[0]
+            else:
+                stop = rng.choice(ends) if rng.random() < 0.5 else ends[-1]
             dword0, dword_end = start & ~3, (stop + 3) & ~3
             pieces.append(dict(tag=h.tag, status=CplStatus.SC, error=CplError.NONE,
                                byte_count=end - start, lower_address=start & 0x7F,
                                dwords=(dword_end - dword0) // 4,
                                request_completed=int(stop == end),
-                               data=list(self.memory[dword0 - BASE:dword_end - BASE])))
+                               data=list(self.memory[dword0 - BASE:dword_end - BASE]),
+                               bytes=stop - start))
             start = stop
         if fault == "poison":
             victim = rng.choice(pieces)
@@ -183,9 +202,26 @@ class HostModel:
         if fault == "corrupt":                  # the IP signals discontinue at the end
             rng.choice(pieces)["corrupt"] = 1
         for piece in pieces:
-            queue.append((due, piece))
+            self.send_later(queue, due, piece)
             due += rng.randint(0, 4)
         self.outstanding[h.tag] = None
+
+    def send_later(self, queue, due, completion):
+        """Queue a completion for its tag, sent from cycle ``due``; it is owed till then."""
+        queue.append((due, completion))
+        self.owe(**self.cost(completion))
+
+    @staticmethod
+    def cost(completion):
+        """What a completion adds to what is owed."""
+        return dict(completions=1, bytes=completion["bytes"],
+                    credits=(completion["dwords"] + 3) // 4 + 1)
+
+    def owe(self, sign=1, **amounts):
+        """Add (``sign`` -1: take) ``amounts`` to what is owed; keep the peaks."""
+        for key, amount in amounts.items():
+            self.owed[key] += sign * amount
+            self.peak[key] = max(self.peak[key], self.owed[key])
 
     def stray(self):
         """A completion nobody asked for (the IP flags it UNEXPECTED)."""
@@ -283,6 +319,8 @@ class HostModel:
                 if self.on_payload(write, data_in):
                     write = None
             if header_taken:
+                if header["error"] != CplError.UNEXPECTED:      # not a stray
+                    self.owe(-1, **self.cost(header), requests=header["request_completed"])
                 if header["request_completed"] and header["error"] != CplError.UNEXPECTED \
                         and self.outstanding.get(header["tag"], 0) is None:
                     self.outstanding[header["tag"]] = self.cycle
@@ -331,8 +369,8 @@ def beats_of(data):
 
 
 def run_engine(host_kw, *, reads=(), writes=(), seed, enable_pattern=None, read_starts=None,
-               timeout_cycles=2**17, read_buffer_bytes=8192, client_idle=0.3,
-               backpressure=0.3, max_cycles=200_000):
+               timeout_cycles=2**17, read_buffer_bytes=max(READ_BUFFER_BYTES),
+               client_idle=0.3, backpressure=0.3, max_cycles=200_000):
     """Run read and write commands through a DmaEngine against a HostModel; return the
     host, the read results (beats per command with their cycles), write_done payloads
     with cycles and the cycle each command was taken. ``read_starts``: read index ->
@@ -482,10 +520,11 @@ def test_random_reads_and_writes(mps, mrrs, rcb):
 
 
 def test_tags_are_reused():
-    """Many short reads wrap the 16 tags several times; the host checks that no tag is
+    """Many short reads wrap the tags several times; the host checks that no tag is
     reused while its request is outstanding; every byte offset in a beat is a start."""
     rng = random.Random(7)
-    reads = [(BASE + 16 * rng.randrange(2048) + i % 16, rng.randint(1, 40)) for i in range(100)]
+    reads = [(BASE + 16 * rng.randrange(2048) + i % 16, rng.randint(1, 40))
+             for i in range(7 * TAGS)]
     host, results, _, _ = run_engine(dict(mps=128, mrrs=128, rcb=64, latency=(20, 200)),
                                      reads=reads, seed=7, client_idle=0.0)
     for (address, length), beats in zip(reads, results):
@@ -527,6 +566,48 @@ def test_long_reads_around_boundaries():
                                      reads=reads, seed=seed)
     for (address, length), beats in zip(reads, results):
         check_read(host, address, length, beats)
+
+
+def test_many_reads_in_flight_at_host_latency():
+    """A host answering after 500-1000 ns and splitting every completion at each 64-byte
+    RCB boundary: queued descriptor-sized reads (16-32 bytes) keep every tag in flight;
+    512-byte reads are held to the completion-header budget (never more completions
+    owed by the host than CPL_HEADER_BUDGET) and to the buffer (never more bytes owed than
+    it holds), within the model's receive buffer; the data is right, and the engine holds
+    at most READ_COMMANDS_HELD commands unanswered (DmaMux's depth)."""
+    seed = 81
+    rng = random.Random(seed)
+
+    def small(n):
+        return [(BASE + rng.randrange(READ_REGION - 32), rng.randint(16, 32))
+                for _ in range(n)]
+
+    def large(n):       # most aligned, some across a max-read-request boundary
+        return [(BASE + 512 * rng.randrange(READ_REGION // 512 - 1) +
+                 rng.choice([0, 0, 0, 44]), 512) for _ in range(n)]
+
+    mixed = small(48) + large(16)
+    rng.shuffle(mixed)
+    reads = small(3 * TAGS) + large(48) + mixed
+    host, results, _, accepted = run_engine(
+        dict(mps=256, mrrs=512, rcb=64, split_every_rcb=True, latency=HOST_LATENCY_CYCLES,
+             req_backpressure=0, cpl_idle=0),
+        reads=reads, seed=seed, client_idle=0)
+    for (address, length), beats in zip(reads, results):
+        check_read(host, address, length, beats)
+    peak = host.peak
+    print(f"\npeak owed by the host: {peak['requests']} requests, {peak['completions']} "
+          f"completions, {peak['bytes']} bytes, {peak['credits']} receive credits")
+    assert peak["requests"] == TAGS
+    assert peak["completions"] <= CPL_HEADER_BUDGET
+    assert peak["bytes"] <= max(READ_BUFFER_BYTES)
+    assert peak["credits"] <= MODEL_CPL_DATA_CREDITS
+    # commands taken and not answered, an answer counted before a command in the same cycle
+    events = sorted([(accepted[("r", i)], 1) for i in range(len(reads))] +
+                    [(beats[-1][1], -1) for beats in results])
+    held = max(itertools.accumulate(change for _, change in events))
+    print(f"read commands held unanswered: {held}")
+    assert TAGS < held <= READ_COMMANDS_HELD
 
 
 @pytest.mark.parametrize("fault", ["ur", "ca", "poison", "misplaced", "corrupt"])
@@ -800,3 +881,23 @@ def test_throughput_through_shim(width):
     write_rate = n * PAGE / ends["write"]
     print(f"\n{width} bits: 4 KiB reads {read_rate:.2f} B/clock ({sustained:.2f} sustained), "
           f"4 KiB writes {write_rate:.2f} B/clock")
+
+
+@pytest.mark.parametrize("width", [256, 512])
+def test_read_throughput_at_host_latency(width):
+    """Rate of back-to-back 16-byte reads (descriptor-sized: bound by the tags, TAGS a
+    round trip) and of 4 KiB reads (bound by the client beat) against a host answering
+    after 500 ns (MPS 256, MRRS 512), from the first command (and, sustained, from the
+    first read beat) to the last read beat; measured and printed, the data checked."""
+    latency = HOST_LATENCY_CYCLES[0]
+    rates = []
+    for length, n in ((16, 8 * TAGS), (PAGE, 8)):
+        reads = [(BASE + length * i, length) for i in range(n)]
+        memory, data, ends = run_through_shim(width, reads, [], latency=latency)
+        assert data == memory[:n * length]
+        rates.append((n * length / ends["read"],
+                      n * length / (ends["read"] - ends["first read"] + 1)))
+    (small, small_sustained), (large, large_sustained) = rates
+    print(f"\n{width} bits, host latency {latency}: 16-byte reads {small:.2f} B/clock "
+          f"({small_sustained:.2f} sustained), 4 KiB reads {large:.2f} B/clock "
+          f"({large_sustained:.2f} sustained)")

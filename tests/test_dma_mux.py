@@ -12,6 +12,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
+from memballoon.hdl.pcie.dma import READ_COMMANDS_HELD
 from memballoon.hdl.pcie.dma_mux import DmaMux
 from memballoon.hdl.pcie.interface import DMA_READ_BEAT_BYTES
 from sim_util import run_with_waves, stream_consumer, stream_put, wait_until
@@ -34,9 +35,11 @@ def read_beats(length):
              i == n - 1) for i in range(n)]
 
 
-def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_stall=None):
-    """``reads[c]``/``writes[c]``: lengths of client c's commands. Returns what the engine
-    saw (granted commands in order) and what each client received."""
+def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_stall=None,
+            engine_read_hold=0):
+    """``reads[c]``/``writes[c]``: lengths of client c's commands; the engine answers no
+    read before cycle ``engine_read_hold``. Returns what the engine saw (granted commands
+    in order) and what each client received."""
     rng = random.Random(seed)
     dut = DmaMux(n)
     dma = dut.dma
@@ -54,7 +57,7 @@ def run_mux(n, reads, writes, *, seed, idle=0.3, backpressure=0.3, engine_write_
 
     async def engine_read_data(ctx):
         while True:
-            if not read_answers:
+            if not read_answers or clock[0] < engine_read_hold:
                 await ctx.tick()
                 continue
             client, command, length = read_answers.pop(0)
@@ -187,3 +190,14 @@ def test_waiting_writes_do_not_hold_reads():
     check_answers(n, reads, writes, got_reads, got_dones)
     assert all(cycle < stall[1] for _, cycle in granted_reads)
     assert all(cycle >= stall[1] for _, cycle in granted_writes)
+
+
+def test_depth_covers_the_engine():
+    """While the engine answers no read, one client gets READ_COMMANDS_HELD reads granted
+    (the most a DmaEngine holds) before the mux waits: the mux does not limit them."""
+    reads = [[16] * (READ_COMMANDS_HELD + 8), []]
+    hold = 1000
+    granted_reads, _, got_reads, got_dones = run_mux(
+        2, reads, [[], []], seed=6, idle=0, backpressure=0, engine_read_hold=hold)
+    check_answers(2, reads, [[], []], got_reads, got_dones)
+    assert sum(cycle < hold for _, cycle in granted_reads) == READ_COMMANDS_HELD

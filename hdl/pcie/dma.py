@@ -6,22 +6,30 @@ vendor's streams. The client side is :class:`DmaSignature`, the port the virtque
 use (through :class:`~memballoon.hdl.pcie.dma_mux.DmaMux` when there are several).
 
 Reads are split into requests of at most Max_Read_Request_Size that never cross a
-4 KiB boundary; each request gets one of 16 tags and a slice of a completion buffer
-(``read_buffer_bytes``, 8 KiB by default) reserved before it is sent. Completions may
-arrive in any order across tags, split at the read completion boundary; they are written
-into the buffer at their place, and the buffer is read out in request order and shifted
-to byte 0 of the client's range. Tags and buffer slices are used in a ring, so a request
-that completes early waits in the buffer until the ones before it are read out. The
-buffer is four 32-bit banks, dword ``d`` in bank ``d % 4``: a completion beat of up to
-four dwords lands in one clock at any dword alignment, and the read-out takes one 16-byte
-line (a client beat) a clock.
+4 KiB boundary; each request gets one of ``TAGS`` (32) tags, a slice of a completion
+buffer (``read_buffer_bytes``, 16 KiB by default) and its completion headers, reserved
+before it is sent (it waits until they are free). Completions may arrive in any order
+across tags, split at the read completion boundary; they are written into the buffer at
+their place, and the buffer is read out in request order and shifted to byte 0 of the
+client's range. Tags and buffer slices are used in a ring, so a request that completes
+early waits in the buffer until the ones before it are read out. The buffer is four
+32-bit banks, dword ``d`` in bank ``d % 4``: a completion beat of up to four dwords lands
+in one clock at any dword alignment, and the read-out takes one 16-byte line (a client
+beat) a clock.
 
-The buffer bounds the bytes in flight, which is what keeps the hard IP's receive
-completion buffer from overflowing (the endpoint advertises infinite completion credit;
-cocotbext-pcie's PCIE4 model drops completions past 2048 data credits of 16 bytes, each
-completion costing its data plus one, and past 256 completions). 8 KiB in at most 16
-requests costs at most about 700 credits and 150 completions even when every completion is
-split at a 64-byte RCB; 16 KiB would already risk the 256.
+What is reserved keeps the hard IP's receive buffer from overflowing: the endpoint
+advertises infinite completion credit, so only the engine limits what the host sends. PG213
+gives 128 completion headers (CPH) and 32 KiB of completion data (CPD) at performance level
+Extreme; cocotbext-pcie's PCIE4 model drops completions past 256 and past 2048 data credits
+of 16 bytes, a completion costing its data credits plus one. Headers: a request comes back
+in at most as many completions as the ``RCB_BYTES`` blocks its bytes touch, and reserves
+that many of ``CPL_HEADER_BUDGET`` (128). Data: a completion begins and ends at an end of
+its request or at an RCB boundary (16-byte aligned), so it fills no more 16-byte credits
+than the buffer lines it lands in; at worst 16 KiB of lines (1024 credits) plus one
+credit for each of 128 completions is 1152 credits (18 KiB), within both 2048 and CPD (a
+32 KiB buffer would not be: 2048 + 128). Lines and headers are released when the read-out
+passes the request: after its last completion, or at once for a failed one (error,
+timeout, enable low), whose late completions, dropped, may then overrun them.
 
 Writes are split at Max_Payload_Size-aligned boundaries (so none crosses 4 KiB), with
 byte enables for an unaligned start and end; they are posted, in command order, and
@@ -44,8 +52,27 @@ from .interface import (DMA_READ_BEAT_BYTES, CompletionBeat, CplError, CplStatus
                         DmaReadBeat, DmaSignature, RequesterKind, RequesterRequest,
                         RequesterSignature)
 
-#: Read tags in flight (the PCIE4 model accepts tags below 32 without extended tags).
-TAGS = 16
+#: Read tags in flight: 5-bit tags, which the PCIE4 block takes whatever the host set
+#: (PG213). 8-bit tags (256) need the host's Extended Tag Field Enable, and the engine
+#: cannot observe that bit on this IP, so it never uses them.
+TAGS = 32
+TAG_BITS = (TAGS - 1).bit_length()
+
+#: Completion headers the PCIE4 block's receive buffer holds at performance level Extreme
+#: (PG213 "Receiver-Buffer Completion Space": CPH 128). The endpoint advertises infinite
+#: completion credit, so the engine keeps what it has asked for within them.
+CPL_HEADER_BUDGET = 128
+#: Read completion boundary of the hosts that split completions most: a request comes
+#: back in at most as many completions as RCB-aligned blocks its bytes touch.
+RCB_BYTES = 64
+RCB_SHIFT = RCB_BYTES.bit_length() - 1
+#: The most blocks one request touches (it never crosses a 4 KiB boundary).
+MAX_REQUEST_BLOCKS = 4096 // RCB_BYTES
+
+#: Completion-buffer sizes the engine builds (powers of two, for the ring of lines): at
+#: least one largest request, at most what keeps the receive buffer's data within its
+#: space (see the module docstring).
+READ_BUFFER_BYTES = (4096, 8192, 16384)
 
 #: A completion-buffer line is one client read beat; the buffer is one bank per dword of
 #: a line, so that dwords ``d`` .. ``d + BANKS - 1`` are in different banks.
@@ -53,6 +80,14 @@ LINE_BYTES = DMA_READ_BEAT_BYTES
 LINE_SHIFT = LINE_BYTES.bit_length() - 1
 BANKS = LINE_BYTES // 4
 BANK_SHIFT = BANKS.bit_length() - 1
+
+#: Bits of a completion-buffer line index in the largest buffer.
+LINE_INDEX_BITS = (max(READ_BUFFER_BYTES) // LINE_BYTES - 1).bit_length()
+
+#: Read commands the engine holds unanswered at most (taken on ``read_cmd``, last beat not
+#: yet out): one on each tag, the one the issuer is splitting while it waits for a tag,
+#: and two past the ring in the read-out (its buffer-read stage and its realign stage).
+READ_COMMANDS_HELD = TAGS + 3
 
 #: Payload dwords per completion beat of the requester interface.
 CPL_BEAT_DWORDS = data.Layout.cast(CompletionBeat)["data"].shape // 32
@@ -98,7 +133,8 @@ COMPLETION_TIMEOUT_CYCLES = 2 ** 17
 
 class _TagEntry(data.Struct):
     """What the engine keeps of the read request (or failed-command marker) on one tag."""
-    line: 10                    # first completion-buffer line of its slice
+    line: LINE_INDEX_BITS       # first completion-buffer line of its slice
+    blocks: MAX_REQUEST_BLOCKS.bit_length()     # completion headers it reserved
     start: 7                    # address bits 6..0 of its first byte
     bytes: 13                   # its length (0: a marker that ends a command with an error)
     first: 1                    # first entry of a read command
@@ -118,13 +154,12 @@ class _Token(data.Struct):
 class DmaEngine(wiring.Component):
     """One DMA client port on the vendor-neutral requester interface.
 
-    Throughput of back-to-back 4 KiB commands through the UltraScale+ shim at 256 and 512
-    bits (MPS 256, MRRS 512, host answering after 64 cycles; tests/test_dma.py): reads
-    8.06 bytes a clock sustained (7.80 from the first command), writes 7.92. Reads are held
-    to 8 by the requester interface's two-dword completion beat, not by the engine: it
-    takes a completion beat of up to four dwords a clock and reads out 16 bytes a clock
-    (15.95 sustained with four-dword completion beats from the shim, a one-clock flush per
-    command short of 16). Writes: the client's 8-byte write beat is the ceiling.
+    Throughput of back-to-back commands through the UltraScale+ shim at 256 and 512 bits
+    (MPS 256, MRRS 512; tests/test_dma.py): 4 KiB reads 15.95 bytes a clock sustained
+    with the host answering after 64 or 125 cycles (15.17 and 14.75 from the first
+    command), the 16-byte client beat less a one-clock flush per command; 16-byte reads
+    at 125 cycles 3.56 (4.02 sustained), ``TAGS`` requests a round trip; 4 KiB writes
+    7.92, the client's 8-byte write beat being the ceiling.
 
     Attributes
     ----------
@@ -144,15 +179,17 @@ class DmaEngine(wiring.Component):
         fails its read (C7); its tag is reused only after 7/4 to 8/4 of this, and
         completions that arrive for it in between are dropped.
     read_buffer_bytes : int
-        Completion buffer, 8192 or 4096: the bytes of reads in flight (see above for why
-        not more).
+        Completion buffer, one of ``READ_BUFFER_BYTES``: the bytes of reads in flight (see
+        above for why not more).
     """
 
-    def __init__(self, *, timeout_cycles=COMPLETION_TIMEOUT_CYCLES, read_buffer_bytes=8192):
+    def __init__(self, *, timeout_cycles=COMPLETION_TIMEOUT_CYCLES,
+                 read_buffer_bytes=max(READ_BUFFER_BYTES)):
         if timeout_cycles < 8:
             raise ValueError(f"timeout_cycles must be at least 8, not {timeout_cycles}")
-        if read_buffer_bytes not in (4096, 8192):
-            raise ValueError(f"read_buffer_bytes must be 4096 or 8192, not {read_buffer_bytes}")
+        if read_buffer_bytes not in READ_BUFFER_BYTES:
+            raise ValueError(f"read_buffer_bytes must be one of {READ_BUFFER_BYTES}, "
+                             f"not {read_buffer_bytes}")
         self._tick_cycles = timeout_cycles // 4
         self._lines = read_buffer_bytes // LINE_BYTES
         super().__init__({
@@ -176,11 +213,14 @@ class DmaEngine(wiring.Component):
         rd = SimpleNamespace(
             tag_write=tag_table.write_port(),
             # the ring of tags: entries are issued at issue_ptr and read out at read_ptr
-            issue_ptr=Signal(5, name="issue_ptr"),
-            read_ptr=Signal(5, name="read_ptr"),
+            issue_ptr=Signal(TAG_BITS + 1, name="issue_ptr"),
+            read_ptr=Signal(TAG_BITS + 1, name="read_ptr"),
             # completion buffer lines: reserved up to alloc_ptr, read out up to line_ptr
             alloc_ptr=Signal(line_bits + 1, name="alloc_ptr"),
             line_ptr=Signal(line_bits + 1, name="line_ptr"),
+            # completion headers, counted like the lines: reserved, and released at read-out
+            headers_reserved=Signal(CPL_HEADER_BUDGET.bit_length(), name="headers_reserved"),
+            headers_released=Signal(CPL_HEADER_BUDGET.bit_length(), name="headers_released"),
             # per tag: request sent and completions may still come
             pending=Signal(TAGS, name="pending"),
             # per tag: its data is not wanted (error, timeout, skipped, marker)
@@ -190,8 +230,8 @@ class DmaEngine(wiring.Component):
             abort=Signal(name="abort"),         # the read-out gives up on the command
             issuing_split=Signal(name="issuing_split"),
         )
-        rd.slot = rd.issue_ptr[:4]
-        rd.occupancy = (rd.issue_ptr - rd.read_ptr)[:5]
+        rd.slot = rd.issue_ptr[:TAG_BITS]
+        rd.occupancy = (rd.issue_ptr - rd.read_ptr)[:TAG_BITS + 1]
 
         read_header = Signal(RequesterRequest)
         read_header_valid = Signal()
@@ -225,7 +265,13 @@ class DmaEngine(wiring.Component):
         size = _split(address, bytes_left, max_read_bytes)
         slice_lines = (address[:LINE_SHIFT] + size + LINE_BYTES - 1) >> LINE_SHIFT
         free_lines = self._lines - (rd.alloc_ptr - rd.line_ptr)[:len(rd.alloc_ptr)]
+        # the headers like the lines: beside slice_lines from the same size (no deeper),
+        # against counters held in registers
+        blocks = (address[:RCB_SHIFT] + size + RCB_BYTES - 1) >> RCB_SHIFT
+        free_headers = CPL_HEADER_BUDGET - \
+            (rd.headers_reserved - rd.headers_released)[:len(rd.headers_reserved)]
         slot_free = (rd.occupancy != TAGS) & ~rd.pending.bit_select(rd.slot, 1)
+        room = slot_free & (slice_lines <= free_lines) & (blocks <= free_headers)
         dwords, first_be, last_be = _request_fields(address, size)
 
         entry = rd.tag_write
@@ -261,11 +307,12 @@ class DmaEngine(wiring.Component):
                         ]
                         m.d.sync += rd.issue_ptr.eq(rd.issue_ptr + 1)
                         m.next = "Idle"
-                with m.Elif(slot_free & (slice_lines <= free_lines)):
+                with m.Elif(room):
                     m.d.comb += [
                         entry.en.eq(1),
                         entry.data.start.eq(address[:7]),
                         entry.data.bytes.eq(size),
+                        entry.data.blocks.eq(blocks),
                         entry.data.last.eq(size == bytes_left),
                     ]
                     m.d.sync += [
@@ -276,6 +323,7 @@ class DmaEngine(wiring.Component):
                         header.last_be.eq(last_be),
                         header.tag.eq(rd.slot),
                         rd.alloc_ptr.eq(rd.alloc_ptr + slice_lines),
+                        rd.headers_reserved.eq(rd.headers_reserved + blocks),
                         address.eq(_advance(address, size)),
                         bytes_left.eq(bytes_left - size),
                         first.eq(0),
@@ -299,7 +347,7 @@ class DmaEngine(wiring.Component):
         payload beat is taken with its header."""
         cpl, cpl_data = self.requester.cpl, self.requester.cpl_data
         header = cpl.payload
-        tag = header.tag[:4]
+        tag = header.tag[:TAG_BITS]
         lookup = tag_table.read_port(domain="comb")
         entry = lookup.data
         m.d.comb += lookup.addr.eq(tag)
@@ -322,7 +370,7 @@ class DmaEngine(wiring.Component):
         writing = Signal()
         busy_known = Signal()
         completes = Signal()
-        busy_tag = Signal(4)
+        busy_tag = Signal(TAG_BITS)
 
         has_payload = header.dwords != 0
         taking_header = cpl.valid & ~busy
@@ -385,7 +433,7 @@ class DmaEngine(wiring.Component):
         out = self.client.read_data
         lookup = tag_table.read_port(domain="comb")
         entry = lookup.data
-        slot = rd.read_ptr[:4]
+        slot = rd.read_ptr[:TAG_BITS]
         m.d.comb += lookup.addr.eq(slot)
         ports = [bank.read_port() for bank in banks]
         slice_lines = (entry.start[:LINE_SHIFT] + entry.bytes + LINE_BYTES - 1) >> LINE_SHIFT
@@ -406,6 +454,13 @@ class DmaEngine(wiring.Component):
         with m.If(token_taken):
             m.d.sync += token_valid.eq(0)
 
+        def release_tag():
+            """The entry leaves the ring: its tag and its completion headers are free."""
+            m.d.sync += [
+                rd.read_ptr.eq(rd.read_ptr + 1),
+                rd.headers_released.eq(rd.headers_released + entry.blocks),
+            ]
+
         def issue_line(first_line, last_line):
             m.d.comb += read_line.eq(1)
             m.d.sync += [
@@ -418,13 +473,11 @@ class DmaEngine(wiring.Component):
                 rd.line_ptr.eq(rd.line_ptr + 1),
             ]
             with m.If(last_line):
-                m.d.sync += rd.read_ptr.eq(rd.read_ptr + 1)
+                release_tag()
 
         def pass_entry():
-            m.d.sync += [
-                rd.read_ptr.eq(rd.read_ptr + 1),
-                rd.line_ptr.eq(rd.line_ptr + slice_lines),
-            ]
+            release_tag()
+            m.d.sync += rd.line_ptr.eq(rd.line_ptr + slice_lines)
 
         with m.FSM():
             with m.State("Entry"):

@@ -12,6 +12,7 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
+from .dma import READ_COMMANDS_HELD
 from .interface import DmaSignature
 
 
@@ -30,10 +31,14 @@ class DmaMux(wiring.Component):
     n : int
         Number of clients, at least 2.
     depth : int
-        Commands of each kind the engine may hold unanswered before the mux waits.
+        Commands of each kind the engine may hold unanswered before the mux waits. The
+        default is the most read commands a DmaEngine holds (``READ_COMMANDS_HELD``: one
+        per tag, one being split, two in its read-out), so that one client's short reads
+        can occupy every tag and the mux never limits what is in flight (the engine takes
+        one write command at a time: writes have room to spare).
     """
 
-    def __init__(self, n, *, depth=16):
+    def __init__(self, n, *, depth=READ_COMMANDS_HELD):
         if n < 2:
             raise ValueError(f"a DmaMux needs at least 2 clients, not {n}")
         self._n = n
