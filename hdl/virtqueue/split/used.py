@@ -130,40 +130,43 @@ class UsedWriter(wiring.Component):
         segment = self.segments.payload
         piece = Mux(segment.length < to_write, segment.length, to_write)
 
+        def take_result():
+            """Takes the next result if there is one (``m.next`` stays otherwise)."""
+            with m.If(self.results.valid & self.completions.valid):
+                m.d.comb += [
+                    self.results.ready.eq(1),
+                    self.completions.ready.eq(1),
+                ]
+                m.d.sync += [
+                    head.eq(completion.head),
+                    used_len.eq(result.used_len),
+                    result_data.eq(result.write_data),
+                    to_write.eq(result.write_count),
+                    written.eq(0),
+                    segment_bytes.eq(completion.writable),
+                ]
+                m.next = "Write-Data"
+                with m.If(completion.writable == 0):     # nothing to write or pop
+                    m.next = "Write-Element"
+                if self._parking:
+                    m.d.sync += park.eq(result.park)
+                    with m.If(result.park):
+                        m.d.sync += to_write.eq(0)
+                        with m.If(completion.writable == 0):
+                            m.next = "Park"
+
         m.d.sync += self.interrupt.eq(0)
         with m.FSM():
             with m.State("Idle"):
                 m.d.comb += self.idle.eq((unpublished == 0) & ~handing & ~unchecked &
                                          ~checking)
-                with m.If(self.results.valid & self.completions.valid):
-                    m.d.comb += [
-                        self.results.ready.eq(1),
-                        self.completions.ready.eq(1),
-                    ]
-                    m.d.sync += [
-                        head.eq(completion.head),
-                        used_len.eq(result.used_len),
-                        result_data.eq(result.write_data),
-                        to_write.eq(result.write_count),
-                        written.eq(0),
-                        segment_bytes.eq(completion.writable),
-                    ]
-                    if self._parking:
-                        m.d.sync += park.eq(result.park)
-                        with m.If(result.park):
-                            m.d.sync += to_write.eq(0)
-                    m.next = "Write-Data"
-                with m.Elif(unpublished != 0):
+                with m.If(unpublished != 0):
                     m.next = "Publish"
+                take_result()                   # a waiting result goes first
 
             with m.State("Write-Data"):
                 # One segment per step; those past the result's bytes are only popped.
-                with m.If(segment_bytes == 0):
-                    m.next = "Write-Element"
-                    if self._parking:
-                        with m.If(park):        # no used element for it
-                            m.next = "Park"
-                with m.Elif(self.segments.valid):
+                with m.If(self.segments.valid):
                     # piece == 0, without the comparison inside ``piece`` in front of it.
                     with m.If((segment.length == 0) | (to_write == 0)):
                         m.d.comb += self.segments.ready.eq(1)
@@ -181,6 +184,11 @@ class UsedWriter(wiring.Component):
                             to_write.eq(to_write - piece),
                             written.eq(written + piece),
                         ]
+                        with m.If(segment.length == segment_bytes):     # the chain's last
+                            m.next = "Write-Element"
+                            if self._parking:
+                                with m.If(park):        # no used element for it
+                                    m.next = "Park"
 
             with m.State("Write-Element"):
                 element = Signal(64)
@@ -201,7 +209,10 @@ class UsedWriter(wiring.Component):
                     with m.If(unpublished + 1 == self._max_batch):
                         m.next = "Publish"
                     with m.Else():
+                        # The next result in this clock: one clock per command that
+                        # writes no bytes.
                         m.next = "Idle"
+                        take_result()
 
             if self._parking:
                 with m.State("Park"):
