@@ -217,7 +217,10 @@ class VirtqueueEngine(wiring.Component):
                 wiring.connect(m, read_port.responses[index], block.response)
         for index, block in enumerate((used, avail)):
             wiring.connect(m, block.write, write_port.requests[index])
-            m.d.comb += block.write_idle.eq(write_port.idle)
+        m.d.comb += [
+            avail.write_idle.eq(write_port.idle),
+            used.published.eq(write_port.published),
+        ]
 
         for block in (avail, prefetcher, walker, used):
             m.d.comb += block.config.eq(self.config)
