@@ -49,7 +49,7 @@ class AvailFetcher(wiring.Component):
     fault_kind : Out(c.RingFault)
     """
 
-    def __init__(self, max_heads=16):
+    def __init__(self, max_heads=32):
         self._max_heads = max_heads
         super().__init__({
             "config": In(QueueConfig),
