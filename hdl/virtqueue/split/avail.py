@@ -20,6 +20,8 @@ CACHE_LINE_BYTES = 64
 _ENTRY_BYTES = 2
 _BEAT_ENTRIES = DMA_READ_BEAT_BYTES // _ENTRY_BYTES
 _LINE_WORDS = CACHE_LINE_BYTES // _ENTRY_BYTES
+#: The smallest head queue (see ``AvailFetcher.__init__``).
+_MIN_HEADS = 3
 
 
 class AvailFetcher(wiring.Component):
@@ -69,6 +71,11 @@ class AvailFetcher(wiring.Component):
     """
 
     def __init__(self, max_heads=32):
+        # Entries are pushed a clock apart against the room counted from the queue's
+        # level, which a SyncFIFOBuffered of depth 2 does not honour (its second write
+        # right after the first is refused while the level says there is room).
+        if max_heads < _MIN_HEADS:
+            raise ValueError(f"max_heads must be at least {_MIN_HEADS}")
         self._max_heads = max_heads
         super().__init__({
             "config": In(QueueConfig),
