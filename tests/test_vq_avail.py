@@ -7,7 +7,7 @@ import random
 import struct
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from amaranth.hdl import UnusedElaboratable
@@ -47,7 +47,7 @@ class Read:
     length: int
     answer: int                 # cycle its beats may start
     samples: dict               # cache line -> cycle it is copied
-    data: bytearray = field(default_factory=bytearray)
+    data: bytearray
 
 
 class Host:

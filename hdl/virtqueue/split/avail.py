@@ -37,7 +37,10 @@ class AvailFetcher(wiring.Component):
     room) and the entries the new index covers are queued from it: a buffer published
     alone costs one round trip, not two. The driver writes the entries before the index,
     and one line is read as one snapshot; entries past the index are ignored. Entries in
-    other lines are read after the index, as ring reads.
+    other lines are read after the index, as ring reads. The driver area is only 2-byte
+    aligned (virtio 1.2 2.7), so the index may lie anywhere in its line, even in its
+    last two bytes (no entry shares that line). A failed index read is a DMA_READ fault
+    whichever of its bytes failed (after the entries of its whole beats before).
 
     With EVENT_IDX, before going idle it writes ``avail_event`` (the next index it will
     read) into the used ring's tail, waits for the write, and reads ``avail->idx`` once
@@ -68,6 +71,11 @@ class AvailFetcher(wiring.Component):
         (AVAIL_AHEAD), or a ring read failed (DMA_READ); the fetcher then stops (and
         drops the beats of its read still to come).
     fault_kind : Out(c.RingFault)
+
+    Parameters
+    ----------
+    max_heads : int
+        Heads the queue holds (at least 3): read ahead of the chain walk.
     """
 
     def __init__(self, max_heads=32):
