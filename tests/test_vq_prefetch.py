@@ -120,6 +120,29 @@ def test_one_descriptor_chains_share_reads(backpressure):
         assert reads.most_outstanding >= 4, reads.most_outstanding
 
 
+@pytest.mark.parametrize("backpressure", [0.0, 0.7])
+def test_heads_going_down_share_reads(backpressure):
+    """Heads 255, 254, ... as Linux's free list hands them out once buffers came back (last
+    freed first): a read covers the run from its last head up, the table's last head
+    (whose window is one descriptor) leads one, and the walks still come in ring order."""
+    size = 256
+    heads = [(h, 0) for h in reversed(range(size))]
+    walks, reads, table = run(heads, size, backpressure=backpressure)
+    check_windows(walks, heads, table, size)
+    assert len(reads.reads) <= -(-size // (MAX_SPAN - 1)) + 1, reads.reads
+    assert reads.reads[0][1:] == (size - MAX_SPAN, MAX_SPAN), reads.reads[0]
+
+
+def test_runs_turning():
+    """Runs up, then down, then up again, with gaps (2-descriptor chains): each head's own
+    window, whichever way its run went."""
+    size = 64
+    heads = [(h, 0) for h in (0, 2, 4, 40, 38, 36, 35, 10, 11, 13, 63, 62, 60, 20, 19, 21)]
+    walks, reads, table = run(heads, size)
+    check_windows(walks, heads, table, size)
+    assert len(reads.reads) == 6, reads.reads
+
+
 def test_two_descriptor_chains_and_the_table_end():
     """Heads 0, 2, 4, ... (2-descriptor chains): each window holds the head's descriptor
     and the next; the last head of the table gets its own one-descriptor read."""

@@ -297,26 +297,37 @@ class CommandExecutor(wiring.Component):
                        ~(code_exchange & count[0]) &
                        Mux(code_get, writable == 8, writable == 0))
 
+        effects_pushed = Signal()           # the effects went to the core a clock ago
+        m.d.sync += effects_pushed.eq(self.effects.valid & self.effects.ready)
+
+        def take_header():
+            """Takes the next command's header unless the core holds commands back."""
+            m.d.comb += header.ready.eq(~self.hold)
+            with m.If(header.valid & ~self.hold):
+                m.d.sync += [
+                    readable.eq(header.payload.readable),
+                    writable.eq(header.payload.writable),
+                    malformed.eq(1),
+                    granted.eq(0),
+                    totals.eq(0),
+                ]
+                with m.If(header.payload.readable == 0):
+                    m.next = "Finish"
+                with m.Else():
+                    m.next = "Code"
+
         with m.FSM():
             with m.State("Header"):
-                m.d.comb += [header.ready.eq(~self.hold), self.idle.eq(1)]
-                with m.If(header.valid & ~self.hold):
-                    m.d.sync += [
-                        readable.eq(header.payload.readable),
-                        writable.eq(header.payload.writable),
-                        malformed.eq(1),
-                        granted.eq(0),
-                        totals.eq(0),
-                    ]
-                    with m.If(header.payload.readable == 0):
-                        m.next = "Finish"
-                    with m.Else():
-                        m.next = "Code"
+                m.d.comb += self.idle.eq(1)
+                take_header()
 
             with m.State("Code"):
-                # The first beat holds the code word alone (interface.CommandWords).
-                m.d.comb += words.ready.eq(1)
-                with m.If(words.valid):
+                # The first beat holds the code word alone (interface.CommandWords). A GET
+                # right after a command's effects went to the core waits a clock: the
+                # core's return budget counts them two clocks after (C10).
+                budget_settling = code_get & effects_pushed
+                m.d.comb += words.ready.eq(~budget_settling)
+                with m.If(words.valid & ~budget_settling):
                     m.d.sync += [
                         malformed.eq(~well_formed),
                         kind.eq(code[:2]),
@@ -378,5 +389,7 @@ class CommandExecutor(wiring.Component):
                     effects.granted.eq(granted),
                 ]
                 with m.If(result.ready):
+                    # The next header in the same clock: commands back to back.
                     m.next = "Header"
+                    take_header()
         return m

@@ -86,8 +86,9 @@ LINE_INDEX_BITS = (max(READ_BUFFER_BYTES) // LINE_BYTES - 1).bit_length()
 
 #: Read commands the engine holds unanswered at most (taken on ``read_cmd``, last beat not
 #: yet out): one on each tag, the one the issuer is splitting while it waits for a tag,
-#: and two past the ring in the read-out (its buffer-read stage and its realign stage).
-READ_COMMANDS_HELD = TAGS + 3
+#: the next one waiting beside it, and two past the ring in the read-out (its
+#: buffer-read stage and its realign stage).
+READ_COMMANDS_HELD = TAGS + 4
 
 #: Payload dwords per completion beat of the requester interface.
 CPL_BEAT_DWORDS = data.Layout.cast(CompletionBeat)["data"].shape // 32
@@ -282,18 +283,30 @@ class DmaEngine(wiring.Component):
             entry.data.line.eq(rd.alloc_ptr[:-1]),
         ]
 
+        # The next command waits in a register, so that the issuer goes from a command's
+        # last request straight to the next one's split: two clocks a request.
+        waiting = Signal.like(cmd.payload)
+        waiting_valid = Signal()
+        m.d.comb += cmd.ready.eq(~waiting_valid)
+        with m.If(cmd.valid & cmd.ready):
+            m.d.sync += [waiting.eq(cmd.payload), waiting_valid.eq(1)]
+
+        def start_waiting():
+            """Starts the waiting command, if there is one."""
+            with m.If(waiting_valid):
+                m.d.sync += [
+                    address.eq(waiting.address),
+                    bytes_left.eq(waiting.length),
+                    length.eq(waiting.length),
+                    first.eq(1),
+                    waiting_valid.eq(0),
+                ]
+                m.next = "Split"
+
         with m.FSM() as fsm:
             m.d.comb += rd.issuing_split.eq(fsm.ongoing("Split"))
             with m.State("Idle"):
-                m.d.comb += cmd.ready.eq(1)
-                with m.If(cmd.valid):
-                    m.d.sync += [
-                        address.eq(cmd.payload.address),
-                        bytes_left.eq(cmd.payload.length),
-                        length.eq(cmd.payload.length),
-                        first.eq(1),
-                    ]
-                    m.next = "Split"
+                start_waiting()
 
             with m.State("Split"):
                 with m.If(rd.abort):                # the read-out gave up on this command
@@ -337,6 +350,7 @@ class DmaEngine(wiring.Component):
                     m.d.sync += rd.issue_ptr.eq(rd.issue_ptr + 1)
                     with m.If(bytes_left == 0):
                         m.next = "Idle"
+                        start_waiting()
                     with m.Else():
                         m.next = "Split"
 
@@ -632,22 +646,26 @@ class DmaEngine(wiring.Component):
 
         m.d.comb += done.payload.error.eq(stopped)
 
+        def take_command():
+            """Takes the next write command, if one waits, into the header and word steps."""
+            m.d.comb += cmd.ready.eq(1)
+            with m.If(cmd.valid):
+                a, n = cmd.payload.address, cmd.payload.length
+                m.d.sync += [
+                    max_payload.eq(_size_bytes(self.max_payload)),
+                    shift.eq(a[:3]),
+                    address.eq(a),
+                    bytes_left.eq(n),
+                    stopped.eq(0),
+                    beats_left.eq((n + 7) >> 3),
+                    words_left.eq((a[:3] + n + 7) >> 3),
+                    draining.eq(0),
+                ]
+                m.next = "Busy"
+
         with m.FSM():
             with m.State("Idle"):
-                m.d.comb += cmd.ready.eq(1)
-                with m.If(cmd.valid):
-                    a, n = cmd.payload.address, cmd.payload.length
-                    m.d.sync += [
-                        max_payload.eq(_size_bytes(self.max_payload)),
-                        shift.eq(a[:3]),
-                        address.eq(a),
-                        bytes_left.eq(n),
-                        stopped.eq(0),
-                        beats_left.eq((n + 7) >> 3),
-                        words_left.eq((a[:3] + n + 7) >> 3),
-                        draining.eq(0),
-                    ]
-                    m.next = "Busy"
+                take_command()
 
             with m.State("Busy"):
                 # Header step.
@@ -728,9 +746,16 @@ class DmaEngine(wiring.Component):
                 with m.If(draining & word_valid):
                     m.d.comb += word_taken.eq(1)
 
+                # The done goes out in the clock the last word is sent, and the next
+                # command is taken with it: a small write costs four clocks, not six.
                 with m.If((words_left == 0) & ~word_valid & ~in_tlp & ~header_valid &
                           ((bytes_left == 0) | stopped)):
-                    m.next = "Done"
+                    m.d.comb += done.valid.eq(1)
+                    with m.If(done.ready):
+                        m.next = "Idle"
+                        take_command()
+                    with m.Else():
+                        m.next = "Done"
 
             with m.State("Done"):
                 m.d.comb += done.valid.eq(1)

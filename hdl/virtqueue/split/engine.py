@@ -42,6 +42,10 @@ def _fifo(m, name, shape, depth, producer, consumer, reset):
 #: Readable segments walked ahead of the data reads, at most: a chain of more readable
 #: buffers than the queue holds is walked twice (``ChainWalker``).
 READABLE_QUEUE_DEPTH = 32
+#: Chains walked ahead of the function, at most: their data reads are what a host's read
+#: latency is hidden behind when commands are short (a 1-page command is one 16-byte
+#: read), so as many as the DMA engine has tags.
+HEADER_QUEUE_DEPTH = TAGS
 #: Used elements published in one ``used->idx`` write, at most.
 USED_BATCH = 8
 #: The ReadPort's clients, first served first.
@@ -265,7 +269,7 @@ class VirtqueueEngine(wiring.Component):
         # A header goes out when its completion can be queued for the UsedWriter.
         queued_header = stream.Signature(CommandHeader).create()
         completion = stream.Signature(PendingCompletion).create()
-        header_queue = _fifo(m, "header_queue", CommandHeader, 4, walker.chains,
+        header_queue = _fifo(m, "header_queue", CommandHeader, HEADER_QUEUE_DEPTH, walker.chains,
                              queued_header, halt)
         completion_queue = _fifo(m, "completion_queue", PendingCompletion, 4, completion,
                                  used.completions, halt)

@@ -3,6 +3,7 @@
 from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .... import constants as c
@@ -17,16 +18,26 @@ MAX_SPAN = 8
 #: Chains whose descriptors are read ahead of the ChainWalker, at most: enough to cover a
 #: round trip of 1000 ns at a command every 8 clocks.
 PREFETCH_DEPTH = 32
+#: Reads whose beats are held until their heads are handed on, at most: while one read's
+#: heads go out (a clock each), the beats of the next ones keep arriving.
+READ_BANKS = 4
 
 
 class _Pending(data.Struct):
-    """A head whose prefetch read is out: the beat of its read that completes its window
-    (``done_beat``), and whether the table ends after its own descriptor (``capped``: its
-    window holds one). ``first``: the first head of its read."""
+    """A head whose prefetch read is out: its distance from the first head of its read
+    (``offset``), and whether the table ends after its own descriptor (``capped``: its
+    window holds one)."""
     walk: WalkRequest
-    done_beat: range(MAX_SPAN)
+    offset: range(MAX_SPAN)
     capped: 1
-    first: 1
+
+
+class _Read(data.Struct):
+    """A prefetch read out: its ``heads``, whether they go down the table (``down``: the
+    read starts at the last head's descriptor, ``top`` descriptors below the first's)."""
+    heads: range(1, MAX_SPAN + 1)
+    down: 1
+    top: range(MAX_SPAN)
 
 
 class DescriptorPrefetcher(wiring.Component):
@@ -37,16 +48,22 @@ class DescriptorPrefetcher(wiring.Component):
     The heads come in ring order, already seen available (after ``avail->idx`` and the
     ring entry were read), so their descriptors are the driver's: a read of them is never
     early (the ChainWalker drops its window at each new chain for that reason). Heads that
-    increase within ``MAX_SPAN`` descriptors share one read of the span from the first
-    head to the descriptor after the last; a head whose descriptor ends the table reads
-    alone (its window holds one descriptor). A run goes out as soon as the next head does
-    not join it or none waits, so nothing waits for more heads.
+    go one way within ``MAX_SPAN`` descriptors share one read of the span: up the table
+    (a fresh ring: 0, 1, 2, ...) from the first head to the descriptor after the last,
+    or down it (Linux's free list after buffers come back, last freed first: ..., 2, 1,
+    0) from the last head to the descriptor after the first. A head whose descriptor ends
+    the table joins only a run going down from it (its window holds one descriptor). A
+    run goes out as soon as the next head does not join it or none waits, so nothing
+    waits for more heads.
 
-    A head is taken only when the walk queue has room for it, so response beats never
-    wait. The table is 16-byte aligned (virtio 1.2 2.7.5): each 16-byte beat of a read is
-    one descriptor. A failed read (C7) is not a fault here: its heads go to the walker
-    with no descriptor (``filled`` 0), which reads them itself and finds the fault on the
-    chain that has it, as without the prefetch.
+    A read's beats are kept (one of ``READ_BANKS`` banks, a beat and the one before it
+    per entry) until its last one is in; then its heads go to the walker in their order,
+    one a clock, each with the two beats of its window. A head is taken only when the
+    walk queue has room for it, so response beats wait only while every bank still holds
+    heads to hand on. The table is 16-byte aligned (virtio 1.2 2.7.5): each 16-byte beat
+    of a read is one descriptor. A failed read (C7) is not a fault here: its heads go to
+    the walker with no descriptor (``filled`` 0), which reads them itself and finds the
+    fault on the chain that has it, as without the prefetch.
 
     Attributes
     ----------
@@ -76,6 +93,8 @@ class DescriptorPrefetcher(wiring.Component):
         size = self.config.size
         m.submodules.pending = pending = SyncFIFOBuffered(
             width=_Pending.as_shape().size, depth=self._depth)
+        m.submodules.reads = reads = SyncFIFOBuffered(
+            width=_Read.as_shape().size, depth=self._depth)
         m.submodules.queue = queue = SyncFIFOBuffered(
             width=PrefetchedWalk.as_shape().size, depth=self._depth)
         m.d.comb += [
@@ -93,21 +112,38 @@ class DescriptorPrefetcher(wiring.Component):
 
         # --- Runs: heads that share a read ----------------------------------------------
         run_open = Signal()
+        run_up = Signal()                   # a second head joined going up
+        run_down = Signal()                 # ... going down
         run_first = Signal(16)
         run_last = Signal(16)
+        run_first_capped = Signal()
+        run_heads = Signal(range(1, MAX_SPAN + 1))
+        run_top = Signal(range(MAX_SPAN))   # the last head's offset
         run_address = Signal(64)
         run_beats = Signal(range(MAX_SPAN + 1))
         head = self.heads.payload.head
-        offset = (head - run_first)[:16]
+        above = (head - run_first)[:16]
+        below = (run_first - head)[:16]
         capped = head + 1 == size                       # its descriptor ends the table
-        joins = run_open & (head > run_last) & (offset < MAX_SPAN - 1) & ~capped
+        joins_up = (run_open & ~run_down & ~run_first_capped & (head > run_last) &
+                    (above < MAX_SPAN - 1) & ~capped)
+        # Going down, the span ends at the first head's window: one more beat unless capped.
+        joins_down = (run_open & ~run_up & (head < run_last) &
+                      (below < Mux(run_first_capped, MAX_SPAN, MAX_SPAN - 1)))
+        joins = joins_up | joins_down
         issue = self.read.valid & self.read.ready
+        read_entry = Signal(_Read)
         m.d.comb += [
             self.read.payload.command.address.eq(run_address),
             self.read.payload.command.length.eq(c.VRING_DESC_SIZE * run_beats),
             # A run goes when the next head does not join it (or none waits).
             self.read.valid.eq(run_open & ~(self.heads.valid & joins)),
             self.heads.ready.eq((~run_open | joins | issue) & (held < self._depth)),
+            read_entry.heads.eq(run_heads),
+            read_entry.down.eq(run_down),
+            read_entry.top.eq(run_top),
+            reads.w_data.eq(read_entry),
+            reads.w_en.eq(issue),
         ]
         entry = Signal(_Pending)
         m.d.comb += [
@@ -117,57 +153,106 @@ class DescriptorPrefetcher(wiring.Component):
         ]
         with m.If(issue):
             m.d.sync += run_open.eq(0)
-        with m.If(taken & joins):
-            m.d.comb += [entry.done_beat.eq(offset + 1), entry.first.eq(0)]
-            m.d.sync += [run_last.eq(head), run_beats.eq(offset + PREFETCH_WINDOW)]
+        with m.If(taken & joins_up):
+            m.d.comb += entry.offset.eq(above)
+            m.d.sync += [run_up.eq(1), run_last.eq(head), run_heads.eq(run_heads + 1),
+                         run_top.eq(above), run_beats.eq(above + PREFETCH_WINDOW)]
+        with m.Elif(taken & joins_down):
+            m.d.comb += entry.offset.eq(below)
+            m.d.sync += [
+                run_down.eq(1), run_last.eq(head), run_heads.eq(run_heads + 1),
+                run_top.eq(below),
+                run_address.eq(self.config.desc + c.VRING_DESC_SIZE * head),
+                run_beats.eq(below + Mux(run_first_capped, 1, PREFETCH_WINDOW)),
+            ]
         with m.Elif(taken):
-            m.d.comb += [entry.done_beat.eq(Mux(capped, 0, 1)), entry.capped.eq(capped),
-                         entry.first.eq(1)]
+            m.d.comb += entry.capped.eq(capped)
             m.d.sync += [
                 run_open.eq(1),
+                run_up.eq(0),
+                run_down.eq(0),
                 run_first.eq(head),
                 run_last.eq(head),
+                run_first_capped.eq(capped),
+                run_heads.eq(1),
+                run_top.eq(0),
                 run_address.eq(self.config.desc + c.VRING_DESC_SIZE * head),
                 run_beats.eq(Mux(capped, 1, PREFETCH_WINDOW)),
             ]
 
-        # --- Beats: each completes the window of at most one head ------------------------
-        beat = self.response.payload
-        front = Signal(_Pending)
+        # --- Beats: kept per read, entry j = beats j - 1 and j ---------------------------
+        beat_bits = (MAX_SPAN - 1).bit_length()
+        bank_bits = (READ_BANKS - 1).bit_length()
+        m.submodules.beats = beats = Memory(shape=2 * 8 * c.VRING_DESC_SIZE,
+                                            depth=READ_BANKS * MAX_SPAN, init=[])
+        beat_write = beats.write_port()
+        beat_read = beats.read_port()
+        full = Signal(READ_BANKS)               # a bank holds a read whose heads wait
+        failed = Signal(READ_BANKS)             # ... of a read that failed
+        write_bank = Signal(bank_bits)
+        beat_index = Signal(beat_bits)
         previous = Signal(8 * c.VRING_DESC_SIZE)
-        beat_index = Signal(range(MAX_SPAN))
-        flushing = Signal()                     # heads of a failed read still to go
-        flush_first = Signal()                  # ... from its first head on
+        beat = self.response.payload
+        arrive = self.response.valid & self.response.ready
+        m.d.comb += [
+            self.response.ready.eq(~full.bit_select(write_bank, 1)),
+            beat_write.addr.eq(Cat(beat_index, write_bank)),
+            beat_write.data.eq(Cat(previous, beat.data)),
+            beat_write.en.eq(arrive),
+        ]
+        read_done = Signal(READ_BANKS)
+        read_failed = Signal(READ_BANKS)
+        with m.If(arrive):
+            m.d.sync += previous.eq(beat.data)
+            with m.If(beat.last):
+                # A failed read ends with its error beat (none of it may have come before).
+                m.d.comb += [read_done.eq(1 << write_bank),
+                             read_failed.eq(Mux(beat.error, 1 << write_bank, 0))]
+                m.d.sync += [write_bank.eq(write_bank + 1), beat_index.eq(0)]
+            with m.Else():
+                m.d.sync += beat_index.eq(beat_index + 1)
+
+        # --- Heads: a clock each once their read is in; the window a clock later ---------
+        handed_bank = Signal(bank_bits)
+        handed_heads = Signal(range(MAX_SPAN))
+        front = Signal(_Pending)
+        read = Signal(_Read)
+        m.d.comb += [front.eq(pending.r_data), read.eq(reads.r_data)]
+        ready = full.bit_select(handed_bank, 1)
+        hand = reads.r_rdy & pending.r_rdy & ready
+        position = Mux(read.down, read.top - front.offset, front.offset)[:beat_bits]
+        read_last = handed_heads + 1 == read.heads
+        read_emptied = Signal(READ_BANKS)
+        m.d.comb += [
+            pending.r_en.eq(hand),
+            reads.r_en.eq(hand & read_last),
+            beat_read.addr.eq(Cat((position + ~front.capped)[:beat_bits], handed_bank)),
+        ]
+        with m.If(hand):
+            m.d.sync += handed_heads.eq(Mux(read_last, 0, handed_heads + 1))
+            with m.If(read_last):
+                m.d.comb += read_emptied.eq(1 << handed_bank)
+                m.d.sync += handed_bank.eq(handed_bank + 1)
+        m.d.sync += [
+            full.eq(full & ~read_emptied | read_done),
+            failed.eq(failed & ~read_emptied | read_failed),
+        ]
+
+        out = Signal(_Pending)
+        out_valid = Signal()
+        out_failed = Signal()
+        m.d.sync += [
+            out.eq(front),
+            out_valid.eq(hand),
+            out_failed.eq(failed.bit_select(handed_bank, 1)),
+        ]
+        window = beat_read.data
         walk = Signal(PrefetchedWalk)
         m.d.comb += [
-            front.eq(pending.r_data),
-            walk.walk.eq(front.walk),
+            walk.walk.eq(out.walk),
+            walk.window.eq(Mux(out.capped, window[8 * c.VRING_DESC_SIZE:], window)),
+            walk.filled.eq(Mux(out_failed, 0, Mux(out.capped, 1, PREFETCH_WINDOW))),
             queue.w_data.eq(walk),
+            queue.w_en.eq(out_valid),
         ]
-        completes = pending.r_rdy & (front.done_beat == beat_index)
-        with m.If(flushing):
-            # The failed read's heads not yet out, one a clock; the next read's beats wait.
-            with m.If(pending.r_rdy & (~front.first | flush_first)):
-                m.d.comb += [queue.w_en.eq(1), pending.r_en.eq(1)]
-                m.d.sync += flush_first.eq(0)
-            with m.Else():
-                m.d.sync += flushing.eq(0)
-        with m.Elif(self.response.valid):
-            m.d.comb += self.response.ready.eq(1)
-            with m.If(beat.error):
-                # The last beat of a failed read (none of it may have come before).
-                m.d.sync += [flushing.eq(1), flush_first.eq(beat_index == 0),
-                             beat_index.eq(0)]
-            with m.Else():
-                with m.If(completes):
-                    m.d.comb += [
-                        walk.window.eq(Mux(front.capped, beat.data, Cat(previous, beat.data))),
-                        walk.filled.eq(Mux(front.capped, 1, PREFETCH_WINDOW)),
-                        queue.w_en.eq(1),
-                        pending.r_en.eq(1),
-                    ]
-                m.d.sync += [
-                    previous.eq(beat.data),
-                    beat_index.eq(Mux(beat.last, 0, beat_index + 1)),
-                ]
         return m
