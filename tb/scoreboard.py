@@ -55,6 +55,9 @@ RQ_TYPE_SHIFT, RQ_TYPE_MASK, RQ_TYPE_MEM_WRITE = 75, 0xF, 0b0001
 #: Cycles Bus Master Enable is low before the RQ interface runs again: the hard IP model
 #: updates cfg_function_status on its next clock, the device samples it after that.
 BME_SETTLE_CYCLES = 4
+#: Management reads of the fault info, at most, before Bus Master Enable comes back after
+#: a write fault was injected (each a few dozen cycles).
+FAULT_SEEN_POLLS = 100
 
 
 class SimRig(Rig):
@@ -164,6 +167,12 @@ class SimRig(Rig):
             await self._armed.wait()
             await self._fired
             self._armed = self._fired = None
+            # Bus mastering comes back once the device has seen a write fail (C7, the
+            # management port works without it), so the injection does not depend on
+            # how soon the device's next write follows the dropped one.
+            for _ in range(FAULT_SEEN_POLLS):
+                if await self.mgmt_read(c.MGMT_FAULT_INFO):
+                    break
             self.tb.function.bus_master_enable = True
 
     async def flr(self):

@@ -646,26 +646,22 @@ class DmaEngine(wiring.Component):
 
         m.d.comb += done.payload.error.eq(stopped)
 
-        def take_command():
-            """Takes the next write command, if one waits, into the header and word steps."""
-            m.d.comb += cmd.ready.eq(1)
-            with m.If(cmd.valid):
-                a, n = cmd.payload.address, cmd.payload.length
-                m.d.sync += [
-                    max_payload.eq(_size_bytes(self.max_payload)),
-                    shift.eq(a[:3]),
-                    address.eq(a),
-                    bytes_left.eq(n),
-                    stopped.eq(0),
-                    beats_left.eq((n + 7) >> 3),
-                    words_left.eq((a[:3] + n + 7) >> 3),
-                    draining.eq(0),
-                ]
-                m.next = "Busy"
-
         with m.FSM():
             with m.State("Idle"):
-                take_command()
+                m.d.comb += cmd.ready.eq(1)
+                with m.If(cmd.valid):
+                    a, n = cmd.payload.address, cmd.payload.length
+                    m.d.sync += [
+                        max_payload.eq(_size_bytes(self.max_payload)),
+                        shift.eq(a[:3]),
+                        address.eq(a),
+                        bytes_left.eq(n),
+                        stopped.eq(0),
+                        beats_left.eq((n + 7) >> 3),
+                        words_left.eq((a[:3] + n + 7) >> 3),
+                        draining.eq(0),
+                    ]
+                    m.next = "Busy"
 
             with m.State("Busy"):
                 # Header step.
@@ -746,16 +742,9 @@ class DmaEngine(wiring.Component):
                 with m.If(draining & word_valid):
                     m.d.comb += word_taken.eq(1)
 
-                # The done goes out in the clock the last word is sent, and the next
-                # command is taken with it: a small write costs four clocks, not six.
                 with m.If((words_left == 0) & ~word_valid & ~in_tlp & ~header_valid &
                           ((bytes_left == 0) | stopped)):
-                    m.d.comb += done.valid.eq(1)
-                    with m.If(done.ready):
-                        m.next = "Idle"
-                        take_command()
-                    with m.Else():
-                        m.next = "Done"
+                    m.next = "Done"
 
             with m.State("Done"):
                 m.d.comb += done.valid.eq(1)
