@@ -19,7 +19,8 @@ from ..realign import Realigner
 from ..write_port import WritePort
 from .avail import AvailFetcher
 from .chain import RESULT_BYTES, ChainWalker, WritableSegment
-from .prefetch import DescriptorPrefetcher
+from .indirect import TablePrefetcher
+from .prefetch import PREFETCH_DEPTH, DescriptorPrefetcher
 from .used import PendingCompletion, UsedWriter
 
 
@@ -50,7 +51,7 @@ HEADER_QUEUE_DEPTH = TAGS
 USED_BATCH = 8
 #: The ReadPort's clients, first served first.
 _READ_CLIENTS = ("used_writer", "avail_fetcher", "chain_walker", "descriptor_prefetcher",
-                 "data_fetcher")
+                 "table_prefetcher", "data_fetcher")
 #: Entries of an indirect table the ChainWalker reads at once: a table of up to 8 costs
 #: one round trip (a 4 KiB command goes by in 256 clocks, about two round trips behind the
 #: data in flight, while the next chain is walked). Its reads of the descriptor table stay
@@ -68,20 +69,22 @@ class VirtqueueEngine(wiring.Component):
     A doorbell or the queue starting makes it drain every available buffer (C11). The
     stages overlap, so commands reach the function back to back::
 
-        AvailFetcher ─▶ DescriptorPrefetcher ─▶ ChainWalker ─chains─▶ command.header
-            ┌─readable──────────────────────────────┘ │
-            ▼                                        │
-        DataFetcher ─▶ Realigner ─▶ command.words    └─writable─▶ UsedWriter ◀─ command.result
+        AvailFetcher ─▶ DescriptorPrefetcher ─▶ TablePrefetcher ─▶ ChainWalker ─chains─▶ header
+            ┌─readable──────────────────────────────────────────────────┘ │
+            ▼                                                             └─writable─┐
+        DataFetcher ─▶ Realigner ─▶ command.words      command.result ─▶ UsedWriter ◀┘
 
-    Every stage keeps reads in flight for several commands, so that a host's read latency
-    is paid once per pipeline fill, not once per command: the ring is read in batches, the
-    head descriptors of every available chain are read ahead, several heads a read
-    (``DescriptorPrefetcher``), the data of the next commands is read while earlier ones
-    execute, and used elements are published without waiting on a read. The blocks share
-    the DMA read channel through a ``ReadPort`` (priority: used-ring suppression read,
-    ring, the walker's descriptors, prefetched descriptors, data; up to ``TAGS`` reads out)
-    and the write channel through a ``WritePort``. Reads of data are credited against their buffer so that no beat ever
-    waits on the function, and the in-order read channel cannot deadlock. Data moves
+    Every stage keeps reads in flight for several commands, so that a host's read latency is
+    paid once per pipeline fill, not once per command: the ring is read in batches, the head
+    descriptors of every available chain are read ahead, several heads a read
+    (``DescriptorPrefetcher``), and so is the start of each indirect table they point to
+    (``TablePrefetcher``, which answers the walker's first read of it), the data of the next
+    commands is read while earlier ones execute, and used elements are published without
+    waiting on a read. The blocks share the DMA read channel through a ``ReadPort``
+    (priority: used-ring suppression read, ring, the walker's descriptors, prefetched
+    descriptors, prefetched tables, data; up to ``TAGS`` reads out) and the write channel
+    through a ``WritePort``. Reads of data are credited against their buffer so that no beat
+    ever waits on the function, and the in-order read channel cannot deadlock. Data moves
     ``DMA_READ_BEAT_BYTES`` (16) a clock, two command words a beat; the ChainWalker takes
     descriptors 8 bytes a beat, through a ``ResponseNarrower``.
 
@@ -93,9 +96,9 @@ class VirtqueueEngine(wiring.Component):
     minimum, instead of storing every held chain's writable segments. Faults found on
     that walk stop the queue as on the first. Without ``parking`` (todevq) commands
     complete strictly in order and the heads go from the AvailFetcher straight to the
-    ChainWalker; with it they pass ParkedHeads::
+    DescriptorPrefetcher; with it they pass ParkedHeads::
 
-        AvailFetcher ─heads─▶ ParkedHeads ─walks─▶ ChainWalker
+        AvailFetcher ─heads─▶ ParkedHeads ─walks─▶ DescriptorPrefetcher
                                  ▲     ▲
               UsedWriter ─parked─┘     └─ command.unpark
 
@@ -159,6 +162,8 @@ class VirtqueueEngine(wiring.Component):
         self._parking = parking
         self.avail_fetcher = AvailFetcher()
         self.descriptor_prefetcher = DescriptorPrefetcher()
+        self.table_prefetcher = TablePrefetcher(table_window=_TABLE_WINDOW,
+                                                depth=PREFETCH_DEPTH)
         self.chain_walker = ChainWalker(table_window=_TABLE_WINDOW)
         self.data_fetcher = DataFetcher(buffer_depth=data_buffer_depth,
                                         max_in_flight=max_in_flight)
@@ -189,12 +194,13 @@ class VirtqueueEngine(wiring.Component):
 
         avail = self.avail_fetcher
         prefetcher = self.descriptor_prefetcher
+        tables = self.table_prefetcher
         walker = self.chain_walker
         fetcher = self.data_fetcher
         realigner = self.realigner
         used = self.used_writer
         for name, block in (("avail_fetcher", avail), ("descriptor_prefetcher", prefetcher),
-                            ("chain_walker", walker),
+                            ("table_prefetcher", tables), ("chain_walker", walker),
                             ("data_fetcher", fetcher), ("realigner", realigner),
                             ("used_writer", used)):
             m.submodules[name] = ResetInserter(halt)(block)
@@ -213,11 +219,15 @@ class VirtqueueEngine(wiring.Component):
         m.submodules.descriptor_narrower = ResetInserter(halt)(narrower)
         for index, name in enumerate(_READ_CLIENTS):
             block = getattr(self, name)
-            wiring.connect(m, block.read, read_port.requests[index])
             if block is walker:
-                wiring.connect(m, read_port.responses[index], narrower.wide)
-                wiring.connect(m, narrower.narrow, block.response)
+                # Through the TablePrefetcher, which answers the tables it read ahead.
+                wiring.connect(m, walker.read, tables.walker_read)
+                wiring.connect(m, tables.forward_read, read_port.requests[index])
+                wiring.connect(m, read_port.responses[index], tables.forward_response)
+                wiring.connect(m, tables.walker_response, narrower.wide)
+                wiring.connect(m, narrower.narrow, walker.response)
             else:
+                wiring.connect(m, block.read, read_port.requests[index])
                 wiring.connect(m, read_port.responses[index], block.response)
         for index, block in enumerate((used, avail)):
             wiring.connect(m, block.write, write_port.requests[index])
@@ -232,6 +242,8 @@ class VirtqueueEngine(wiring.Component):
             avail.event_idx.eq(self.event_idx),
             used.event_idx.eq(self.event_idx),
             walker.indirect.eq(self.indirect),
+            tables.indirect.eq(self.indirect),
+            tables.size.eq(self.config.size),
         ]
 
         # --- Kicks: a doorbell, or the queue starting (again after a halt) ---------------
@@ -247,15 +259,17 @@ class VirtqueueEngine(wiring.Component):
             wiring.connect(m, used.parked, parked.park)
             wiring.connect(m, wiring.flipped(self.command.unpark), parked.unpark)
             wiring.connect(m, parked.walks, prefetcher.heads)
-            heads_waiting = avail.heads_queued | parked.walks.valid | ~prefetcher.idle
+            heads_waiting = (avail.heads_queued | parked.walks.valid | ~prefetcher.idle |
+                             ~tables.idle)
         else:
             m.d.comb += [
                 prefetcher.heads.payload.head.eq(avail.heads.payload),
                 prefetcher.heads.valid.eq(avail.heads.valid),
                 avail.heads.ready.eq(prefetcher.heads.ready),
             ]
-            heads_waiting = avail.heads_queued | ~prefetcher.idle
-        wiring.connect(m, prefetcher.walks, walker.heads)
+            heads_waiting = avail.heads_queued | ~prefetcher.idle | ~tables.idle
+        wiring.connect(m, prefetcher.walks, tables.walks_in)
+        wiring.connect(m, tables.walks_out, walker.heads)
         # A direct chain has at most max_queue_size buffers.
         _fifo(m, "readable_queue", Segment,
               min(READABLE_QUEUE_DEPTH, self._params.max_queue_size),
