@@ -1,6 +1,6 @@
 """The DMA read channel of one virtqueue engine, shared by its blocks."""
 
-from amaranth.hdl import Cat, Module, Signal
+from amaranth.hdl import Cat, Module, ResetInserter, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -84,11 +84,25 @@ class ReadPort(wiring.Component):
         ]
         with m.If(issue):
             m.d.sync += slot_valid.eq(0)
+        # Each client's request through a register slice, taken only while the port
+        # could take it: one client's valid logic no longer reaches another's ready through
+        # the priority below (timing), at one clock per read.
+        takes_requests = self.allow & ~self.halt
+        requests = []
+        for index, client in enumerate(self.requests):
+            request_slice = ResetInserter(self.halt)(StreamSlice(ReadRequest))
+            m.submodules[f"request{index}"] = request_slice
+            m.d.comb += [
+                request_slice.input.payload.eq(client.payload),
+                request_slice.input.valid.eq(client.valid & takes_requests),
+                client.ready.eq(request_slice.input.ready & takes_requests),
+            ]
+            requests.append(request_slice.output)
         # One entry of the FIFO stays free for the command in the slot.
-        can_take = ((~slot_valid | issue) & self.allow & ~self.halt & ~draining &
+        can_take = ((~slot_valid | issue) & takes_requests & ~draining &
                     (issued.level < self._max_reads - 1))
         with m.If(can_take):
-            for index, request in enumerate(self.requests):
+            for index, request in enumerate(requests):
                 with (m.If if index == 0 else m.Elif)(request.valid):
                     m.d.comb += request.ready.eq(1)
                     m.d.sync += [
