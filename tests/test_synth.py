@@ -107,6 +107,8 @@ def test_every_register_gets_its_deepest_and_slowest_path():
     assert [(path.end, path.levels, path.delay_ps) for path in paths] == [
         ("r[0] (input)", 2, 500), ("s (input)", 1, 500)]
     assert paths[0].start == "q0"
+    # r's slowest path is another one than its deepest: into r[1].
+    assert (paths[0].slow_start, paths[0].slow_end) == ("q0", "r[1] (input)")
 
 
 def test_a_combinational_loop_is_reported():
