@@ -30,6 +30,7 @@ from cocotbext.pcie.xilinx.us.tlp import Tlp_us
 
 from memballoon import constants as c
 from memballoon.backend_sim import SimBackend
+from memballoon.hdl.pcie.usp_shim import MAX_PAYLOAD_BYTES
 from memballoon.params import DeviceParams
 
 from .cfg_ext import CfgExtWindow
@@ -42,8 +43,6 @@ __all__ = ["MemballoonTb", "pause_pattern"]
 #: Hard IP link configuration per AXI-stream width (a valid cocotbext-pcie combination).
 LINK_CONFIG = {512: (3, 16), 256: (3, 8)}
 USER_CLK_FREQUENCY = 250e6
-#: Largest payload the modelled hard IP supports (PCIe Device Capabilities).
-MAX_PAYLOAD_SIZE = 512
 #: The host's memory read latency in tests (ns, uniform per request): a server's
 #: 400-1000 ns and shorter, so that completions of different requests often overtake
 #: each other.
@@ -89,7 +88,7 @@ class MemballoonTb:
             rc_straddle=False,
             rc_4tlp_straddle=False,
             pf_count=1,
-            max_payload_size=MAX_PAYLOAD_SIZE,
+            max_payload_size=MAX_PAYLOAD_BYTES,
             enable_client_tag=True,
             enable_extended_tag=True,
             enable_parity=False,
@@ -278,12 +277,14 @@ class MemballoonTb:
         assert not errors, f"hard IP model reports: {', '.join(errors)}"
 
     async def inject_cq_request(self, fmt_type, bar_id, offset, length=1, data=None,
-                                timeout_ns=20000):
+                                discontinue=False, timeout_ns=20000):
         """Hand a request straight to the CQ interface, as the hard IP would after its
         BAR decode, and return the completions the DUT sends to the root complex.
 
         For requests the model itself never forwards (I/O to a memory-only function, a
-        BAR the hard IP would not decode): the DUT must still answer non-posted ones.
+        BAR the hard IP would not decode, a locked read) and for ``discontinue``, which
+        the model's CQ source sets on the TLP's last beat as the IP does after an internal
+        error: the DUT must still answer non-posted ones, except a discontinued one.
         """
         req = Tlp()
         req.fmt_type = fmt_type
@@ -293,13 +294,15 @@ class MemballoonTb:
             req.set_addr_be(offset, length * 4)
         else:
             req.set_addr_be_data(offset, data)
-        nonposted = fmt_type in {TlpType.MEM_READ, TlpType.MEM_READ_64,
-                                 TlpType.IO_READ, TlpType.IO_WRITE}
+        nonposted = fmt_type in {TlpType.MEM_READ, TlpType.MEM_READ_64, TlpType.MEM_READ_LOCKED,
+                                 TlpType.MEM_READ_LOCKED_64, TlpType.IO_READ,
+                                 TlpType.IO_WRITE}
         if nonposted:
             req.tag = await self.rc.alloc_tag()
         req = Tlp_us(req)
         req.bar_id = bar_id
         req.bar_aperture = (self.params.bar.size - 1).bit_length()
+        req.discontinue = discontinue
         self.dev.cq_queue.put_nowait(req)
         if not nonposted:
             return []

@@ -118,7 +118,8 @@ def run_completer(requests, *, max_payload, seed, idle=0.3, backpressure=0.3,
     payloads = [[rng.randrange(1 << 32) for _ in range(r["dwords"])]
                 for r in requests if r["kind"] == ReqKind.MEM_WRITE]
     accesses, cpls, beats = [], [], []
-    our_reads = [r for r in requests if r["kind"] == ReqKind.MEM_READ and r["bar"] == OUR_BAR]
+    our_reads = [r for r in requests if r["kind"] == ReqKind.MEM_READ and r["bar"] == OUR_BAR
+                 and not r.get("locked")]
     expected_cpls = sum(len(expected_completions(r, 128 << max_payload)) for r in our_reads)
     expected_cpls += sum(r["kind"] in (ReqKind.MEM_READ, ReqKind.UNSUPPORTED_NP)
                          for r in requests if r not in our_reads)
@@ -177,7 +178,8 @@ def check(requests, accesses, cpls, beats, initial, final, payloads, max_payload
         ours = r["bar"] == OUR_BAR
         addrs = [(r["offset"] // 4 + i) & mask for i in range(r["dwords"])]
         strbs = strobes(r["dwords"], r["first_be"], r["last_be"])
-        ids = {k: r[k] for k in ("requester_id", "tag", "tc", "attr")}
+        ids = {**{k: r[k] for k in ("requester_id", "tag", "tc", "attr")},
+               "locked": r.get("locked", 0)}
         if r["kind"] == ReqKind.MEM_WRITE:
             words = next(payloads)
             if ours:
@@ -185,7 +187,7 @@ def check(requests, accesses, cpls, beats, initial, final, payloads, max_payload
                     bmask = sum(0xFF << 8 * b for b in range(4) if strb >> b & 1)
                     regs[addr] = regs[addr] & ~bmask | word & bmask
                     exp_accesses.append(("w", addr, strb, word))
-        elif r["kind"] == ReqKind.MEM_READ and ours:
+        elif r["kind"] == ReqKind.MEM_READ and ours and not ids["locked"]:
             words = []
             for addr, strb in zip(addrs, strbs):
                 exp_accesses.append(("r", addr, strb, regs[addr]))
@@ -215,9 +217,9 @@ def test_random_requests(max_payload, seed):
     check(requests, *result, max_payload)
 
 
-def request(kind, offset, dwords, first_be, last_be=0, bar=OUR_BAR, tag=0):
+def request(kind, offset, dwords, first_be, last_be=0, bar=OUR_BAR, tag=0, locked=0):
     return dict(kind=kind, bar=bar, offset=offset, dwords=dwords, first_be=first_be,
-                last_be=last_be, requester_id=0x0100, tag=tag, tc=0, attr=0)
+                last_be=last_be, requester_id=0x0100, tag=tag, tc=0, attr=0, locked=locked)
 
 
 def test_long_read_split_on_max_payload_boundaries():
@@ -249,17 +251,20 @@ def test_zero_length_read_and_read_strobes():
 
 
 def test_unsupported_requests():
-    """Reads to another BAR and other non-posted requests get one UR completion without
-    data; writes to another BAR and other posted requests vanish without an access."""
+    """Reads to another BAR, locked reads to ours (PCIe Base 6.5: only legacy endpoints
+    support locking) and other non-posted requests get one UR completion without data,
+    locked for the locked read; writes to another BAR and other posted requests vanish
+    without an access."""
     requests = [request(ReqKind.MEM_READ, 0x0010, 4, 0xF, 0xF, bar=OTHER_BAR),
                 request(ReqKind.UNSUPPORTED_NP, 0x0020, 1, 0xF, tag=1),
                 request(ReqKind.MEM_WRITE, 0x0030, 3, 0xF, 0xF, bar=OTHER_BAR, tag=2),
                 request(ReqKind.UNSUPPORTED_P, 0x0040, 1, 0xF, tag=3),
+                request(ReqKind.MEM_READ, 0x0060, 2, 0xE, 0x7, tag=5, locked=1),
                 request(ReqKind.MEM_WRITE, 0x0050, 1, 0x3, tag=4)]
     result = run_completer(requests, max_payload=0, seed=5)
     check(requests, *result, 0)
     accesses, cpls, beats = result[:3]
     assert [a[:3] for a in accesses] == [("w", 0x14, 0x3)]
-    assert [(c.status, c.dwords, c.byte_count, c.tag) for c in cpls] == \
-        [(CplStatus.UR, 0, 16, 0), (CplStatus.UR, 0, 4, 1)]
+    assert [(c.status, c.dwords, c.byte_count, c.tag, c.locked) for c in cpls] == \
+        [(CplStatus.UR, 0, 16, 0, 0), (CplStatus.UR, 0, 4, 1, 0), (CplStatus.UR, 0, 6, 5, 1)]
     assert beats == []

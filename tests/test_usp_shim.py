@@ -16,10 +16,13 @@ from cocotbext.pcie.core.utils import PcieId
 from cocotbext.pcie.xilinx.us.interface import UsPcieFrame
 from cocotbext.pcie.xilinx.us.tlp import ErrorCode, Tlp_us
 
+from amaranth.hdl import Module
 from amaranth.lib import data as amaranth_data
+from amaranth.lib import wiring
 
 from memballoon.hdl.pcie.interface import (CompletionBeat, CplError, CplStatus, ReqKind,
                                            RequesterKind)
+from memballoon.hdl.pcie.completer import RegCompleter
 from memballoon.hdl.pcie.usp_shim import UspShim
 from sim_util import simulate, stream_consumer, stream_put, wait_until
 
@@ -35,7 +38,7 @@ REQ_CFG_READ_0, REQ_CFG_WRITE_1 = 0b1000, 0b1011
 REQ_MSG, REQ_MSG_VENDOR, REQ_MSG_ATS = 0b1100, 0b1101, 0b1110
 
 EXPECTED_KIND = {
-    REQ_MEM_READ: ReqKind.MEM_READ, REQ_MEM_READ_LOCKED: ReqKind.UNSUPPORTED_NP,
+    REQ_MEM_READ: ReqKind.MEM_READ, REQ_MEM_READ_LOCKED: ReqKind.MEM_READ,
     REQ_MEM_WRITE: ReqKind.MEM_WRITE,
     REQ_IO_READ: ReqKind.UNSUPPORTED_NP, REQ_IO_WRITE: ReqKind.UNSUPPORTED_NP,
     REQ_FETCH_ADD: ReqKind.UNSUPPORTED_NP, REQ_SWAP: ReqKind.UNSUPPORTED_NP,
@@ -81,10 +84,12 @@ def odd_parity(dword):
     return sum((bin(dword >> 8 * b & 0xFF).count("1") + 1) % 2 << b for b in range(4))
 
 
-def cq_beats(width, frame_dwords, first_be, last_be, byte_en):
-    """AXI beats (tdata, tkeep, tlast, tuser) of one CQ TLP, DWORD-aligned, no straddle."""
+def cq_beats(width, frame_dwords, first_be, last_be, byte_en, discontinue=False):
+    """AXI beats (tdata, tkeep, tlast, tuser) of one CQ TLP, DWORD-aligned, no straddle;
+    ``discontinue`` sets that bit in the last beat."""
     lanes = width // 32
     be_at, parity_at = (16, 119) if width == 512 else (8, 53)
+    discontinue_at = 96 if width == 512 else 41
     beats = []
     for start in range(0, len(frame_dwords), lanes):
         chunk = frame_dwords[start:start + lanes]
@@ -97,6 +102,8 @@ def cq_beats(width, frame_dwords, first_be, last_be, byte_en):
                 tuser |= first_be | last_be << 4 | 1 << 40
         if last and width == 512:   # is_eop[86], is_eop0_ptr[91:88]
             tuser |= 1 << 86 | (len(chunk) - 1) << 88
+        if last and discontinue:
+            tuser |= 1 << discontinue_at
         for i, dword in enumerate(chunk):
             tuser |= byte_en[start + i] << be_at + 4 * i
             tuser |= odd_parity(dword) << parity_at + 4 * i
@@ -122,14 +129,25 @@ def random_cq_request(rng, req_type=None):
                 function=rng.randrange(4), bar_id=rng.randrange(6), bar_aperture=aperture,
                 tc=rng.randrange(8), attr=rng.randrange(8), first_be=first_be,
                 last_be=last_be,
-                payload=[rng.randrange(1 << 32) for _ in range(dwords)] if has_payload else [])
+                payload=[rng.randrange(1 << 32) for _ in range(dwords)] if has_payload else [],
+                discontinue=rng.random() < 0.2)
 
 
 def expected_request(r):
     return dict(kind=EXPECTED_KIND[r["req_type"]], bar=r["bar_id"],
                 offset=r["address"] % (1 << r["bar_aperture"]) & 0xFFFF_FFFC & 0xFFFF_FFFF,
                 dwords=r["dwords"], first_be=r["first_be"], last_be=r["last_be"],
-                requester_id=r["requester_id"], tag=r["tag"], tc=r["tc"], attr=r["attr"])
+                requester_id=r["requester_id"], tag=r["tag"], tc=r["tc"], attr=r["attr"],
+                locked=int(r["req_type"] == REQ_MEM_READ_LOCKED))
+
+
+def cq_tlp_beats(width, r):
+    """The CQ beats of request ``r`` (``random_cq_request``'s fields)."""
+    n = len(r["payload"])
+    byte_en = [0] * 4 + [r["first_be"] if i == 0 else r["last_be"] if i == n - 1 else 0xF
+                         for i in range(n)]
+    return cq_beats(width, cq_descriptor(r) + r["payload"], r["first_be"], r["last_be"],
+                    byte_en, r["discontinue"])
 
 
 def test_cq_descriptor_packer_matches_cocotbext():
@@ -231,23 +249,23 @@ def axis_frames(width, beats, name, check_tuser):
 @pytest.mark.parametrize("width", WIDTHS)
 def test_cq_requests(width):
     """Random requests of every type, multi-beat writes, idle on CQ and backpressure on
-    req/req_data: one header per TLP, payload dwords only for memory writes."""
+    req/req_data: one header per TLP, payload dwords only for memory writes; a TLP with
+    discontinue on its last beat (PG213: discard the entire TLP) leaves nothing."""
     rng = random.Random(width)
     dut = UspShim(width)
     requests = [random_cq_request(rng) for _ in range(150)]
+    intact = [r for r in requests if not r["discontinue"]]
+    assert any(r["discontinue"] and r["req_type"] == REQ_MEM_WRITE and
+               len(cq_tlp_beats(width, r)) > 2 for r in requests)
     headers, beats = [], []
 
     async def cq_source(ctx):
         for r in requests:
-            frame = cq_descriptor(r) + r["payload"]
-            n = len(r["payload"])
-            byte_en = [0] * 4 + [r["first_be"] if i == 0 else r["last_be"] if i == n - 1
-                                 else 0xF for i in range(n)]
-            for beat in cq_beats(width, frame, r["first_be"], r["last_be"], byte_en):
+            for beat in cq_tlp_beats(width, r):
                 await axis_put(ctx, dut, "s_axis_cq", beat, rng, 0.3, width)
-        expected_beats = sum(len(r["payload"]) for r in requests
+        expected_beats = sum(len(r["payload"]) for r in intact
                              if r["req_type"] == REQ_MEM_WRITE)
-        await wait_until(ctx, lambda: (len(headers), len(beats)) == (len(requests),
+        await wait_until(ctx, lambda: (len(headers), len(beats)) == (len(intact),
                                                                        expected_beats),
                          "CQ stalled")
         await ctx.tick().repeat(20)
@@ -257,11 +275,84 @@ def test_cq_requests(width):
                                          stream_consumer(comp.req_data, beats.append, rng, 0.4)])
 
     assert [{k: getattr(h, k) for k in ("kind", "bar", "offset", "dwords", "first_be",
-                                        "last_be", "requester_id", "tag", "tc", "attr")}
-            for h in headers] == [expected_request(r) for r in requests]
-    expected = [(word, i == len(r["payload"]) - 1) for r in requests
+                                        "last_be", "requester_id", "tag", "tc", "attr",
+                                        "locked")}
+            for h in headers] == [expected_request(r) for r in intact]
+    expected = [(word, i == len(r["payload"]) - 1) for r in intact
                 if r["req_type"] == REQ_MEM_WRITE for i, word in enumerate(r["payload"])]
     assert [(b.data, bool(b.last)) for b in beats] == expected
+
+
+def cq_request(req_type, address, payload=(), dwords=None, first_be=0xF, last_be=0xF,
+               tag=0, discontinue=False):
+    """A request to BAR0 (16 KiB) for ``cq_tlp_beats``."""
+    dwords = len(payload) if dwords is None else dwords
+    return dict(req_type=req_type, address=0xFE00_0000 + address, at=0, dwords=dwords,
+                requester_id=0x0100, tag=tag, function=0, bar_id=0, bar_aperture=14,
+                tc=0, attr=0, first_be=first_be, last_be=0 if dwords == 1 else last_be,
+                payload=list(payload), discontinue=discontinue)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_discontinue_and_locked_read_reach_no_register(width):
+    """Shim and RegCompleter over a register file: a write over several beats with
+    discontinue on its last one (PG213: discard the entire TLP) changes no register, not
+    even the dwords of its first beats, and neither does a one-beat one; a discontinued
+    read gets no completion and reads nothing (read side effects, C2); a locked read gets
+    a locked UR completion (CplLk: PCIe Base 6.5, only legacy endpoints support locking)
+    without a register read; the writes and reads after them work."""
+    rng = random.Random(width + 7)
+    m = Module()
+    m.submodules.shim = shim = UspShim(width)
+    m.submodules.completer = completer = RegCompleter(addr_width=12)
+    wiring.connect(m, shim.completer, completer.completer)
+    bus = completer.bus
+    regs = {a: rng.randrange(1 << 32) for a in range(1 << 12)}
+    initial = dict(regs)
+    accesses, beats = [], []
+
+    long_write = [rng.randrange(1 << 32) for _ in range(40)]    # 3 beats at 512, 6 at 256
+    requests = [
+        cq_request(REQ_MEM_WRITE, 0x3000, long_write, discontinue=True),
+        cq_request(REQ_MEM_WRITE, 0x0014, [0x1234_5678, 0x9ABC_DEF0], discontinue=True),
+        cq_request(REQ_MEM_READ, 0x2000, dwords=1, first_be=0x1, tag=1, discontinue=True),
+        cq_request(REQ_MEM_READ_LOCKED, 0x2000, dwords=1, first_be=0x1, tag=2),
+        cq_request(REQ_MEM_WRITE, 0x3000, long_write),
+        cq_request(REQ_MEM_READ, 0x2000, dwords=1, first_be=0x1, tag=3),
+    ]
+
+    async def cq_source(ctx):
+        ctx.set(completer.max_payload, 0)
+        for r in requests:
+            for beat in cq_tlp_beats(width, r):
+                await axis_put(ctx, shim, "s_axis_cq", beat, rng, 0.3, width)
+        await wait_until(ctx, lambda: sum(b[2] for b in beats) == 2, "CC stalled")
+        await ctx.tick().repeat(50)
+
+    async def register_slave(ctx):
+        async for _, _, r_stb, w_stb, addr, r_strb, w_strb, w_data in ctx.tick().sample(
+                bus.r_stb, bus.w_stb, bus.addr, bus.r_strb, bus.w_strb, bus.w_data):
+            ctx.set(bus.ready, 1)
+            if w_stb:
+                mask = sum(0xFF << 8 * b for b in range(4) if w_strb >> b & 1)
+                regs[addr] = regs[addr] & ~mask | w_data & mask
+                accesses.append(("w", addr))
+            if r_stb:
+                ctx.set(bus.r_data, regs[addr])
+                accesses.append(("r", addr, r_strb))
+
+    simulate(m, cq_source, background=[axis_sink(shim, "m_axis_cc", beats, rng, 0.3),
+                                       register_slave])
+
+    assert accesses == [("w", 0xC00 + i) for i in range(40)] + [("r", 0x800, 0x1)]
+    assert regs == {**initial, **{0xC00 + i: word for i, word in enumerate(long_write)}}
+    frames = cc_frames(width, beats)
+    ur, sc = (cc_fields(frame.data[:3]) for frame in frames)
+    assert (ur["tag"], ur["status"], ur["locked"], ur["dwords"]) == \
+        (2, CplStatus.UR.value, 1, 0)
+    assert Tlp_us.unpack_us_cc(frames[0]).fmt_type == TlpType.CPL_LOCKED
+    assert (sc["tag"], sc["status"], sc["locked"]) == (3, CplStatus.SC.value, 0)
+    assert frames[1].data[3:] == [initial[0x800]]
 
 
 # --- CC --------------------------------------------------------------------------------
@@ -273,7 +364,8 @@ def random_completion(rng):
     return dict(requester_id=rng.randrange(1 << 16), tag=rng.randrange(256),
                 tc=rng.randrange(8), attr=rng.randrange(8), status=status,
                 byte_count=rng.randint(1, 4096), lower_address=rng.randrange(128),
-                dwords=dwords, data=[rng.randrange(1 << 32) for _ in range(dwords)])
+                dwords=dwords, data=[rng.randrange(1 << 32) for _ in range(dwords)],
+                locked=int(rng.random() < 0.2))
 
 
 def cc_frames(width, beats):
@@ -295,7 +387,8 @@ def cc_frames(width, beats):
 @pytest.mark.parametrize("width", WIDTHS)
 def test_cc_completions(width):
     """Completions with 0..64 dwords under idle and CC backpressure become one
-    descriptor-plus-payload frame each, decoded identically by ``Tlp_us``."""
+    descriptor-plus-payload frame each, decoded identically by ``Tlp_us`` (a locked one
+    as CplLk/CplDLk)."""
     rng = random.Random(width + 1)
     dut = UspShim(width)
     completions = [random_completion(rng) for _ in range(120)]
@@ -324,7 +417,8 @@ def test_cc_completions(width):
     for frame, c in zip(frames, completions):
         fields = cc_fields(frame.data[:3])
         assert fields == dict(
-            lower_address=c["lower_address"], at=0, byte_count=c["byte_count"], locked=0,
+            lower_address=c["lower_address"], at=0, byte_count=c["byte_count"],
+            locked=c["locked"],
             reserved0=0, dwords=c["dwords"], status=c["status"].value, poisoned=0,
             reserved1=0, requester_id=c["requester_id"], tag=c["tag"], completer_id=0,
             completer_id_enable=0, tc=c["tc"], attr=c["attr"], force_ecrc=0)
@@ -335,6 +429,8 @@ def test_cc_completions(width):
                                            c["dwords"], c["status"].value, c["tag"],
                                            c["requester_id"])
         assert bytes(tlp.data) == b"".join(w.to_bytes(4, "little") for w in c["data"])
+        assert tlp.fmt_type in ({TlpType.CPL_LOCKED, TlpType.CPL_LOCKED_DATA} if c["locked"]
+                                else {TlpType.CPL, TlpType.CPL_DATA})
 
 
 # --- configuration, status, MSI-X ----------------------------------------------------

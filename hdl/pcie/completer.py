@@ -39,7 +39,9 @@ class RegCompleter(wiring.Component):
       ``r_strb``; the data returns in completions of at most ``128 << max_payload`` bytes,
       each ending on a max-payload-aligned boundary (also an RCB boundary), with the PCIe
       byte count counting down and the lower address of the first returned byte.
-    - ``MEM_READ`` to another BAR and ``UNSUPPORTED_NP``: one UR completion without data.
+    - ``MEM_READ`` to another BAR, a locked ``MEM_READ`` (PCIe Base 6.5: only legacy
+      endpoints support locking) and ``UNSUPPORTED_NP``: one UR completion without data,
+      locked for a locked read (CplLk), and no register access.
     - ``MEM_WRITE`` to another BAR and ``UNSUPPORTED_P``: consumed and dropped.
 
     Attributes
@@ -107,6 +109,7 @@ class RegCompleter(wiring.Component):
             cpl.payload.tag.eq(header.tag),
             cpl.payload.tc.eq(header.tc),
             cpl.payload.attr.eq(header.attr),
+            cpl.payload.locked.eq(header.locked),
             cpl_data.valid.eq(out_valid),
             cpl_data.payload.data.eq(out_data),
             cpl_data.payload.last.eq(out_last),
@@ -140,7 +143,7 @@ class RegCompleter(wiring.Component):
                             with m.Else():
                                 m.next = "Drop-Write"
                         with m.Case(ReqKind.MEM_READ):
-                            with m.If(ours):
+                            with m.If(ours & ~req.payload.locked):
                                 m.next = "Read-Header"
                             with m.Else():
                                 m.next = "Unsupported-Read"

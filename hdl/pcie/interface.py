@@ -43,6 +43,9 @@ class CompleterRequest(data.Struct):
     tag: 8
     tc: 3
     attr: 3
+    #: A ``MEM_READ`` that is a locked read (MRdLk). Only legacy endpoints take part in
+    #: locking (PCIe Base 6.5); a PCI Express endpoint answers it UR.
+    locked: 1
 
 
 class CompleterCompletion(data.Struct):
@@ -53,6 +56,8 @@ class CompleterCompletion(data.Struct):
     tc: 3
     attr: 3
     status: CplStatus
+    #: Answers a locked read: a CplLk (CplDLk with data) on the link, not a Cpl.
+    locked: 1
     #: Bytes left to transfer including this completion's (PCIe byte count, 1..4096).
     byte_count: 13
     #: Address bits 6..0 of the first byte this completion returns.
@@ -71,8 +76,9 @@ class CompleterSignature(wiring.Signature):
 
     ``req`` carries one header per TLP; a ``MEM_WRITE`` header is followed by exactly
     ``dwords`` beats on ``req_data`` (the last one with ``last`` set); other kinds carry
-    no beats. A completion header on ``cpl`` is followed by ``dwords`` beats on
-    ``cpl_data``.
+    no beats. A request the hard IP reports corrupt is never handed over, not even in
+    part: the shim hands over a header only once the whole TLP has arrived intact. A
+    completion header on ``cpl`` is followed by ``dwords`` beats on ``cpl_data``.
     """
     def __init__(self):
         super().__init__({

@@ -10,11 +10,22 @@ payload follows the descriptor in the next lane.
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .interface import (CompleterRequest, CompleterSignature, ConfigExtSignature, CplError,
                         FunctionStatusSignature, IntxSignature, MsixSignature, ReqKind,
                         RequesterCompletion, RequesterKind, RequesterSignature)
+
+#: Device Capabilities Max_Payload_Size the IP is built with (``platform/pcie_ip.py``)
+#: and the testbench model too: the longest write the CQ interface delivers.
+MAX_PAYLOAD_BYTES = 512
+
+#: CQ descriptor request types (PG213 "Completer Request Descriptor Format"; the other
+#: codes: 0010/0011 I/O, 0100..0110 atomics, 10xx configuration, 11xx messages).
+_REQ_MEM_READ = 0b0000
+_REQ_MEM_WRITE = 0b0001
+_REQ_MEM_READ_LOCKED = 0b0111
 
 #: tuser widths per data width (PG213 port tables; cocotbext-pcie ``interface.py``).
 _TUSER_WIDTHS = {
@@ -114,11 +125,13 @@ class UspShim(wiring.Component):
     """PCIE4 CQ/CC, configuration and interrupt ports to the neutral PF0 interfaces.
 
     - CQ: the descriptor becomes one :class:`CompleterRequest` (offset = address modulo
-      the BAR aperture); a memory write is followed by one :class:`DwordBeat` per payload
-      dword, one per cycle; the payload of any other request is discarded.
+      the BAR aperture; a locked read is a locked ``MEM_READ``) once the TLP's last beat is
+      in; a memory write is followed by one :class:`DwordBeat` per payload dword, one per
+      cycle (a write over several beats is buffered first); the payload of any other
+      request is discarded. A TLP whose last beat has discontinue set is dropped whole.
     - CC: a :class:`CompleterCompletion` and its ``cpl_data`` dwords become the completion
-      descriptor and payload beats, with tkeep, tlast, odd byte parity and (512 bits)
-      is_sop/is_eop in tuser.
+      descriptor (locked read completion for ``locked``) and payload beats, with tkeep,
+      tlast, odd byte parity and (512 bits) is_sop/is_eop in tuser.
     - RQ: a :class:`RequesterRequest` (and for a write its payload, two dwords a beat)
       becomes the requester request descriptor and payload, with tkeep, tlast, the byte
       enables, odd byte parity and (512 bits) is_sop/is_eop in tuser; a header and its first
@@ -239,6 +252,12 @@ class UspShim(wiring.Component):
         # (the 512-bit bus has a second set for a straddled TLP, unused here).
         first_be = tuser[0:4]
         last_be = tuser[8:12] if width == 512 else tuser[4:8]
+        # PG213 CQ tuser discontinue, bit 96 at 512 bits, 41 at 256: raised on a TLP's last
+        # beat when the IP found an uncorrectable error reading the TLP from its internal
+        # memory, and "the user application must discard the entire TLP". So a request is
+        # handed over only once its last beat is in without it: a write spanning several
+        # beats is collected in ``payload`` first, and a dropped read gets no completion.
+        discontinue = tuser[96 if width == 512 else 41]
 
         # pcie_cq_np_req: the IP only delivers a non-posted request while its NP credit
         # count is non-zero, and adds one credit per cycle in which this input is non-zero
@@ -252,23 +271,47 @@ class UspShim(wiring.Component):
         held = Signal(width)                # not-yet-forwarded dwords of the held beat,
         held_keep = Signal(width // 32)     # next one in lane 0
         beat_is_last = Signal()
+        dropped = Signal()                  # discontinue came with the TLP's last beat
+
+        # A multi-beat write's payload, filled one dword a clock and then handed over. The
+        # IP drops a TLP longer than Max_Payload_Size as malformed, so one fits.
+        payload_dwords = MAX_PAYLOAD_BYTES // 4
+        m.submodules.payload = payload = Memory(shape=32, depth=payload_dwords, init=[])
+        fill = payload.write_port()
+        replay = payload.read_port(domain="comb")
+        filled = Signal(range(payload_dwords + 1))
+        replayed = Signal(range(payload_dwords))
 
         kind = Signal(ReqKind)
         with m.Switch(descriptor.request_type):
-            with m.Case(0b0000):                        # memory read
+            with m.Case(_REQ_MEM_READ, _REQ_MEM_READ_LOCKED):
                 m.d.comb += kind.eq(ReqKind.MEM_READ)
-            with m.Case(0b0001):                        # memory write
+            with m.Case(_REQ_MEM_WRITE):
                 m.d.comb += kind.eq(ReqKind.MEM_WRITE)
-            # I/O, atomics, configuration, and locked reads: PCIe lets only legacy
-            # endpoints take part in locking, others answer MRdLk with UR.
-            with m.Case("0---", "10--"):
+            with m.Case("0---", "10--"):                # I/O, atomics, configuration
                 m.d.comb += kind.eq(ReqKind.UNSUPPORTED_NP)
             with m.Default():                           # messages
                 m.d.comb += kind.eq(ReqKind.UNSUPPORTED_P)
 
         address = descriptor.address[:30] << 2
         outside_aperture = (Const(0xFFFF_FFFF, 32) << descriptor.bar_aperture)[:32]
-        m.d.comb += req.payload.eq(header)
+        m.d.comb += [
+            req.payload.eq(header),
+            fill.addr.eq(filled),
+            fill.data.eq(held[:32]),
+            replay.addr.eq(replayed),
+        ]
+
+        def take_beat():
+            """Hold the beat on the bus: a later beat of the TLP, from lane 0 on."""
+            m.d.comb += self.s_axis_cq_tready.eq(1)
+            with m.If(self.s_axis_cq_tvalid):
+                m.d.sync += [
+                    held.eq(self.s_axis_cq_tdata),
+                    held_keep.eq(self.s_axis_cq_tkeep),
+                    beat_is_last.eq(self.s_axis_cq_tlast),
+                    dropped.eq(self.s_axis_cq_tlast & discontinue),
+                ]
 
         with m.FSM():
             with m.State("Descriptor"):
@@ -285,52 +328,83 @@ class UspShim(wiring.Component):
                         header.tag.eq(descriptor.tag),
                         header.tc.eq(descriptor.tc),
                         header.attr.eq(descriptor.attr),
+                        header.locked.eq(descriptor.request_type == _REQ_MEM_READ_LOCKED),
                         held.eq(self.s_axis_cq_tdata[128:]),
                         held_keep.eq(self.s_axis_cq_tkeep[4:]),
                         beat_is_last.eq(self.s_axis_cq_tlast),
+                        filled.eq(0),
                     ]
+                    with m.If(self.s_axis_cq_tlast):
+                        with m.If(~discontinue):
+                            m.next = "Request"
+                    with m.Elif(kind == ReqKind.MEM_WRITE):
+                        m.next = "Collect"
+                    with m.Else():
+                        m.next = "Discard"
+
+            with m.State("Collect"):
+                # Buffer lane 0 of the held beat and shift the next lane down; when the
+                # beat is used up, take the next one, or end with the TLP. tkeep is
+                # contiguous, so the TLP's last dword is the last kept lane of the last beat.
+                with m.If(held_keep[0]):
+                    m.d.comb += fill.en.eq(1)
+                    m.d.sync += [
+                        held.eq(held >> 32),
+                        held_keep.eq(held_keep >> 1),
+                        filled.eq(filled + 1),
+                    ]
+                with m.Elif(~beat_is_last):
+                    take_beat()
+                with m.Elif(dropped):
+                    m.next = "Descriptor"
+                with m.Else():
                     m.next = "Request"
+
+            with m.State("Discard"):
+                # Any other request with a payload: only its last beat matters.
+                m.d.comb += self.s_axis_cq_tready.eq(1)
+                with m.If(self.s_axis_cq_tvalid & self.s_axis_cq_tlast):
+                    with m.If(discontinue):
+                        m.next = "Descriptor"
+                    with m.Else():
+                        m.next = "Request"
 
             with m.State("Request"):
                 m.d.comb += req.valid.eq(1)
                 with m.If(req.ready):
-                    with m.If(header.kind == ReqKind.MEM_WRITE):
-                        m.next = "Write-Payload"
-                    with m.Elif(beat_is_last):
+                    with m.If(header.kind != ReqKind.MEM_WRITE):
                         m.next = "Descriptor"
+                    with m.Elif(held_keep[0]):       # came in one beat
+                        m.next = "Write-Held"
                     with m.Else():
-                        m.next = "Discard"
+                        m.d.sync += replayed.eq(0)
+                        m.next = "Write-Buffered"
 
-            with m.State("Write-Payload"):
-                # Forward lane 0 of the held beat and shift the next lane down; when the
-                # beat is used up, take the next one, or end with the TLP. tkeep is
-                # contiguous, so the TLP's last dword is the last kept lane of the last beat.
+            with m.State("Write-Held"):
+                # A write that came in one beat: its payload, from lane 0 of ``held``.
                 m.d.comb += [
-                    req_data.valid.eq(held_keep[0]),
+                    req_data.valid.eq(1),
                     req_data.payload.data.eq(held[:32]),
-                    req_data.payload.last.eq(beat_is_last & ~held_keep[1]),
+                    req_data.payload.last.eq(~held_keep[1]),
                 ]
-                with m.If(held_keep[0]):
-                    with m.If(req_data.ready):
-                        m.d.sync += [
-                            held.eq(held >> 32),
-                            held_keep.eq(held_keep >> 1),
-                        ]
-                with m.Elif(beat_is_last):
-                    m.next = "Descriptor"
-                with m.Else():
-                    m.d.comb += self.s_axis_cq_tready.eq(1)
-                    with m.If(self.s_axis_cq_tvalid):
-                        m.d.sync += [
-                            held.eq(self.s_axis_cq_tdata),
-                            held_keep.eq(self.s_axis_cq_tkeep),
-                            beat_is_last.eq(self.s_axis_cq_tlast),
-                        ]
+                with m.If(req_data.ready):
+                    m.d.sync += [
+                        held.eq(held >> 32),
+                        held_keep.eq(held_keep >> 1),
+                    ]
+                    with m.If(~held_keep[1]):
+                        m.next = "Descriptor"
 
-            with m.State("Discard"):
-                m.d.comb += self.s_axis_cq_tready.eq(1)
-                with m.If(self.s_axis_cq_tvalid & self.s_axis_cq_tlast):
-                    m.next = "Descriptor"
+            with m.State("Write-Buffered"):
+                m.d.comb += [
+                    req_data.valid.eq(1),
+                    req_data.payload.data.eq(replay.data),
+                    req_data.payload.last.eq(replayed + 1 == filled),
+                ]
+                with m.If(req_data.ready):
+                    m.d.sync += replayed.eq(replayed + 1)
+                    with m.If(req_data.payload.last):
+                        m.next = "Descriptor"
 
     def _completer_completion(self, m):
         """Completion headers and their dwords to CC beats."""
@@ -350,6 +424,7 @@ class UspShim(wiring.Component):
         m.d.comb += [
             descriptor.lower_address.eq(cpl.payload.lower_address),
             descriptor.byte_count.eq(cpl.payload.byte_count),
+            descriptor.locked_read_completion.eq(cpl.payload.locked),
             descriptor.dword_count.eq(cpl.payload.dwords),
             descriptor.status.eq(cpl.payload.status),
             descriptor.requester_id.eq(cpl.payload.requester_id),

@@ -15,7 +15,7 @@ import dataclasses
 
 from ... import constants as c
 from ...params import DeviceParams
-from ..pcie.usp_shim import _TUSER_WIDTHS
+from ..pcie.usp_shim import _TUSER_WIDTHS, MAX_PAYLOAD_BYTES
 from ..top import MGMT_PREFIX
 
 PCIE_IP = "pcie4_uscale_plus"
@@ -28,8 +28,6 @@ JTAG_AXI_MODULE = "jtag_axi_0"
 LINK = {512: ("8.0_GT/s", "X16"), 256: ("8.0_GT/s", "X8")}
 LANES = {512: 16, 256: 8}
 USER_CLK_MHZ = 250
-#: Device Capabilities max payload; the testbench model is built with the same value.
-MAX_PAYLOAD_BYTES = 512
 #: The PCIE4 block's own capabilities end at 0xAB (PCIe capability at 0x70, 60 bytes);
 #: the legacy window handed to user logic starts after them (README "PG213 finding").
 HARD_CAPABILITIES_END = 0xAC

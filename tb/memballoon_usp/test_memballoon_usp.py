@@ -835,10 +835,44 @@ async def unsupported_requests(dut):
     await finish(tb)
 
 
+@cocotb.test(timeout_time=TEST_TIMEOUT_US, timeout_unit="us")
+async def discontinued_and_locked_requests(dut):
+    """PG213: a CQ TLP with discontinue on its last beat is discarded whole. A
+    discontinued read of the ISR gets no completion and does not clear it; a locked read
+    of it gets UR as a CplLk (only legacy endpoints support locking) and does not clear it
+    either. A discontinued write over several CQ beats leaves the MSI-X table as it was;
+    the same write without discontinue lands."""
+    tb, be, vdev = await setup(dut)
+    bar = tb.params.bar
+    await vdev.init()
+    await request_config_change(tb)
+    await be.wait_irq(0, IRQ_TIMEOUT)
+    assert not await tb.inject_cq_request(TlpType.MEM_READ, 0, bar.isr, discontinue=True,
+                                          timeout_ns=2000)
+    cpls = await tb.inject_cq_request(TlpType.MEM_READ_LOCKED, 0, bar.isr)
+    assert cpls, "locked read: no completion"
+    assert (cpls[0].fmt_type, cpls[0].status) == (TlpType.CPL_LOCKED, CplStatus.UR)
+    assert await vdev.vp_modern_isr() == c.VIRTIO_PCI_ISR_CONFIG
+    assert await vdev.vp_modern_isr() == 0
+
+    # 16 dwords from the table's start (12 of them the table, vectors masked): more than
+    # the first CQ beat holds at either width.
+    table = await be.bar_read_block(0, bar.msix_table, 12 * 4)
+    entries = [(0xFEE0_0000 + 0x10 * i, 0, 0x40 + i, c.PCI_MSIX_ENTRY_CTRL_MASKBIT)
+               for i in range(4)]
+    payload = b"".join(dword.to_bytes(4, "little") for entry in entries for dword in entry)
+    await tb.inject_cq_request(TlpType.MEM_WRITE, 0, bar.msix_table, data=payload,
+                               discontinue=True)
+    assert await be.bar_read_block(0, bar.msix_table, 12 * 4) == table
+    await tb.inject_cq_request(TlpType.MEM_WRITE, 0, bar.msix_table, data=payload)
+    assert await be.bar_read_block(0, bar.msix_table, 12 * 4) == payload[:12 * 4]
+    await finish(tb)
+
+
 # --- pytest entry ---------------------------------------------------------------------------
 
 SMOKE_TESTS = ["enumeration_identity", "lspci_decode", "queue_setup", "msix_config_interrupt",
-               "long_bar_reads", "unsupported_requests"]
+               "long_bar_reads", "unsupported_requests", "discontinued_and_locked_requests"]
 
 
 @pytest.mark.parametrize("data_width", [512, 256])
