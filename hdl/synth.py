@@ -40,8 +40,15 @@ from amaranth import Signal, unsigned
 from amaranth.back import rtlil
 
 from ..params import DeviceParams
+from ..constants import NUM_QUEUES
 from .balloon.bitmap import Bitmap
+from .balloon.core import BalloonCore
+from .pcie.dma import DmaEngine
+from .pcie.dma_mux import DmaMux
+from .pcie.usp_shim import UspShim
 from .top import TOP_NAME, MemballoonUsp
+from .virtio.common_cfg import CommonCfg
+from .virtqueue.split.engine import VirtqueueEngine
 
 #: Clock of the hard IP's user interface (Gen3 x16 at 512 bits, Gen3 x8 at 256 bits).
 USER_CLK_MHZ = 250
@@ -394,10 +401,36 @@ def reference_configurations(width=DeviceParams.data_width):
     ]
 
 
+#: The blocks ``--block`` synthesizes alone, each from the device's parameters: a quick
+#: loop while pipelining one block. Its inputs start paths at 0 and its outputs end them,
+#: so a path that crosses into another block is only whole in the device configuration.
+BLOCKS = {
+    "shim": lambda params: UspShim(params.data_width),
+    "dma": lambda params: DmaEngine(),
+    "dma_mux": lambda params: DmaMux(NUM_QUEUES),
+    "common_cfg": lambda params: CommonCfg(params),
+    "balloon": lambda params: BalloonCore(params.bitmap_pages,
+                                          grant_limit=params.get_grant_limit),
+    "todevq": lambda params: VirtqueueEngine(params),
+    "fromdevq": lambda params: VirtqueueEngine(params, parking=True),
+}
+
+
+def block_configuration(block, params: DeviceParams):
+    """One of :data:`BLOCKS` alone at ``params``."""
+    return (f"{block} {params.data_width}-bit, 2^{params.bitmap_pages.bit_length() - 1} pages",
+            BLOCKS[block](params), block)
+
+
+def small_parameters():
+    """The smallest device core's parameters (256-bit, 2**10 pages, queues of 16)."""
+    return DeviceParams(data_width=256, bitmap_pages=1 << 10, max_queue_size=16)
+
+
 def small_configurations():
     """The smallest device core (256-bit, 2**10 pages, queues of 16): a quick run."""
-    params = DeviceParams(data_width=256, bitmap_pages=1 << 10, max_queue_size=16)
-    return [device_configuration(params, "memballoon_usp 256-bit, 2^10 pages, queue 16")]
+    return [device_configuration(small_parameters(),
+                                 "memballoon_usp 256-bit, 2^10 pages, queue 16")]
 
 
 def table(results):
@@ -446,17 +479,25 @@ def main():
                         help="work directory (default: build/synth)")
     parser.add_argument("--width", type=int, choices=(512, 256), default=512,
                         help="the device core's interface width (default: 512)")
+    parser.add_argument("--block", choices=sorted(BLOCKS),
+                        help="only this block of the core, alone (with --small at the small "
+                             "parameters), only the delay mapping")
     parser.add_argument("--json", metavar="FILE",
                         help="also write every configuration's paths over the budget to FILE")
     args = parser.parse_args()
-    configurations = (small_configurations() if args.small
-                      else reference_configurations(args.width))
+    if args.block:
+        params = small_parameters() if args.small else DeviceParams(data_width=args.width)
+        configurations = [block_configuration(args.block, params)]
+    elif args.small:
+        configurations = small_configurations()
+    else:
+        configurations = reference_configurations(args.width)
     results = []
     for label, component, name in configurations:
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         print(f"synthesizing {label} ...", flush=True)
         result = synthesize(component, name, label, pathlib.Path(args.output) / slug,
-                            resources=not args.small)
+                            resources=not (args.small or args.block))
         print(f"  {result.seconds:.0f} s; {len(result.over_budget())} of {len(result.paths)} "
               f"endpoints over {LEVEL_BUDGET} levels or {DELAY_BUDGET_PS / 1000:.1f} ns; "
               f"the {PRINTED_PATHS} slowest:", flush=True)
