@@ -22,13 +22,16 @@ class RegBusArbiter(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         busy = Signal()             # a higher-priority requester has the bus this cycle
-        for requester in self.requesters:
+        for index, requester in enumerate(self.requesters):
             wants = requester.r_stb | requester.w_stb
             m.d.comb += [
                 requester.r_data.eq(self.bus.r_data),
                 requester.ready.eq(~busy & self.bus.ready),
             ]
-            with m.If(~busy & wants):
+            # The lowest-priority requester's address and data are on the bus whenever no
+            # other requester wants it, so its own strobes gate nothing but the strobes:
+            # they do not reach the address decode (timing).
+            with m.If(~busy if index == self._count - 1 else ~busy & wants):
                 m.d.comb += [
                     self.bus.addr.eq(requester.addr),
                     self.bus.r_stb.eq(requester.r_stb),

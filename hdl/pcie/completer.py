@@ -95,10 +95,17 @@ class RegCompleter(wiring.Component):
         read_lower_address = (dword_addr[:5] << 2) | first_pad
 
         # A completion ends at the next max-payload-aligned boundary or at the request's end.
-        payload_dwords = Mux(self.max_payload >= 5, _MAX_PAYLOAD_DWORDS,
-                             Const(32, 11) << self.max_payload)
+        # Registered: a Device Control setting, and the next completion's header fields are
+        # computed a state ahead ("Read-Size"), so that the completion's arithmetic does not
+        # reach the hard IP's CC stream in the clock it is sent (timing).
+        payload_dwords = Signal(11, init=32)
+        m.d.sync += payload_dwords.eq(Mux(self.max_payload >= 5, _MAX_PAYLOAD_DWORDS,
+                                          Const(32, 11) << self.max_payload))
         dwords_to_boundary = payload_dwords - (dword_addr[:10] & (payload_dwords - 1))
         next_chunk = Mux(dwords_left < dwords_to_boundary, dwords_left, dwords_to_boundary)
+        chunk = Signal.like(next_chunk)
+        chunk_byte_count = Signal.like(read_byte_count)
+        chunk_lower_address = Signal.like(read_lower_address)
 
         m.d.comb += [
             bus.addr.eq(dword_addr),
@@ -144,7 +151,7 @@ class RegCompleter(wiring.Component):
                                 m.next = "Drop-Write"
                         with m.Case(ReqKind.MEM_READ):
                             with m.If(ours & ~req.payload.locked):
-                                m.next = "Read-Header"
+                                m.next = "Read-Size"
                             with m.Else():
                                 m.next = "Unsupported-Read"
                         with m.Case(ReqKind.UNSUPPORTED_NP):
@@ -168,18 +175,26 @@ class RegCompleter(wiring.Component):
                 with m.If(req_data.valid & req_data.payload.last):
                     m.next = "Idle"
 
+            with m.State("Read-Size"):
+                m.d.sync += [
+                    chunk.eq(next_chunk),
+                    chunk_byte_count.eq(read_byte_count),
+                    chunk_lower_address.eq(read_lower_address),
+                ]
+                m.next = "Read-Header"
+
             with m.State("Read-Header"):
                 m.d.comb += [
                     cpl.valid.eq(1),
                     cpl.payload.status.eq(CplStatus.SC),
-                    cpl.payload.byte_count.eq(read_byte_count),
-                    cpl.payload.lower_address.eq(read_lower_address),
-                    cpl.payload.dwords.eq(next_chunk),
+                    cpl.payload.byte_count.eq(chunk_byte_count),
+                    cpl.payload.lower_address.eq(chunk_lower_address),
+                    cpl.payload.dwords.eq(chunk),
                 ]
                 with m.If(cpl.ready):
                     m.d.sync += [
-                        issue_left.eq(next_chunk),
-                        send_left.eq(next_chunk),
+                        issue_left.eq(chunk),
+                        send_left.eq(chunk),
                     ]
                     m.next = "Read-Data"
 
@@ -198,7 +213,7 @@ class RegCompleter(wiring.Component):
                     with m.If(dwords_left == 0):
                         m.next = "Idle"
                     with m.Else():
-                        m.next = "Read-Header"
+                        m.next = "Read-Size"
 
             with m.State("Unsupported-Read"):
                 # A memory read completion keeps its byte count and lower address.

@@ -179,11 +179,12 @@ class VirtioCapWindow(wiring.Component):
                      (pci_cfg.cap.offset < params.bar.size))
         strobe = (lanes << lane)[:4]
         read_value = (bar.r_data >> lane * 8) & Cat(lanes[i].replicate(8) for i in range(4))
+        # Registered in Check-Access: the access's lanes and shifted data do not follow
+        # the window's fields into the BAR's register decode (timing).
+        bar_strobe = Signal(4)
         m.d.comb += [
-            bar.addr.eq(pci_cfg.cap.offset[2:]),
-            bar.w_data.eq(pci_cfg.pci_cfg_data << lane * 8),
-            bar.w_strb.eq(strobe),
-            bar.r_strb.eq(strobe),
+            bar.w_strb.eq(bar_strobe),
+            bar.r_strb.eq(bar_strobe),
         ]
 
         bar_read = Signal()             # the PCI_CFG access in progress is a read
@@ -209,6 +210,11 @@ class VirtioCapWindow(wiring.Component):
                             cfg_ext.read_data_valid.eq(1),
                         ]
             with m.State("Check-Access"):
+                m.d.sync += [
+                    bar.addr.eq(pci_cfg.cap.offset[2:]),
+                    bar.w_data.eq(pci_cfg.pci_cfg_data << lane * 8),
+                    bar_strobe.eq(strobe),
+                ]
                 with m.If(access_ok & bar_read):
                     m.next = "Bar-Read"
                 with m.Elif(access_ok):
