@@ -79,10 +79,18 @@ class RegCompleter(wiring.Component):
         out_last = Signal()
 
         # Strobes: first_be on the first dword, last_be on the last one of a multi-dword
-        # request, all bytes in between (PCIe byte-enable rules).
+        # request, all bytes in between (PCIe byte-enable rules). Registered with the dword
+        # they belong to, so that no count compare reaches the register decode (timing).
         first_dword = dwords_left == header.dwords
-        last_dword = (dwords_left == 1) & (header.dwords != 1)
-        strobe = Mux(first_dword, header.first_be, Mux(last_dword, header.last_be, 0xF))
+        strobe = Signal(4)
+
+        def next_dword():
+            """Moves on to the request's next dword."""
+            m.d.sync += [
+                dword_addr.eq(dword_addr + 1),
+                dwords_left.eq(dwords_left - 1),
+                strobe.eq(Mux(dwords_left == 2, header.last_be, 0xF)),
+            ]
 
         # Byte count and lower address of the next completion (PCIe 2.2.9, 2.3.1.1):
         # bytes still to return, without the disabled bytes below the first enabled
@@ -141,6 +149,7 @@ class RegCompleter(wiring.Component):
                         header.eq(req.payload),
                         dword_addr.eq(req.payload.offset[2:]),
                         dwords_left.eq(req.payload.dwords),
+                        strobe.eq(req.payload.first_be),
                     ]
                     ours = req.payload.bar == self._bar
                     with m.Switch(req.payload.kind):
@@ -163,10 +172,7 @@ class RegCompleter(wiring.Component):
                     req_data.ready.eq(bus.ready),
                 ]
                 with m.If(req_data.valid & bus.ready):
-                    m.d.sync += [
-                        dword_addr.eq(dword_addr + 1),
-                        dwords_left.eq(dwords_left - 1),
-                    ]
+                    next_dword()
                     with m.If(req_data.payload.last):
                         m.next = "Idle"
 
@@ -204,11 +210,8 @@ class RegCompleter(wiring.Component):
                 m.d.comb += bus.r_stb.eq((issue_left != 0) & ~read_pending &
                                          (~out_valid | cpl_data.ready))
                 with m.If(bus.r_stb & bus.ready):
-                    m.d.sync += [
-                        issue_left.eq(issue_left - 1),
-                        dword_addr.eq(dword_addr + 1),
-                        dwords_left.eq(dwords_left - 1),
-                    ]
+                    m.d.sync += issue_left.eq(issue_left - 1)
+                    next_dword()
                 with m.If(out_valid & cpl_data.ready & out_last):
                     with m.If(dwords_left == 0):
                         m.next = "Idle"
