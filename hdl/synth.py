@@ -193,7 +193,8 @@ def register_paths(netlist, top, delays=None) -> list:
     indegree = {}
     register_of = {}                # bit -> first output bit of a sequential cell it feeds
     output_of = {}                  # bit -> type of the cell that drives it
-    for cell in module["cells"].values():
+    cell_of = {}                    # bit -> name of that cell, where yosys kept one
+    for cell_name, cell in module["cells"].items():
         cell_type = cell["type"]
         memory = bool(_LUT_MEMORY.match(cell_type))
         counted = memory or bool(_LEVEL_CELLS.match(cell_type))
@@ -211,6 +212,8 @@ def register_paths(netlist, top, delays=None) -> list:
                 for bit in bits:
                     if outputs:
                         register_of.setdefault(bit, outputs[0][2])
+                        if not str(cell_name).startswith("$"):
+                            cell_of.setdefault(bit, str(cell_name))
                 continue
             scalar = len(bits) == 1
             for i, source in enumerate(bits):
@@ -269,8 +272,11 @@ def register_paths(netlist, top, delays=None) -> list:
         if end not in register_of and end not in outputs:
             continue                                 # feeds more logic, or nothing
         # The end is named after the register it feeds, which has the designer's name.
-        end_name = (f"{names[register_of[end]]} (input)" if end in register_of
-                    and register_of[end] in names else names.get(end, f"bit {end}"))
+        # A RAM's output net may have only a generated name; its cell keeps the memory's.
+        end_name = names.get(register_of.get(end), "")
+        if end_name.startswith("$") and end in cell_of:
+            end_name = cell_of[end]
+        end_name = f"{end_name} (input)" if end_name else names.get(end, f"bit {end}")
         key = re.sub(r"\[\d+\]", "", end_name)
         levels, carries = deepest[end]
         found = by_end.get(key)
