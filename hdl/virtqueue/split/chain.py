@@ -169,6 +169,9 @@ class ChainWalker(wiring.Component):
         to_table_end = current_limit - index
         wanted = Mux(in_table, self._table_window, self._direct_window)
         window_read = Mux(to_table_end < wanted, to_table_end, wanted)
+        # The window read a descriptor outside the window needs, planned in "Fetch": the
+        # read (and the table prefetcher's address match on it) then starts from registers.
+        window_read_command = Signal.like(self.read.payload.command)
 
         def fail(kind):
             m.d.comb += [self.fault.eq(1), self.fault_kind.eq(kind)]
@@ -220,6 +223,8 @@ class ChainWalker(wiring.Component):
                     descriptor.eq(window[offset[:max(1, (window_size - 1).bit_length())]]),
                     limit.eq(current_limit),
                     at_limit.eq(walked == current_limit),
+                    window_read_command.address.eq(table + c.VRING_DESC_SIZE * index),
+                    window_read_command.length.eq(c.VRING_DESC_SIZE * window_read),
                 ]
                 with m.If(in_window):
                     m.next = "Descriptor"
@@ -229,8 +234,7 @@ class ChainWalker(wiring.Component):
             with m.State("Read-Window"):
                 m.d.comb += [
                     self.read.valid.eq(1),
-                    self.read.payload.command.address.eq(table + c.VRING_DESC_SIZE * index),
-                    self.read.payload.command.length.eq(c.VRING_DESC_SIZE * window_read),
+                    self.read.payload.command.eq(window_read_command),
                 ]
                 with m.If(self.read.ready):
                     m.d.sync += [
