@@ -3,6 +3,7 @@
 from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from .... import constants as c
 from ...virtio.common_cfg import QueueConfig
@@ -268,8 +269,12 @@ class ChainWalker(wiring.Component):
                 is_readable = is_buffer & ~(flags & c.VRING_DESC_F_WRITE).any()
                 is_writable = is_buffer & (flags & c.VRING_DESC_F_WRITE).any()
                 has_next = (flags & c.VRING_DESC_F_NEXT).any()
-                writable_piece = Mux(length < RESULT_BYTES - writable_covered,
-                                     length, RESULT_BYTES - writable_covered)
+                # min(length, what the result still needs), on the few low bits of the
+                # length beside a test of the rest (timing).
+                result_bits = exact_log2(RESULT_BYTES)
+                needed = RESULT_BYTES - writable_covered
+                short = (length[result_bits:] == 0) & (length[:result_bits] < needed)
+                writable_piece = Mux(short, length[:result_bits], needed)
                 # The held segment goes before this one takes its place; if the queue
                 # is full, the first walk goes on counting only.
                 start_counting = (~counting & ~header_sent & is_readable & held_valid &
