@@ -105,10 +105,11 @@ def _size_bytes(encoding):
 #: Lines of the completion buffer one request fills at most (it never crosses 4 KiB).
 MAX_REQUEST_LINES = 4096 // LINE_BYTES
 
-#: A write command shorter than this is one TLP unless it starts in the last this many
-#: bytes before a Max_Payload boundary (the smallest boundary is 128): a test without
-#: arithmetic, so that its TLP is planned from the command in the clock it is taken.
-SHORT_WRITE_BYTES = 64
+#: Whether a write command shorter than this is one TLP is a short test (the smallest
+#: Max_Payload boundary is 128): it is, unless it starts in the last this many bytes
+#: before a boundary and its end passes it. So its TLP is planned from the command in
+#: the clock it is taken.
+SHORT_WRITE_BYTES = 128
 SHORT_SHIFT = SHORT_WRITE_BYTES.bit_length() - 1
 
 
@@ -174,7 +175,8 @@ COMPLETION_TIMEOUT_CYCLES = 2 ** 17
 
 class _TagEntry(data.Struct):
     """What the engine keeps of the read request (or failed-command marker) on one tag."""
-    line: LINE_INDEX_BITS       # first completion-buffer line of its slice
+    end: LINE_INDEX_BITS + LINE_SHIFT   # buffer byte just past its slice's last byte
+    stop: 7                     # address bits 6..0 just past its last byte
     blocks: MAX_REQUEST_BLOCKS.bit_length()     # completion headers it reserved
     lines: MAX_REQUEST_LINES.bit_length()       # completion-buffer lines of its slice
     start: 7                    # address bits 6..0 of its first byte
@@ -352,7 +354,6 @@ class DmaEngine(wiring.Component):
             entry.addr.eq(rd.slot),
             entry.data.first.eq(first),
             entry.data.length.eq(length),
-            entry.data.line.eq(rd.alloc_ptr[:-1]),
         ]
 
         def start_waiting():
@@ -393,6 +394,9 @@ class DmaEngine(wiring.Component):
                         entry.en.eq(1),
                         entry.data.start.eq(address[:7]),
                         entry.data.bytes.eq(plan.bytes),
+                        entry.data.end.eq(Cat(address[:LINE_SHIFT], rd.alloc_ptr[:-1]) +
+                                          plan.bytes),
+                        entry.data.stop.eq(address[:7] + plan.bytes),
                         entry.data.lines.eq(plan.lines),
                         entry.data.blocks.eq(plan.blocks),
                         entry.data.last.eq(plan.last),
@@ -437,18 +441,23 @@ class DmaEngine(wiring.Component):
         entry = lookup.data
         m.d.comb += lookup.addr.eq(tag)
 
-        # Where the completion's first byte lies in its request: PCIe's byte count is what
-        # is left of the request, this completion included (completions of one request
-        # arrive in address order); the lower address must agree.
-        offset = (entry.bytes - header.byte_count)[:13]
+        # Where the completion's first byte lies: PCIe's byte count is what is left of the
+        # request, this completion included (completions of one request arrive in address
+        # order), so it is that many bytes before the request's end; the lower address
+        # must agree. Each is one subtraction from what the tag's entry holds.
         known = (header.tag < TAGS) & rd.pending.bit_select(tag, 1) & \
             (header.error != CplError.UNEXPECTED)
         good = (header.status == CplStatus.SC) & (header.error == CplError.NONE) & \
             (header.byte_count <= entry.bytes) & \
-            ((entry.start + offset)[:7] == header.lower_address)
+            ((entry.stop - header.byte_count)[:7] == header.lower_address)
         position = Signal(len(rd.line_ptr) - 1 + BANK_SHIFT)  # dword of the next payload dword
-        header_position = ((entry.line << BANK_SHIFT) +
-                           ((entry.start[:LINE_SHIFT] + offset) >> 2))[:len(position)]
+        byte_bits = len(position) + 2
+
+        def header_dword(ahead):
+            """Buffer dword ``ahead`` dwords past the completion's first byte: the byte count
+            and the constant are subtracted first, beside the tag table's read."""
+            return ((entry.end - (header.byte_count - 4 * ahead)[:byte_bits])[:byte_bits]
+                    >> 2)[:len(position)]
 
         busy = Signal()                 # the payload of a taken header is flowing
         dwords_left = Signal(11)
@@ -466,7 +475,7 @@ class DmaEngine(wiring.Component):
             # beside a header without payload (RequesterSignature).
             cpl_data.ready.eq(busy | cpl.valid),
         ]
-        at = Mux(busy, position, header_position)
+        at = Mux(busy, position, header_dword(0))
         left = Mux(busy, dwords_left, header.dwords)
         write = Mux(busy, writing, known & good & ~rd.failed.bit_select(tag, 1))
         beat = cpl_data.valid & cpl_data.ready
@@ -474,15 +483,20 @@ class DmaEngine(wiring.Component):
         for b, bank in enumerate(banks):
             lane = (b + BANKS - at[:BANK_SHIFT])[:BANK_SHIFT]  # the beat's dword in this bank
             port = bank.write_port()
+            # the first dword at or after ``at`` in bank b: (at + lane) >> BANK_SHIFT, with
+            # the lane's constant part folded into the subtraction
+            ahead = BANKS - 1 - b
             m.d.comb += [
-                port.addr.eq((at + lane) >> BANK_SHIFT),
+                port.addr.eq(Mux(busy, (position + ahead) >> BANK_SHIFT,
+                                 header_dword(ahead) >> BANK_SHIFT)),
                 port.data.eq(cpl_data.payload.data.word_select(
                     lane[:(CPL_BEAT_DWORDS - 1).bit_length()], 32)),
                 port.en.eq(beat & write & (lane < CPL_BEAT_DWORDS) & (lane < left)),
             ]
 
         m.d.sync += [
-            position.eq(Mux(beat, at + CPL_BEAT_DWORDS, at)),
+            position.eq(Mux(beat, Mux(busy, position + CPL_BEAT_DWORDS,
+                                      header_dword(CPL_BEAT_DWORDS)), at)),
             dwords_left.eq(Mux(beat, left - CPL_BEAT_DWORDS, left)),
         ]
         with m.If(busy & beat_ends):
@@ -700,9 +714,8 @@ class DmaEngine(wiring.Component):
         command_mask = Signal(12)
         shift = Signal(3)
         # header step: the next TLP is planned a clock ahead; a command's first plan is
-        # made from the command itself when it is short enough to fit whatever its place
-        # (fewer than SHORT_WRITE_BYTES, not in the last SHORT_WRITE_BYTES before a
-        # boundary), otherwise a clock later from the registers
+        # made from the command itself when it is shorter than SHORT_WRITE_BYTES and
+        # fits before the boundary, otherwise a clock later from the registers
         address = Signal(64)
         bytes_left = Signal(20)
         bytes_left_m1 = Signal(20)
@@ -731,9 +744,10 @@ class DmaEngine(wiring.Component):
             with m.State("Idle"):
                 m.d.comb += cmd.ready.eq(1)
                 a, n = cmd.payload.address, cmd.payload.length
+                near_boundary = (a[SHORT_SHIFT:12] | ~payload_mask[SHORT_SHIFT:]) == \
+                    (1 << (12 - SHORT_SHIFT)) - 1
                 short = (n < SHORT_WRITE_BYTES) & \
-                    ((a[SHORT_SHIFT:12] | ~payload_mask[SHORT_SHIFT:]) !=
-                     (1 << (12 - SHORT_SHIFT)) - 1)
+                    (~near_boundary | (a[:SHORT_SHIFT] + n[:SHORT_SHIFT] <= SHORT_WRITE_BYTES))
                 m.d.sync += [_plan(plan, a, n, payload_mask, 1), planned.eq(short)]
                 with m.If(cmd.valid):
                     m.d.sync += [
