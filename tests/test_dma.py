@@ -401,7 +401,8 @@ def run_engine(host_kw, *, reads=(), writes=(), seed, enable_pattern=None, read_
             for mps, mrrs, cycles in size_pattern:
                 ctx.set(dut.max_payload, encoding_of(mps))
                 ctx.set(dut.max_read_request, encoding_of(mrrs))
-                await ctx.tick().repeat(cycles)
+                for _ in range(cycles):
+                    await ctx.tick()
         if enable_pattern:
             for level, cycles in enable_pattern:
                 ctx.set(dut.enable, level)
