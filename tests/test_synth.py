@@ -184,10 +184,12 @@ def paths_past_the_open_ones(paths):
 
 
 def test_open_paths_guard_catches_a_new_slow_path():
-    ok = {"start": "a", "end": "device.dma.address[3] (input)", "levels": 9, "delay_ps": 4000}
+    levels, delay_ps = OPEN_PATHS["device.dma"]
+    ok = {"start": "a", "end": "device.dma.address[3] (input)", "levels": levels,
+          "delay_ps": delay_ps}
     within = {"start": "a", "end": "device.used.x (input)", "levels": 7, "delay_ps": 3000}
     new = {**within, "levels": 8}
-    slower = {**ok, "delay_ps": int(OPEN_PATHS["device.dma"][1] * 1.11)}
+    slower = {**ok, "delay_ps": int(delay_ps * 1.11)}
     assert paths_past_the_open_ones([ok, within]) == []
     assert len(paths_past_the_open_ones([ok, new, slower])) == 2
 
