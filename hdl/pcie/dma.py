@@ -734,6 +734,10 @@ class DmaEngine(wiring.Component):
         in_tlp = Signal()
         tlp_odd = Signal()
         tlp_left = Signal(11)
+        # tlp_left <= 2 and tlp_left == 1, kept beside it: the data handshake decides on
+        # registers alone (timing)
+        tlp_ending = Signal()
+        tlp_single = Signal()
         high = Signal(32)               # upper dword of the previous word (odd TLPs)
         high_valid = Signal()
         draining = Signal()
@@ -815,20 +819,22 @@ class DmaEngine(wiring.Component):
 
                 # Payload step.
                 needs_high = tlp_odd & ~high_valid
-                only_high = tlp_odd & high_valid & (tlp_left == 1)
+                only_high = tlp_odd & high_valid & tlp_single
                 m.d.comb += [
                     req_data.valid.eq(in_tlp & ~needs_high & (only_high | word_valid)),
                     req_data.payload.data.eq(Mux(tlp_odd, Cat(high, Mux(only_high, 0, word[:32])),
                                                  word)),
-                    req_data.payload.last.eq(tlp_left <= 2),
+                    req_data.payload.last.eq(tlp_ending),
                 ]
                 sent = req_data.valid & req_data.ready
-                tlp_ends = sent & (tlp_left <= 2)
+                tlp_ends = sent & tlp_ending
                 with m.If(in_tlp & needs_high & word_valid):
                     m.d.comb += word_taken.eq(1)
                     m.d.sync += [high.eq(word[32:]), high_valid.eq(1)]
                 with m.If(sent):
-                    m.d.sync += tlp_left.eq(tlp_left - 2)
+                    m.d.sync += [tlp_left.eq(tlp_left - 2),
+                                 tlp_ending.eq(tlp_left <= 4),
+                                 tlp_single.eq(tlp_left == 3)]
                     with m.If(~only_high):
                         m.d.comb += word_taken.eq(1)
                         m.d.sync += high.eq(word[32:])
@@ -840,6 +846,8 @@ class DmaEngine(wiring.Component):
                         in_tlp.eq(1),
                         tlp_odd.eq(header.address[2]),
                         tlp_left.eq(header.dwords),
+                        tlp_ending.eq(header.dwords <= 2),
+                        tlp_single.eq(header.dwords == 1),
                         high_valid.eq(0),
                     ]
                 with m.If(stopped & ~header_valid & ~in_tlp):
