@@ -61,10 +61,13 @@ class CommandExecutor(wiring.Component):
     GIVE or EXCHANGE) is drained and completed with ``used_len`` 0.
 
     The first beat holds the code alone; each later beat holds up to ``LANES`` payload
-    words (word ``i`` in lane ``i % 2``). Each lane is decoded in the cycle its
-    beat is taken (C4: granularity = the negotiated page size; C8: the window starts at
-    ``window_base`` rounded down to the page size, page = ``(address - base) >>
-    page_shift``) into one lane of a bitmap request, one beat per clock:
+    words (word ``i`` in lane ``i % 2``). Each lane is decoded in the two clocks after
+    its beat is taken (C4: granularity = the negotiated page size; C8: the window starts
+    at ``window_base`` rounded down to the page size, page = ``(address - base) >>
+    page_shift``) into one lane of a bitmap request, one beat per clock. The decode works
+    from registered bounds of the window, without a 64-bit subtraction or comparison
+    (timing): the first clock takes the address's page-number bits and compares its
+    high bits, the second subtracts the base's page number and checks the extra range:
 
     - GIVE and the second half of EXCHANGE: SET. An invalid address is counted by kind
       (misaligned first, then out of window) and its lane left disabled; a refused SET is
@@ -76,8 +79,9 @@ class CommandExecutor(wiring.Component):
     - GET: a chained CLEAR per address, allowed when the address is valid, the page is
       not extra memory without EXTRA_MEM (C8), and the budget covers it. Because grants
       are a prefix, page ``i`` is granted only after ``i`` grants, so the budget check is
-      ``i < budget`` per lane on the budget taken when the GET starts (C10): a host write
-      of the budget takes effect from the next GET. The bitmap's chaining (across lanes
+      ``i < budget`` per lane on the budget taken when the GET starts (C10), kept as the
+      grants left to the command: a host write of the budget takes effect from the next
+      GET. The bitmap's chaining (across lanes
       and beats) stops the prefix at the first page whose bit is clear. An invalid
       address goes to the bitmap too, as an operation that is never allowed: it stops
       the prefix, and its violation is counted only if it is the first refusal (the
@@ -87,7 +91,8 @@ class CommandExecutor(wiring.Component):
     A GET also stops at ``grant_limit`` pages (C5's per-command grant limit, a build
     parameter: ``DeviceParams.get_grant_limit``): a longer GET is a prefix grant.
 
-    Every command completes once its last operation has its response (GET writes K,
+    Every command completes once its last operation has its response, counted a clock
+    after it comes (timing) (GET writes K,
     le64), and hands its :class:`CommandEffects` to the balloon core with its result:
     the counters, ``balloon_pages`` and the budget change only when the command commits
     (C7), and the bitmap's committed copy knows where the command's writes end
@@ -109,6 +114,9 @@ class CommandExecutor(wiring.Component):
         The extra-memory range: pages ``extra_first`` .. ``extra_end - 1`` (C8).
     extra_mem : In(1)
         VIRTIO_MEMBALLOON_F_EXTRA_MEM was negotiated.
+        The settings above change only between commands (the decode takes them
+        registered: two clocks after a change, at most, no sooner than a payload word
+        of a header taken at once).
     return_budget : In(32)
         Pages GET may still grant, the uncommitted grants deducted; all-ones =
         unlimited (C10).
@@ -150,61 +158,125 @@ class CommandExecutor(wiring.Component):
         writable = Signal(32)
         malformed = Signal()
         kind = Signal(2)                    # a GuestCmd value, once the command is well formed
+        started = Signal()                  # a payload word was taken
+        # Payload words left, signed (they may go below zero): pages GET may still grant
+        # (the return budget when it started and the grant limit), wanted EXCHANGE pages.
+        grants_left = Signal(signed(34))
+        wanted_left = Signal(signed(34))
         addresses = Signal(32)              # payload words: N, or 2N for EXCHANGE
-        index = Signal(32)                  # payload words taken so far
-        budget = Signal(32)                 # the return budget when the GET started
         granted = Signal(32)                # K
         refused = Signal()                  # this GET has had its first refusal
-        # Operations handed to the bitmap without their response yet. A split beat's
-        # first lane may answer before the beat is taken: the count dips below zero then.
-        in_flight = Signal(signed(4))
+        # Operations handed to the bitmap without their response yet.
+        in_flight = Signal(signed(5))
 
         is_get = kind == c.GuestCmd.GET_PAGES.value
         is_give = kind == c.GuestCmd.GIVE_PAGES.value
         is_exchange = kind == c.GuestCmd.EXCHANGE_PAGES.value
-        page_mask = ~(_ADDRESS_ONES << self.page_shift)[:64]
-        window_start = self.window_base & ~page_mask
-        # The offset bits that put a page past the window, as a mask: the window check no
-        # longer waits for the page-number shifter (timing).
-        beyond_window = (_ADDRESS_ONES << (self.page_shift + page_bits))[:64]
-        unlimited = budget == c.MGMT_UNLIMITED_BUDGET
         payload_taken = Signal()
         error_beat = words.valid & words.payload.error
 
-        # --- Decode of the payload words, one per lane (C4, C5, C8) -------------------------
-        decoded = Signal(self.bitmap_request.payload.shape())
-        skipped_misaligned, skipped_out_of_window = [], []
+        # --- The window's bounds, registered (C4, C8) ------------------------------------
+        # They change only between commands (the page size at negotiation, the extra range
+        # while no command runs) and settle two clocks after their inputs; the decode uses
+        # them no earlier than two clocks after it takes a header.
+        page_mask = Signal(64)              # the offset bits within a page
+        window_start = Signal(64)           # window_base rounded down to the page size
+        high_mask = Signal(64)              # the address bits above the window's size
+        base_page = Signal(page_bits)       # window_start's page-number bits
+        # window_start's high bits plus one: the window's second aligned block of its size
+        # (bit 64: there is none, the window ends at 2**64).
+        next_start = Signal(65)
+        # The extra range in raw page bits (base_page + page, modulo the window's pages):
+        # extra_low .. extra_high - 1, or with extra_wraps from extra_low up and below
+        # extra_high (the whole window too: extra_low == extra_high).
+        extra_low = Signal(page_bits)
+        extra_high = Signal(page_bits)
+        extra_some = Signal()
+        extra_wraps = Signal()
+        page_mask_now = ~(_ADDRESS_ONES << self.page_shift)[:64]
+        m.d.sync += [
+            page_mask.eq(page_mask_now),
+            window_start.eq(self.window_base & ~page_mask_now),
+            high_mask.eq((_ADDRESS_ONES << (self.page_shift + page_bits))[:64]),
+            base_page.eq((self.window_base >> self.page_shift)[:page_bits]),
+            next_start.eq((window_start | ~high_mask) + 1),
+            extra_low.eq(base_page + self.extra_first),
+            extra_high.eq(base_page + self.extra_end),
+            extra_some.eq(self.extra_end > self.extra_first),
+            extra_wraps.eq((base_page + self.extra_first)[page_bits] !=
+                           (base_page + self.extra_end)[page_bits]),
+        ]
+
+        # --- Decode, first stage: a payload word's raw page bits and where it lies ---------
+        # (C4 granularity = the negotiated page size; C8: page = (address - window_start)
+        # >> page_shift.) For an aligned address the page is its raw page bits less
+        # base_page, modulo the window, and the address is in the window if its bits above
+        # the window's size are window_start's (no borrow) or next_start's (a borrow): no
+        # 64-bit subtraction or comparison.
+        word_layout = data.StructLayout({
+            "present": 1,
+            "misaligned": 1,
+            "in_first": 1,                  # high bits those of window_start
+            "in_second": 1,                 # of next_start
+            "raw": page_bits,
+            "grant_room": 1,                # the budget and the grant limit cover it (GET)
+            "wanted": 1,                    # the first half of EXCHANGE
+            "chained": 1,                   # not the command's first payload word
+        })
+        first = Signal(data.ArrayLayout(word_layout, LANES))
+        first_valid = Signal()
+        first_decoded = Signal.like(first)
         for lane in range(LANES):
             address = beat.data[lane]
-            position = index + lane         # the payload word's index in the command
-            present = lane < beat.count
-            misaligned = (address & page_mask).any()
-            offset = address - window_start                 # bit 64 set: below the window
-            page_number = offset[:64] >> self.page_shift
-            in_window = ~offset[64] & ~(offset[:64] & beyond_window).any()
-            valid = ~misaligned & in_window
-            page = page_number[:page_bits]
-            in_extra = (page >= self.extra_first) & (page < self.extra_end)
-            grantable = ~in_extra | self.extra_mem
-            wanted = is_exchange & (position < addresses[1:])
+            word = first_decoded[lane]
+            m.d.comb += [
+                word.present.eq(lane < beat.count),
+                word.misaligned.eq((address & page_mask).any()),
+                word.in_first.eq(~((address ^ window_start) & high_mask).any()),
+                word.in_second.eq(~next_start[64] &
+                                  ~((address ^ next_start[:64]) & high_mask).any()),
+                word.raw.eq((address >> self.page_shift)[:page_bits]),
+                word.grant_room.eq(grants_left > lane),
+                word.wanted.eq(is_exchange & (wanted_left > lane)),
+                word.chained.eq(started | (lane != 0)),
+            ]
 
+        # --- Decode, second stage: one lane of a bitmap request per word --------------------
+        # - GIVE and the second half of EXCHANGE: SET. An invalid address is counted by kind
+        #   (misaligned first, then out of window) and its lane left disabled.
+        # - the first half of EXCHANGE: CLEAR, refused for extra memory without EXTRA_MEM.
+        # - GET: a chained CLEAR, allowed when valid, grantable and within grants_left; an
+        #   invalid one is never allowed and tagged with its kind.
+        decoded = Signal(self.bitmap_request.payload.shape())
+        skipped_misaligned = Signal(LANES)
+        skipped_out_of_window = Signal(LANES)
+        skipped = Signal(data.ArrayLayout(2, LANES))    # misaligned, out of window
+        for lane in range(LANES):
+            word = first[lane]
+            page = Signal(page_bits + 1, name=f"page{lane}")
+            m.d.comb += page.eq(word.raw - base_page)
+            in_window = Mux(page[page_bits], word.in_second, word.in_first)
+            valid = ~word.misaligned & in_window
+            above_low = word.raw >= extra_low
+            below_high = word.raw < extra_high
+            in_extra = extra_some & Mux(extra_wraps, above_low | below_high,
+                                        above_low & below_high)
+            grantable = ~in_extra | self.extra_mem
             operation = decoded.lanes[lane]
             m.d.comb += [
-                operation.page.eq(page),
-                operation.enable.eq(present & (is_get | valid)),
+                operation.page.eq(page[:page_bits]),
+                operation.enable.eq(word.present & (is_get | valid)),
             ]
             with m.If(is_get):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
-                    operation.allowed.eq(valid & grantable &
-                                         (unlimited | (position < budget)) &
-                                         (position < self._grant_limit)),
-                    operation.chained.eq(position != 0),
+                    operation.allowed.eq(valid & grantable & word.grant_room),
+                    operation.chained.eq(word.chained),
                     operation.tag.eq(Mux(valid, OpTag.GRANT,
-                                         Mux(misaligned, OpTag.GRANT_MISALIGNED,
+                                         Mux(word.misaligned, OpTag.GRANT_MISALIGNED,
                                              OpTag.GRANT_OUT_OF_WINDOW))),
                 ]
-            with m.Elif(wanted):
+            with m.Elif(word.wanted):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
                     operation.allowed.eq(grantable),
@@ -216,10 +288,10 @@ class CommandExecutor(wiring.Component):
                     operation.allowed.eq(1),
                     operation.tag.eq(OpTag.ENTER),
                 ]
-            # GIVE/EXCHANGE: an invalid address is counted and skipped.
-            skipped = payload_taken & present & ~is_get & ~valid
-            skipped_misaligned.append(skipped & misaligned)
-            skipped_out_of_window.append(skipped & ~misaligned)
+            # GIVE/EXCHANGE: an invalid address is counted (a clock later) and skipped.
+            skip = first_valid & word.present & ~is_get & ~valid
+            m.d.comb += [skipped[lane][0].eq(skip & word.misaligned),
+                         skipped[lane][1].eq(skip & ~word.misaligned)]
 
         # --- The decoded request waits here while the bitmap is busy ------------------------
         request_valid = Signal()
@@ -229,21 +301,34 @@ class CommandExecutor(wiring.Component):
             self.bitmap_request.payload.eq(request),
         ]
         issued = self.bitmap_request.valid & self.bitmap_request.ready
-        with m.If(self.bitmap_request.ready):
-            m.d.sync += request_valid.eq(0)
+        advance = ~request_valid | self.bitmap_request.ready
+        m.d.sync += [skipped_misaligned.eq(0), skipped_out_of_window.eq(0)]
+        with m.If(advance):
+            m.d.sync += [
+                request_valid.eq(first_valid & Cat(lane.enable for lane in decoded.lanes).any()),
+                request.eq(decoded),
+                first_valid.eq(payload_taken),
+                skipped_misaligned.eq(Cat(lane[0] for lane in skipped)),
+                skipped_out_of_window.eq(Cat(lane[1] for lane in skipped)),
+            ]
         with m.If(payload_taken):
             m.d.sync += [
-                request_valid.eq(Cat(lane.enable for lane in decoded.lanes).any()),
-                request.eq(decoded),
+                first.eq(first_decoded),
+                started.eq(1),
+                grants_left.eq(grants_left - beat.count),
+                wanted_left.eq(wanted_left - beat.count),
             ]
 
-        # --- Responses ------------------------------------------------------------------------
-        response = self.bitmap_response
+        # --- Responses, counted a clock after they come (timing) ----------------------------
+        response = Signal.like(self.bitmap_response.payload)
+        response_valid = Signal()
+        m.d.sync += [response.eq(self.bitmap_response.payload),
+                     response_valid.eq(self.bitmap_response.valid)]
         answered, entered, double_give, left, not_in_balloon, grants = [], [], [], [], [], []
         refusals = {OpTag.GRANT_MISALIGNED: [], OpTag.GRANT_OUT_OF_WINDOW: []}
         refused_before = refused
-        for lane in response.payload.lanes:
-            valid = response.valid & lane.enable
+        for lane in response.lanes:
+            valid = response_valid & lane.enable
             tag, changed = lane.tag, lane.changed
             grant_tag = (tag == OpTag.GRANT) | (tag == OpTag.GRANT_MISALIGNED) | \
                 (tag == OpTag.GRANT_OUT_OF_WINDOW)
@@ -261,13 +346,11 @@ class CommandExecutor(wiring.Component):
         m.d.sync += refused.eq(refused_before)
         handed_over = _count([issued & lane.enable for lane in request.lanes])
         m.d.sync += in_flight.eq(in_flight + handed_over - _count(answered))
-        # A GET has all its responses before the next command's words are taken, so the
-        # skipped addresses and a first refusal never add up in one cycle.
         m.d.comb += [
             events.violation_misaligned.eq(
-                _count(skipped_misaligned + refusals[OpTag.GRANT_MISALIGNED])),
+                _count(list(skipped_misaligned) + refusals[OpTag.GRANT_MISALIGNED])),
             events.violation_out_of_window.eq(
-                _count(skipped_out_of_window + refusals[OpTag.GRANT_OUT_OF_WINDOW])),
+                _count(list(skipped_out_of_window) + refusals[OpTag.GRANT_OUT_OF_WINDOW])),
             events.pages_entered.eq(_count(entered)),
             events.violation_double_give.eq(_count(double_give)),
             events.pages_left.eq(_count(left)),
@@ -275,16 +358,13 @@ class CommandExecutor(wiring.Component):
             events.granted.eq(_count(grants)),
         ]
         m.d.sync += granted.eq(granted + events.granted)
-        # The command's totals, a clock behind its responses (timing): what a cycle adds
-        # is registered first.
+        # The command's totals: every event is in them by the time the result is offered.
         totals = Signal(CommandEffects)
-        late = Signal(CommandEffects)
-        m.d.sync += late.eq(events)
         for name in _PAGE_COUNTS:
-            m.d.sync += getattr(totals, name).eq(getattr(totals, name) + getattr(late, name))
+            m.d.sync += getattr(totals, name).eq(getattr(totals, name) + getattr(events, name))
         effects = self.effects.payload
         for name in _PAGE_COUNTS:
-            m.d.comb += getattr(effects, name).eq(getattr(totals, name) + getattr(late, name))
+            m.d.comb += getattr(effects, name).eq(getattr(totals, name))
 
         # --- One command after the other ------------------------------------------------------
         code = beat.data[0]
@@ -332,9 +412,11 @@ class CommandExecutor(wiring.Component):
                         malformed.eq(~well_formed),
                         kind.eq(code[:2]),
                         addresses.eq(count),
-                        index.eq(0),
+                        started.eq(0),
+                        grants_left.eq(Mux(self.return_budget < self._grant_limit,
+                                           self.return_budget, self._grant_limit)),
+                        wanted_left.eq(count[1:]),
                         refused.eq(0),
-                        budget.eq(self.return_budget),
                     ]
                     with m.If(error_beat):
                         m.next = "Faulted"
@@ -347,20 +429,19 @@ class CommandExecutor(wiring.Component):
 
             with m.State("Payload"):
                 m.d.comb += [
-                    words.ready.eq(~request_valid | self.bitmap_request.ready),
+                    words.ready.eq(advance),
                     payload_taken.eq(words.valid & words.ready & ~words.payload.error),
                 ]
                 with m.If(error_beat & words.ready):
                     m.next = "Faulted"
-                with m.Elif(payload_taken):
-                    m.d.sync += index.eq(index + beat.count)
-                    with m.If(beat.last):
-                        m.next = "Finish"
+                with m.Elif(payload_taken & beat.last):
+                    m.next = "Finish"
 
             with m.State("Finish"):
                 # K and the counts are final once the last operation has its response; the
                 # core has room for the effects before the result is offered.
-                with m.If(~request_valid & (in_flight == 0) & self.effects.ready):
+                with m.If(~first_valid & ~request_valid & (in_flight == 0) &
+                          self.effects.ready):
                     m.next = "Result"
 
             with m.State("Drain"):
