@@ -324,7 +324,7 @@ class CommandExecutor(wiring.Component):
         response_valid = Signal()
         m.d.sync += [response.eq(self.bitmap_response.payload),
                      response_valid.eq(self.bitmap_response.valid)]
-        answered, entered, double_give, left, not_in_balloon, grants = [], [], [], [], [], []
+        entered, double_give, left, not_in_balloon, grants = [], [], [], [], []
         refusals = {OpTag.GRANT_MISALIGNED: [], OpTag.GRANT_OUT_OF_WINDOW: []}
         refused_before = refused
         for lane in response.lanes:
@@ -337,15 +337,20 @@ class CommandExecutor(wiring.Component):
             refused_before = refused_before | refusal
             for refusal_tag, firsts in refusals.items():
                 firsts.append(first_refusal & (tag == refusal_tag))
-            answered.append(valid)
             entered.append(valid & (tag == OpTag.ENTER) & changed)
             double_give.append(valid & (tag == OpTag.ENTER) & ~changed)
             left.append(valid & (tag != OpTag.ENTER) & changed)
             not_in_balloon.append(valid & (tag == OpTag.LEAVE) & ~changed)
             grants.append(valid & (tag == OpTag.GRANT) & changed)
         m.d.sync += refused.eq(refused_before)
+        # In flight until the response comes: it is counted in the next clock, before the
+        # result can be offered. (Which lanes answer is known early, from the bitmap's
+        # registers.)
         handed_over = _count([issued & lane.enable for lane in request.lanes])
-        m.d.sync += in_flight.eq(in_flight + handed_over - _count(answered))
+        coming = self.bitmap_response
+        m.d.sync += in_flight.eq(in_flight + handed_over -
+                                 _count([coming.valid & lane.enable
+                                         for lane in coming.payload.lanes]))
         m.d.comb += [
             events.violation_misaligned.eq(
                 _count(list(skipped_misaligned) + refusals[OpTag.GRANT_MISALIGNED])),
