@@ -370,11 +370,13 @@ def beats_of(data):
 
 def run_engine(host_kw, *, reads=(), writes=(), seed, enable_pattern=None, read_starts=None,
                timeout_cycles=2**17, read_buffer_bytes=max(READ_BUFFER_BYTES),
-               client_idle=0.3, backpressure=0.3, max_cycles=200_000):
+               client_idle=0.3, backpressure=0.3, max_cycles=200_000, size_pattern=None):
     """Run read and write commands through a DmaEngine against a HostModel; return the
     host, the read results (beats per command with their cycles), write_done payloads
     with cycles and the cycle each command was taken. ``read_starts``: read index ->
-    cycle before which the client does not present it."""
+    cycle before which the client does not present it. ``size_pattern``: (mps, mrrs,
+    cycles) settings the engine is given in turn, over and over (the host checks against
+    its own ``mps`` and ``mrrs``, the largest of them)."""
     rng = random.Random(seed)
     dut = DmaEngine(timeout_cycles=timeout_cycles, read_buffer_bytes=read_buffer_bytes)
     host = HostModel(dut, random.Random(seed + 1), **host_kw)
@@ -395,6 +397,12 @@ def run_engine(host_kw, *, reads=(), writes=(), seed, enable_pattern=None, read_
         ctx.set(dut.max_payload, encoding_of(host.mps))
         ctx.set(dut.max_read_request, encoding_of(host.mrrs))
         ctx.set(dut.enable, 1)
+        while size_pattern:
+            for mps, mrrs, cycles in size_pattern:
+                ctx.set(dut.max_payload, encoding_of(mps))
+                ctx.set(dut.max_read_request, encoding_of(mrrs))
+                for _ in range(cycles):
+                    await ctx.tick()
         if enable_pattern:
             for level, cycles in enable_pattern:
                 ctx.set(dut.enable, level)
@@ -608,6 +616,47 @@ def test_many_reads_in_flight_at_host_latency():
     held = max(itertools.accumulate(change for _, change in events))
     print(f"read commands held unanswered: {held}")
     assert TAGS < held <= READ_COMMANDS_HELD
+
+
+def test_pieces_at_every_boundary_offset():
+    """Reads and writes whose first or last piece crosses (or just meets) a Max_Payload,
+    Max_Read_Request or 4 KiB boundary, by every length up to a little more than the
+    largest write planned from the command itself, from both sides of each boundary;
+    the 4 KiB completion buffer runs full."""
+    seed = 91
+    rng = random.Random(seed)
+    places = []
+    for length in [*range(1, 20), *range(56, 72), *range(120, 136), 255, 256, 257, 700]:
+        for boundary in (128, 256, PAGE):
+            before = rng.choice([1, 2, 3, 4, 7, 8, 63, 64, 65, 127, length, length - 1,
+                                 length + 1])
+            places.append((PAGE * rng.randrange(1, 14) - before % boundary, length))
+    rng.shuffle(places)
+    reads = [(BASE + offset, length) for offset, length in places]
+    writes = [(WRITE_BASE + offset, length, rng.randbytes(length))
+              for offset, length in places]
+    host, results, dones, _ = run_engine(dict(mps=128, mrrs=256, rcb=64, cpl_idle=0.2),
+                                         reads=reads, writes=writes, seed=seed,
+                                         read_buffer_bytes=4096, client_idle=0.05)
+    for (address, length), beats in zip(reads, results):
+        check_read(host, address, length, beats)
+    check_writes(host, writes, dones)
+
+
+def test_sizes_changed_mid_command():
+    """Max_Payload_Size and Max_Read_Request_Size switch between their smallest and larger
+    values every few clocks while long reads and writes are split: every request keeps to
+    4 KiB and to the largest setting, the byte enables are right and so is the data."""
+    seed = 93
+    rng = random.Random(seed)
+    reads, writes = random_reads(rng, 24), random_writes(rng, 16)
+    pattern = [(128, 128, 3), (512, 1024, 5), (256, 128, 2), (128, 1024, 7)]
+    host, results, dones, _ = run_engine(dict(mps=512, mrrs=1024, rcb=64),
+                                         reads=reads, writes=writes, seed=seed,
+                                         size_pattern=pattern)
+    for (address, length), beats in zip(reads, results):
+        check_read(host, address, length, beats)
+    check_writes(host, writes, dones)
 
 
 @pytest.mark.parametrize("fault", ["ur", "ca", "poison", "misplaced", "corrupt"])

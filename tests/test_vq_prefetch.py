@@ -77,6 +77,7 @@ def run(heads, size, *, latency=125, failing=(), head_idle=0.0, backpressure=0.0
 
     async def produce(ctx):
         source = random.Random(rng.random())
+        await ctx.tick()                    # the queue is configured before it runs
         for head, parked in heads:
             await stream_put(ctx, dut.heads, {"head": head, "parked": parked}, source, head_idle)
 

@@ -102,11 +102,63 @@ def _size_bytes(encoding):
     return Mux(encoding >= 5, 4096, Const(128, 13) << encoding)
 
 
-def _split(address, remaining, boundary):
-    """Bytes of the next TLP: at most ``remaining``, ending at the next multiple of
-    ``boundary`` (a power of two up to 4096, so no TLP crosses a 4 KiB boundary)."""
-    to_boundary = boundary - (address[:12] & (boundary - 1))
-    return Mux(remaining < to_boundary, remaining, to_boundary)
+#: Lines of the completion buffer one request fills at most (it never crosses 4 KiB).
+MAX_REQUEST_LINES = 4096 // LINE_BYTES
+
+#: Whether a write command shorter than this is one TLP is a short test (the smallest
+#: Max_Payload boundary is 128): it is, unless it starts in the last this many bytes
+#: before a boundary and its end passes it. So its TLP is planned from the command in
+#: the clock it is taken.
+SHORT_WRITE_BYTES = 128
+SHORT_SHIFT = SHORT_WRITE_BYTES.bit_length() - 1
+
+
+class _Plan(data.Struct):
+    """The next request (read) or TLP (write) of a command, decided a clock before it is
+    used, so that the split itself only compares and adds registered figures (timing)."""
+    bytes: 13
+    last: 1                     # the command's last request
+    dwords: 11
+    first_be: 4
+    last_be: 4
+    lines: MAX_REQUEST_LINES.bit_length()        # completion-buffer lines it fills
+    blocks: MAX_REQUEST_BLOCKS.bit_length()      # RCB blocks it touches
+
+
+def _ends_command(address, remaining_m1, mask):
+    """Whether the ``remaining_m1 + 1`` bytes left at ``address`` end before the next
+    multiple of ``mask + 1`` (a power of two up to 4096): one comparison against the bytes
+    after the first up to the boundary."""
+    return remaining_m1 <= (~address[:12] & mask)
+
+
+def _plan(plan, address, remaining, mask, last):
+    """Statements that set ``plan`` (a :class:`_Plan`) to the next request for the
+    ``remaining`` bytes at ``address``: at most up to the next multiple of ``mask + 1``,
+    so that none crosses a 4 KiB boundary. Both candidates are computed side by side,
+    each one carry chain deep, and ``last`` (whether everything left fits) picks one."""
+    a = address[:12]
+    # everything left: at most 4096 bytes when it is the last request
+    whole = remaining[:13]
+    end = (a[:2] + remaining[:2] - 1)[:2]          # last byte's lane
+    whole_single = (remaining[3:] == 0) & ((a[:2] + remaining[:3]) <= 4)
+    # up to the boundary: bytes after the first (the boundary is MPS/MRRS-aligned, so
+    # the request ends at the end of a dword, a line and a block)
+    after = ~a & mask
+    first_be = (Const(0xF, 4) << a[:2])[:4]
+    last_be = Mux(last, Const(0xF, 4) >> ~end, 0xF)
+    single = Mux(last, whole_single, after[2:] == 0)
+    return [
+        plan.last.eq(last),
+        plan.bytes.eq(Mux(last, whole, after + 1)),
+        plan.dwords.eq(Mux(last, (a[:2] + 3 + whole) >> 2, (after >> 2) + 1)),
+        plan.lines.eq(Mux(last, (a[:LINE_SHIFT] + LINE_BYTES - 1 + whole) >> LINE_SHIFT,
+                          (after >> LINE_SHIFT) + 1)),
+        plan.blocks.eq(Mux(last, (a[:RCB_SHIFT] + RCB_BYTES - 1 + whole) >> RCB_SHIFT,
+                           (after >> RCB_SHIFT) + 1)),
+        plan.first_be.eq(Mux(single, first_be & last_be, first_be)),
+        plan.last_be.eq(Mux(single, 0, last_be)),
+    ]
 
 
 def _advance(address, size):
@@ -117,25 +169,16 @@ def _advance(address, size):
     return Cat(low[:12], Mux(low[12], address[12:] + 1, address[12:])[:len(address) - 12])
 
 
-def _request_fields(address, length):
-    """Dword count and first/last byte enables of a request for ``length`` (1..4096)
-    bytes at ``address``."""
-    last = (address[:2] + length - 1)[:13]          # last byte, from the first dword
-    dwords = (last >> 2) + 1
-    first_be = (Const(0xF, 4) << address[:2])[:4]
-    last_be = Const(0xF, 4) >> ~last[:2]
-    single = dwords == 1
-    return dwords[:11], Mux(single, first_be & last_be, first_be), Mux(single, 0, last_be)
-
-
 #: The completion timeout's default, in user_clk cycles (524 us at 250 MHz: PCIe's range
 #: A, 50 us to 10 ms).
 COMPLETION_TIMEOUT_CYCLES = 2 ** 17
 
 class _TagEntry(data.Struct):
     """What the engine keeps of the read request (or failed-command marker) on one tag."""
-    line: LINE_INDEX_BITS       # first completion-buffer line of its slice
+    end: LINE_INDEX_BITS + LINE_SHIFT   # buffer byte just past its slice's last byte
+    stop: 7                     # address bits 6..0 just past its last byte
     blocks: MAX_REQUEST_BLOCKS.bit_length()     # completion headers it reserved
+    lines: MAX_REQUEST_LINES.bit_length()       # completion-buffer lines of its slice
     start: 7                    # address bits 6..0 of its first byte
     bytes: 13                   # its length (0: a marker that ends a command with an error)
     first: 1                    # first entry of a read command
@@ -232,7 +275,6 @@ class DmaEngine(wiring.Component):
             issuing_split=Signal(name="issuing_split"),
         )
         rd.slot = rd.issue_ptr[:TAG_BITS]
-        rd.occupancy = (rd.issue_ptr - rd.read_ptr)[:TAG_BITS + 1]
 
         read_header = Signal(RequesterRequest)
         read_header_valid = Signal()
@@ -256,40 +298,63 @@ class DmaEngine(wiring.Component):
         cmd = self.client.read_cmd
         address = Signal(64)
         bytes_left = Signal(20)
+        bytes_left_m1 = Signal(20)      # bytes_left - 1, for the plan's one comparison
         length = Signal(20)
         first = Signal()
+        ending = Signal()               # the request presented is its command's last
 
         # Registered: a Device Control setting, not worth a path from the hard IP's status
         # through the split arithmetic (timing); it takes effect a clock later.
-        max_read_bytes = Signal(13, init=128)     # encoding 0 until the first clock
-        m.d.sync += max_read_bytes.eq(_size_bytes(self.max_read_request))
-        size = _split(address, bytes_left, max_read_bytes)
-        slice_lines = (address[:LINE_SHIFT] + size + LINE_BYTES - 1) >> LINE_SHIFT
-        free_lines = self._lines - (rd.alloc_ptr - rd.line_ptr)[:len(rd.alloc_ptr)]
-        # the headers like the lines: beside slice_lines from the same size (no deeper),
-        # against counters held in registers
-        blocks = (address[:RCB_SHIFT] + size + RCB_BYTES - 1) >> RCB_SHIFT
-        free_headers = CPL_HEADER_BUDGET - \
-            (rd.headers_reserved - rd.headers_released)[:len(rd.headers_reserved)]
-        slot_free = (rd.occupancy != TAGS) & ~rd.pending.bit_select(rd.slot, 1)
-        room = slot_free & (slice_lines <= free_lines) & (blocks <= free_headers)
-        dwords, first_be, last_be = _request_fields(address, size)
+        max_read_mask = Signal(12, init=127)    # encoding 0 until the first clock
+        m.d.sync += max_read_mask.eq(_size_bytes(self.max_read_request) - 1)
+
+        # Free lines and headers, from the counters of the clock before: a request is
+        # decided at most every other clock (Split, then Request), so its own reservation
+        # is in them by the next split; a release is seen a clock late. Both counts are
+        # ``budget - (reserved - released)``, the budget a power of two: the difference
+        # the other way round with its top bit flipped.
+        free_lines = Signal(len(rd.alloc_ptr))
+        free_headers = Signal(len(rd.headers_reserved))
+        m.d.sync += [
+            free_lines.eq((rd.line_ptr - rd.alloc_ptr)[:len(free_lines)] ^ self._lines),
+            free_headers.eq((rd.headers_released - rd.headers_reserved)[:len(free_headers)] ^
+                            CPL_HEADER_BUDGET),
+        ]
+        ring_full = (rd.issue_ptr[:TAG_BITS] == rd.read_ptr[:TAG_BITS]) & \
+            (rd.issue_ptr[TAG_BITS] != rd.read_ptr[TAG_BITS])
+        slot_free = ~ring_full & ~rd.pending.bit_select(rd.slot, 1)
+
+        # The next command waits in a register, so that the issuer goes from a command's
+        # last request straight to the next one's split: two clocks a request.
+        waiting = Signal.like(cmd.payload)
+        waiting_m1 = Signal(20)
+        waiting_valid = Signal()
+        m.d.comb += cmd.ready.eq(~waiting_valid)
+        with m.If(cmd.valid & cmd.ready):
+            m.d.sync += [
+                waiting.eq(cmd.payload),
+                waiting_m1.eq(cmd.payload.length - 1),
+                waiting_valid.eq(1),
+            ]
+
+        # The plan of the request to split next, every clock: from the waiting command
+        # when the current one has no more (so a command's first request is planned in the
+        # clock it starts), else from what is left of the current one.
+        plan = Signal(_Plan)
+        from_waiting = Signal()
+        plan_address = Mux(from_waiting, waiting.address, address)
+        plan_bytes = Mux(from_waiting, waiting.length, bytes_left)
+        plan_m1 = Mux(from_waiting, waiting_m1, bytes_left_m1)
+        m.d.sync += _plan(plan, plan_address, plan_bytes, max_read_mask,
+                          _ends_command(plan_address, plan_m1, max_read_mask))
+        room = slot_free & (plan.lines <= free_lines) & (plan.blocks <= free_headers)
 
         entry = rd.tag_write
         m.d.comb += [
             entry.addr.eq(rd.slot),
             entry.data.first.eq(first),
             entry.data.length.eq(length),
-            entry.data.line.eq(rd.alloc_ptr[:-1]),
         ]
-
-        # The next command waits in a register, so that the issuer goes from a command's
-        # last request straight to the next one's split: two clocks a request.
-        waiting = Signal.like(cmd.payload)
-        waiting_valid = Signal()
-        m.d.comb += cmd.ready.eq(~waiting_valid)
-        with m.If(cmd.valid & cmd.ready):
-            m.d.sync += [waiting.eq(cmd.payload), waiting_valid.eq(1)]
 
         def start_waiting():
             """Starts the waiting command, if there is one."""
@@ -297,6 +362,7 @@ class DmaEngine(wiring.Component):
                 m.d.sync += [
                     address.eq(waiting.address),
                     bytes_left.eq(waiting.length),
+                    bytes_left_m1.eq(waiting_m1),
                     length.eq(waiting.length),
                     first.eq(1),
                     waiting_valid.eq(0),
@@ -304,7 +370,10 @@ class DmaEngine(wiring.Component):
                 m.next = "Split"
 
         with m.FSM() as fsm:
-            m.d.comb += rd.issuing_split.eq(fsm.ongoing("Split"))
+            m.d.comb += [
+                rd.issuing_split.eq(fsm.ongoing("Split")),
+                from_waiting.eq(fsm.ongoing("Idle") | (fsm.ongoing("Request") & ending)),
+            ]
             with m.State("Idle"):
                 start_waiting()
 
@@ -324,22 +393,28 @@ class DmaEngine(wiring.Component):
                     m.d.comb += [
                         entry.en.eq(1),
                         entry.data.start.eq(address[:7]),
-                        entry.data.bytes.eq(size),
-                        entry.data.blocks.eq(blocks),
-                        entry.data.last.eq(size == bytes_left),
+                        entry.data.bytes.eq(plan.bytes),
+                        entry.data.end.eq(Cat(address[:LINE_SHIFT], rd.alloc_ptr[:-1]) +
+                                          plan.bytes),
+                        entry.data.stop.eq(address[:7] + plan.bytes),
+                        entry.data.lines.eq(plan.lines),
+                        entry.data.blocks.eq(plan.blocks),
+                        entry.data.last.eq(plan.last),
                     ]
                     m.d.sync += [
                         header.kind.eq(RequesterKind.MEM_READ),
                         header.address.eq(Cat(Const(0, 2), address[2:])),
-                        header.dwords.eq(dwords),
-                        header.first_be.eq(first_be),
-                        header.last_be.eq(last_be),
+                        header.dwords.eq(plan.dwords),
+                        header.first_be.eq(plan.first_be),
+                        header.last_be.eq(plan.last_be),
                         header.tag.eq(rd.slot),
-                        rd.alloc_ptr.eq(rd.alloc_ptr + slice_lines),
-                        rd.headers_reserved.eq(rd.headers_reserved + blocks),
-                        address.eq(_advance(address, size)),
-                        bytes_left.eq(bytes_left - size),
+                        rd.alloc_ptr.eq(rd.alloc_ptr + plan.lines),
+                        rd.headers_reserved.eq(rd.headers_reserved + plan.blocks),
+                        address.eq(_advance(address, plan.bytes)),
+                        bytes_left.eq(bytes_left - plan.bytes),
+                        bytes_left_m1.eq(bytes_left_m1 - plan.bytes),
                         first.eq(0),
+                        ending.eq(plan.last),
                     ]
                     m.next = "Request"
 
@@ -348,7 +423,7 @@ class DmaEngine(wiring.Component):
                 with m.If(header_taken):
                     m.d.comb += rd.issued.eq(1)
                     m.d.sync += rd.issue_ptr.eq(rd.issue_ptr + 1)
-                    with m.If(bytes_left == 0):
+                    with m.If(ending):
                         m.next = "Idle"
                         start_waiting()
                     with m.Else():
@@ -366,18 +441,23 @@ class DmaEngine(wiring.Component):
         entry = lookup.data
         m.d.comb += lookup.addr.eq(tag)
 
-        # Where the completion's first byte lies in its request: PCIe's byte count is what
-        # is left of the request, this completion included (completions of one request
-        # arrive in address order); the lower address must agree.
-        offset = (entry.bytes - header.byte_count)[:13]
+        # Where the completion's first byte lies: PCIe's byte count is what is left of the
+        # request, this completion included (completions of one request arrive in address
+        # order), so it is that many bytes before the request's end; the lower address
+        # must agree. Each is one subtraction from what the tag's entry holds.
         known = (header.tag < TAGS) & rd.pending.bit_select(tag, 1) & \
             (header.error != CplError.UNEXPECTED)
         good = (header.status == CplStatus.SC) & (header.error == CplError.NONE) & \
             (header.byte_count <= entry.bytes) & \
-            ((entry.start + offset)[:7] == header.lower_address)
+            ((entry.stop - header.byte_count)[:7] == header.lower_address)
         position = Signal(len(rd.line_ptr) - 1 + BANK_SHIFT)  # dword of the next payload dword
-        header_position = ((entry.line << BANK_SHIFT) +
-                           ((entry.start[:LINE_SHIFT] + offset) >> 2))[:len(position)]
+        byte_bits = len(position) + 2
+
+        def header_dword(ahead):
+            """Buffer dword ``ahead`` dwords past the completion's first byte: the byte count
+            and the constant are subtracted first, beside the tag table's read."""
+            return ((entry.end - (header.byte_count - 4 * ahead)[:byte_bits])[:byte_bits]
+                    >> 2)[:len(position)]
 
         busy = Signal()                 # the payload of a taken header is flowing
         dwords_left = Signal(11)
@@ -395,7 +475,7 @@ class DmaEngine(wiring.Component):
             # beside a header without payload (RequesterSignature).
             cpl_data.ready.eq(busy | cpl.valid),
         ]
-        at = Mux(busy, position, header_position)
+        at = Mux(busy, position, header_dword(0))
         left = Mux(busy, dwords_left, header.dwords)
         write = Mux(busy, writing, known & good & ~rd.failed.bit_select(tag, 1))
         beat = cpl_data.valid & cpl_data.ready
@@ -403,15 +483,20 @@ class DmaEngine(wiring.Component):
         for b, bank in enumerate(banks):
             lane = (b + BANKS - at[:BANK_SHIFT])[:BANK_SHIFT]  # the beat's dword in this bank
             port = bank.write_port()
+            # the first dword at or after ``at`` in bank b: (at + lane) >> BANK_SHIFT, with
+            # the lane's constant part folded into the subtraction
+            ahead = BANKS - 1 - b
             m.d.comb += [
-                port.addr.eq((at + lane) >> BANK_SHIFT),
+                port.addr.eq(Mux(busy, (position + ahead) >> BANK_SHIFT,
+                                 header_dword(ahead) >> BANK_SHIFT)),
                 port.data.eq(cpl_data.payload.data.word_select(
                     lane[:(CPL_BEAT_DWORDS - 1).bit_length()], 32)),
                 port.en.eq(beat & write & (lane < CPL_BEAT_DWORDS) & (lane < left)),
             ]
 
         m.d.sync += [
-            position.eq(Mux(beat, at + CPL_BEAT_DWORDS, at)),
+            position.eq(Mux(beat, Mux(busy, position + CPL_BEAT_DWORDS,
+                                      header_dword(CPL_BEAT_DWORDS)), at)),
             dwords_left.eq(Mux(beat, left - CPL_BEAT_DWORDS, left)),
         ]
         with m.If(busy & beat_ends):
@@ -450,8 +535,8 @@ class DmaEngine(wiring.Component):
         slot = rd.read_ptr[:TAG_BITS]
         m.d.comb += lookup.addr.eq(slot)
         ports = [bank.read_port() for bank in banks]
-        slice_lines = (entry.start[:LINE_SHIFT] + entry.bytes + LINE_BYTES - 1) >> LINE_SHIFT
-        ring_empty = rd.occupancy == 0
+        slice_lines = entry.lines
+        ring_empty = rd.issue_ptr == rd.read_ptr
         slot_ready = ~ring_empty & (~rd.pending.bit_select(slot, 1) |
                                     rd.failed.bit_select(slot, 1))
 
@@ -622,11 +707,20 @@ class DmaEngine(wiring.Component):
                               self.client.write_done)
         req_data = self.requester.req_data
 
-        max_payload = Signal(13)        # latched per command: both steps must agree
+        # Registered like Max_Read_Request_Size, and latched per command from that register:
+        # the first TLP's plan is made in the clock the command is taken.
+        payload_mask = Signal(12, init=127)
+        m.d.sync += payload_mask.eq(_size_bytes(self.max_payload) - 1)
+        command_mask = Signal(12)
         shift = Signal(3)
-        # header step
+        # header step: the next TLP is planned a clock ahead; a command's first plan is
+        # made from the command itself when it is shorter than SHORT_WRITE_BYTES and
+        # fits before the boundary, otherwise a clock later from the registers
         address = Signal(64)
         bytes_left = Signal(20)
+        bytes_left_m1 = Signal(20)
+        plan = Signal(_Plan)
+        planned = Signal()
         claimed = Signal()              # the payload step has taken this header's TLP
         stopped = Signal()              # enable went low: no further TLPs
         # word step
@@ -649,13 +743,19 @@ class DmaEngine(wiring.Component):
         with m.FSM():
             with m.State("Idle"):
                 m.d.comb += cmd.ready.eq(1)
+                a, n = cmd.payload.address, cmd.payload.length
+                near_boundary = (a[SHORT_SHIFT:12] | ~payload_mask[SHORT_SHIFT:]) == \
+                    (1 << (12 - SHORT_SHIFT)) - 1
+                short = (n < SHORT_WRITE_BYTES) & \
+                    (~near_boundary | (a[:SHORT_SHIFT] + n[:SHORT_SHIFT] <= SHORT_WRITE_BYTES))
+                m.d.sync += [_plan(plan, a, n, payload_mask, 1), planned.eq(short)]
                 with m.If(cmd.valid):
-                    a, n = cmd.payload.address, cmd.payload.length
                     m.d.sync += [
-                        max_payload.eq(_size_bytes(self.max_payload)),
+                        command_mask.eq(payload_mask),
                         shift.eq(a[:3]),
                         address.eq(a),
                         bytes_left.eq(n),
+                        bytes_left_m1.eq(n - 1),
                         stopped.eq(0),
                         beats_left.eq((n + 7) >> 3),
                         words_left.eq((a[:3] + n + 7) >> 3),
@@ -667,23 +767,28 @@ class DmaEngine(wiring.Component):
                 # Header step.
                 with m.If(header_taken):
                     m.d.sync += header_valid.eq(0)
+                m.d.sync += [
+                    _plan(plan, address, bytes_left, command_mask,
+                          _ends_command(address, bytes_left_m1, command_mask)),
+                    planned.eq(1),
+                ]
                 with m.If(~header_valid & (bytes_left != 0) & ~stopped):
-                    with m.If(self.enable):
-                        size = _split(address, bytes_left, max_payload)
-                        dwords, first_be, last_be = _request_fields(address, size)
+                    with m.If(~self.enable):
+                        m.d.sync += stopped.eq(1)
+                    with m.Elif(planned):
                         m.d.sync += [
                             header.kind.eq(RequesterKind.MEM_WRITE),
                             header.address.eq(Cat(Const(0, 2), address[2:])),
-                            header.dwords.eq(dwords),
-                            header.first_be.eq(first_be),
-                            header.last_be.eq(last_be),
+                            header.dwords.eq(plan.dwords),
+                            header.first_be.eq(plan.first_be),
+                            header.last_be.eq(plan.last_be),
                             header_valid.eq(1),
                             claimed.eq(0),
-                            address.eq(_advance(address, size)),
-                            bytes_left.eq(bytes_left - size),
+                            address.eq(_advance(address, plan.bytes)),
+                            bytes_left.eq(bytes_left - plan.bytes),
+                            bytes_left_m1.eq(bytes_left_m1 - plan.bytes),
+                            planned.eq(0),  # planned again from the advanced address
                         ]
-                    with m.Else():
-                        m.d.sync += stopped.eq(1)
 
                 # Word step.
                 with m.If(word_taken):

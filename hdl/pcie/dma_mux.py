@@ -73,11 +73,14 @@ class DmaMux(wiring.Component):
         # Read data to the client of the oldest read, until its last beat; write data from
         # the client of the oldest write, until its last beat; one write_done per write.
         dma = self.dma
-        self._steer(m, read_route, [(dma.read_data, c.read_data) for c in self.clients],
+        self._steer(m, "read", read_route,
+                    [(dma.read_data, c.read_data) for c in self.clients],
                     dma.read_data.payload.last)
-        self._steer(m, data_route, [(c.write_data, dma.write_data) for c in self.clients],
-                    dma.write_data.payload.last)
-        self._steer(m, done_route, [(dma.write_done, c.write_done) for c in self.clients], 1)
+        self._steer(m, "data", data_route,
+                    [(c.write_data, dma.write_data) for c in self.clients],
+                    dma.write_data.payload.last, pop_late=True)
+        self._steer(m, "done", done_route,
+                    [(dma.write_done, c.write_done) for c in self.clients], 1)
         return m
 
     def _arbitrate(self, m, name, inputs, output, room):
@@ -112,10 +115,22 @@ class DmaMux(wiring.Component):
             m.d.sync += [locked.eq(0), last.eq(granted)]
         return granted
 
-    def _steer(self, m, route, pairs, ends):
+    def _steer(self, m, name, route, pairs, ends, *, pop_late=False):
         """Connect the (source, sink) pair the route FIFO names; pop the FIFO when a
-        transfer with ``ends`` set goes through."""
-        with m.If(route.r_rdy):
+        transfer with ``ends`` set goes through, or with ``pop_late`` in the clock after
+        it (nothing is connected in that clock), so that the pop is a register and not the
+        sink's ``ready`` through the route (timing). The write data of a command may wait
+        that clock: the engine takes its next write command only after this one's done."""
+        ending = Signal(name=f"{name}_ending")
+        connected = route.r_rdy
+        if pop_late:
+            ended = Signal(name=f"{name}_ended")
+            m.d.sync += ended.eq(ending)
+            m.d.comb += route.r_en.eq(ended)
+            connected &= ~ended
+        else:
+            m.d.comb += route.r_en.eq(ending)
+        with m.If(connected):
             with m.Switch(route.r_data):
                 for index, (source, sink) in enumerate(pairs):
                     with m.Case(index):
@@ -123,5 +138,5 @@ class DmaMux(wiring.Component):
                             sink.valid.eq(source.valid),
                             sink.payload.eq(source.payload),
                             source.ready.eq(sink.ready),
+                            ending.eq(source.valid & sink.ready & ends),
                         ]
-                        m.d.comb += route.r_en.eq(source.valid & sink.ready & ends)

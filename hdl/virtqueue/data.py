@@ -76,8 +76,11 @@ class DataFetcher(wiring.Component):
             buffer.r_en.eq(self.beats.ready),
         ]
 
+        max_bytes = max_read * DMA_READ_BEAT_BYTES
+        # Free buffer beats, and beats that may still be requested before ``max_in_flight``
+        # are on their way: a read is issued only when its beats fit both.
         credits = Signal(range(self._buffer_depth + 1), init=self._buffer_depth)
-        in_flight = Signal(range(self._max_in_flight + 1))
+        flight_room = Signal(range(self._max_in_flight + 1), init=self._max_in_flight)
         address = Signal(64)
         remaining = Signal(32)
         last_segment = Signal()
@@ -85,14 +88,16 @@ class DataFetcher(wiring.Component):
         failed = Signal()                           # a read failed: buffer nothing more
 
         beat_bits = (DMA_READ_BEAT_BYTES - 1).bit_length()
-        # Beats of the rest of the segment, and whether they fit one read: kept in registers
-        # beside ``remaining`` (a read that is not the segment's last takes max_read whole
-        # beats), so that issuing does not wait for the rounding and its comparison (timing).
+        # The next read is planned in registers when the segment is taken and at each
+        # issue: its beats and bytes, and whether it is the segment's last (``whole``).
+        # A read that is not the last takes max_read whole beats, so the plan needs only
+        # constant subtractions and comparisons of ``remaining``, and issuing compares
+        # registered figures only (timing).
         remaining_beats = Signal(range((2 ** 32 + DMA_READ_BEAT_BYTES - 1) >> beat_bits))
-        whole = Signal()                            # the rest of the segment fits one read
-        piece_beats = Mux(whole, remaining_beats, max_read)
-        piece_bytes = Mux(whole, remaining, max_read * DMA_READ_BEAT_BYTES)
-        can_issue = (credits >= piece_beats) & (in_flight + piece_beats <= self._max_in_flight)
+        whole = Signal()
+        piece_beats = Signal(range(max_read + 1))
+        piece_bytes = Signal(range(max_bytes + 1))
+        can_issue = (credits >= piece_beats) & (flight_room >= piece_beats)
         issue = self.read.valid & self.read.ready
         arrive = self.response.valid & self.response.ready
         take = self.beats.valid & self.beats.ready
@@ -112,38 +117,47 @@ class DataFetcher(wiring.Component):
         ]
         with m.If(arrive & self.response.payload.error):
             m.d.sync += failed.eq(1)
+        # Both outcomes are computed beside each other and ``issue`` picks one, so the
+        # decision is not followed by a carry chain (timing).
         m.d.sync += [
-            credits.eq(credits - Mux(issue, piece_beats, 0) + take),
-            in_flight.eq(in_flight + Mux(issue, piece_beats, 0) - arrive),
+            credits.eq(Mux(issue, credits - piece_beats + take, credits + take)),
+            flight_room.eq(Mux(issue, flight_room - piece_beats + arrive,
+                               flight_room + arrive)),
         ]
+
+        def plan(rest_bytes, rest_beats):
+            """Registers the read that starts ``rest_bytes`` (``rest_beats``) before the
+            segment's end."""
+            fits = rest_bytes <= max_bytes
+            return [
+                remaining.eq(rest_bytes),
+                remaining_beats.eq(rest_beats),
+                whole.eq(fits),
+                piece_beats.eq(Mux(fits, rest_beats, max_read)),
+                piece_bytes.eq(Mux(fits, rest_bytes, max_bytes)),
+            ]
 
         with m.FSM():
             with m.State("Idle"):
                 m.d.comb += self.segments.ready.eq(1)
                 with m.If(self.segments.valid):
                     length = self.segments.payload.length
-                    segment_beats = (length + DMA_READ_BEAT_BYTES - 1) >> beat_bits
                     m.d.sync += [
                         address.eq(self.segments.payload.address),
-                        remaining.eq(length),
-                        remaining_beats.eq(segment_beats),
-                        whole.eq(segment_beats <= max_read),
                         last_segment.eq(self.segments.payload.last),
+                        *plan(length, (length + DMA_READ_BEAT_BYTES - 1) >> beat_bits),
                     ]
                     m.next = "Issue"
 
             with m.State("Issue"):
-                # Credits only grow and in-flight beats only shrink while waiting, so
+                # Credits only grow and the room in flight only grows while waiting, so
                 # ``valid`` stays up once raised.
                 m.d.comb += self.read.valid.eq(can_issue)
                 with m.If(issue):
-                    m.d.sync += [
-                        address.eq(address + piece_bytes),
-                        remaining.eq(remaining - piece_bytes),
-                        remaining_beats.eq(remaining_beats - piece_beats),
-                        whole.eq(remaining_beats <= 2 * max_read),
-                    ]
+                    m.d.sync += address.eq(address + piece_bytes)
                     with m.If(whole):
                         m.next = "Idle"
+                    with m.Else():
+                        m.d.sync += plan(remaining - max_bytes, remaining_beats - max_read)
 
         return m

@@ -119,6 +119,9 @@ class AvailFetcher(wiring.Component):
         skip = Signal(range(CACHE_LINE_BYTES // DMA_READ_BEAT_BYTES))   # ... after these
 
         last_avail = self.last_avail
+        # No entry is left before avail->idx: set in the states before Unpack, kept there
+        # as entries are taken, so a take does not wait for the comparison (timing).
+        caught_up = Signal()
         pending = Signal(16)
         position = Signal(16)
         in_ring = Signal(16)            # pending entries before the ring's end
@@ -201,6 +204,7 @@ class AvailFetcher(wiring.Component):
 
             with m.State("Check-Line"):
                 # The index before the entries it covers: a runaway one queues none.
+                m.d.sync += caught_up.eq(pending == 0)
                 with m.If(pending > config.size):
                     fail(c.RingFault.AVAIL_AHEAD)
                 with m.Else():
@@ -227,6 +231,7 @@ class AvailFetcher(wiring.Component):
                         config.driver + c.VRING_AVAIL_RING + _ENTRY_BYTES * position),
                     self.read.payload.command.length.eq(_ENTRY_BYTES * ring_batch),
                 ]
+                m.d.sync += caught_up.eq(pending == 0)
                 with m.If(self.read.ready):
                     m.next = "Unpack"
 
@@ -234,7 +239,7 @@ class AvailFetcher(wiring.Component):
                 # Entries of a beat: count / 2 (reads start at even addresses). Beats
                 # before the first entry and entries past avail->idx are dropped.
                 last_entry = entry == (beat.count >> 1) - 1
-                take = (skip == 0) & (last_avail != avail_idx)
+                take = (skip == 0) & ~caught_up
                 m.d.comb += [
                     queue.w_data.eq(beat.data.word_select(entry, 16)),
                     queue.w_en.eq(self.response.valid & ~beat.error & take),
@@ -244,7 +249,7 @@ class AvailFetcher(wiring.Component):
                     fail(c.RingFault.DMA_READ)
                 with m.Elif(self.response.valid):
                     with m.If(take):
-                        m.d.sync += last_avail.eq(last_avail + 1)
+                        m.d.sync += [last_avail.eq(last_avail + 1), caught_up.eq(pending == 1)]
                     with m.If(self.response.ready):
                         with m.If(skip != 0):
                             m.d.sync += skip.eq(skip - 1)

@@ -3,6 +3,7 @@
 from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from .... import constants as c
 from ...virtio.common_cfg import QueueConfig
@@ -169,6 +170,9 @@ class ChainWalker(wiring.Component):
         to_table_end = current_limit - index
         wanted = Mux(in_table, self._table_window, self._direct_window)
         window_read = Mux(to_table_end < wanted, to_table_end, wanted)
+        # The window read a descriptor outside the window needs, planned in "Fetch": the
+        # read (and the table prefetcher's address match on it) then starts from registers.
+        window_read_command = Signal.like(self.read.payload.command)
 
         def fail(kind):
             m.d.comb += [self.fault.eq(1), self.fault_kind.eq(kind)]
@@ -220,6 +224,8 @@ class ChainWalker(wiring.Component):
                     descriptor.eq(window[offset[:max(1, (window_size - 1).bit_length())]]),
                     limit.eq(current_limit),
                     at_limit.eq(walked == current_limit),
+                    window_read_command.address.eq(table + c.VRING_DESC_SIZE * index),
+                    window_read_command.length.eq(c.VRING_DESC_SIZE * window_read),
                 ]
                 with m.If(in_window):
                     m.next = "Descriptor"
@@ -229,8 +235,7 @@ class ChainWalker(wiring.Component):
             with m.State("Read-Window"):
                 m.d.comb += [
                     self.read.valid.eq(1),
-                    self.read.payload.command.address.eq(table + c.VRING_DESC_SIZE * index),
-                    self.read.payload.command.length.eq(c.VRING_DESC_SIZE * window_read),
+                    self.read.payload.command.eq(window_read_command),
                 ]
                 with m.If(self.read.ready):
                     m.d.sync += [
@@ -264,8 +269,12 @@ class ChainWalker(wiring.Component):
                 is_readable = is_buffer & ~(flags & c.VRING_DESC_F_WRITE).any()
                 is_writable = is_buffer & (flags & c.VRING_DESC_F_WRITE).any()
                 has_next = (flags & c.VRING_DESC_F_NEXT).any()
-                writable_piece = Mux(length < RESULT_BYTES - writable_covered,
-                                     length, RESULT_BYTES - writable_covered)
+                # min(length, what the result still needs), on the few low bits of the
+                # length beside a test of the rest (timing).
+                result_bits = exact_log2(RESULT_BYTES)
+                needed = RESULT_BYTES - writable_covered
+                short = (length[result_bits:] == 0) & (length[:result_bits] < needed)
+                writable_piece = Mux(short, length[:result_bits], needed)
                 # The held segment goes before this one takes its place; if the queue
                 # is full, the first walk goes on counting only.
                 start_counting = (~counting & ~header_sent & is_readable & held_valid &

@@ -1,6 +1,6 @@
 """Reads the head descriptors of available chains ahead of the walk (virtio 1.2 2.7.5)."""
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -107,7 +107,8 @@ class DescriptorPrefetcher(wiring.Component):
         held = Signal(range(self._depth + 1))
         taken = self.heads.valid & self.heads.ready
         handed = self.walks.valid & self.walks.ready
-        m.d.sync += held.eq(held + taken - handed)
+        # Both outcomes side by side, ``taken`` picks (timing).
+        m.d.sync += held.eq(Mux(taken, held + 1 - handed, held - handed))
         m.d.comb += self.idle.eq(held == 0)
 
         # --- Runs: heads that share a read ----------------------------------------------
@@ -121,15 +122,24 @@ class DescriptorPrefetcher(wiring.Component):
         run_top = Signal(range(MAX_SPAN))   # the last head's offset
         run_address = Signal(64)
         run_beats = Signal(range(MAX_SPAN + 1))
+        # The heads a run may take, kept as bounds set when it opens, so that whether a
+        # head joins is comparisons of registers side by side (timing): going up, below
+        # ``up_end`` (offset < MAX_SPAN - 1); going down, above ``down_end`` (offset below
+        # the first head < MAX_SPAN - 1, or MAX_SPAN when its descriptor ends the table).
+        up_end = Signal(17)
+        down_end = Signal(signed(18))
+        # size - 1: a head there ends the table (registered: the size is set before the
+        # queue is enabled, virtio 1.2 4.1.4.3.2).
+        last_entry = Signal(16)
+        m.d.sync += last_entry.eq(size - 1)
         head = self.heads.payload.head
         above = (head - run_first)[:16]
         below = (run_first - head)[:16]
-        capped = head + 1 == size                       # its descriptor ends the table
+        capped = head == last_entry                     # its descriptor ends the table
         joins_up = (run_open & ~run_down & ~run_first_capped & (head > run_last) &
-                    (above < MAX_SPAN - 1) & ~capped)
+                    (head < up_end) & ~capped)
         # Going down, the span ends at the first head's window: one more beat unless capped.
-        joins_down = (run_open & ~run_up & (head < run_last) &
-                      (below < Mux(run_first_capped, MAX_SPAN, MAX_SPAN - 1)))
+        joins_down = run_open & ~run_up & (head < run_last) & (head > down_end)
         joins = joins_up | joins_down
         issue = self.read.valid & self.read.ready
         read_entry = Signal(_Read)
@@ -174,6 +184,8 @@ class DescriptorPrefetcher(wiring.Component):
                 run_first.eq(head),
                 run_last.eq(head),
                 run_first_capped.eq(capped),
+                up_end.eq(head + MAX_SPAN - 1),
+                down_end.eq(head - Mux(capped, MAX_SPAN, MAX_SPAN - 1)),
                 run_heads.eq(1),
                 run_top.eq(0),
                 run_address.eq(self.config.desc + c.VRING_DESC_SIZE * head),
