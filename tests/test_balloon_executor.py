@@ -307,6 +307,77 @@ def test_get_of_pages_just_given(idle):
     assert h.counted()["granted"] == len(pages) + 6
 
 
+@pytest.mark.parametrize("position", ["code", "payload"])
+def test_a_data_fault_in_the_next_command_stops_after_the_one_finishing(position):
+    """C7: the next command's code word is taken while one finishes; when its data fails
+    there (or in its payload), the finishing command still completes, and nothing after
+    it does: the executor waits for the core's abort."""
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        h.engine.submit(command(GIVE, [h.address(3)]), 0)
+        h.engine.submit(command(GIVE, [h.address(4), h.address(5)]), 0,
+                        error_at=0 if position == "code" else 1)
+        h.engine.submit(command(GIVE, [h.address(6)]), 0)
+        await h.engine.wait_results(ctx, 1)
+        await ctx.tick().repeat(200)
+        assert len(h.engine.results) == 1
+        assert not ctx.get(h.executor.idle)
+        assert await h.pages(ctx) == {3}
+
+    h = Harness(21, idle=0, backpressure=0)
+    h.run(testbench)
+    assert h.counted() == {"cmd_give": 1, "pages_entered": 1}
+
+
+def test_commands_of_every_kind_back_to_back():
+    """Each command's header and code word are taken while the one before finishes: every
+    kind after every kind (malformed and empty ones too), each with its own counts; prints
+    the clocks per 1-page command, beats at once and results taken at once."""
+    kinds = {
+        "GIVE": lambda h, p: (command(GIVE, [h.address(p)]), 0),
+        "GET": lambda h, p: (command(GET, [h.address(p - 1)]), 8),
+        "EXCHANGE": lambda h, p: (command(EXCHANGE, [h.address(p - 2), h.address(p)]), 0),
+        "malformed": lambda h, p: (command(GIVE, [h.address(p)]), 8),
+        "empty": lambda h, p: (b"", 0),
+    }
+    order = [(a, b) for a in kinds for b in kinds]
+    figures = {}
+
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        await h.run_commands(ctx, *[(command(GIVE, [h.address(p) for p in range(64)]), 0)])
+        page = 100
+        commands = []
+        for a, b in order:
+            for name in (a, b):
+                commands.append(kinds[name](h, page))
+                page += 3
+        results = await h.run_commands(ctx, *commands)
+        # A GET asks for page p - 1, which nothing gave: none is granted.
+        assert results == [(8, 0, 8) if name == "GET" else (0, 0, 0)
+                           for pair in order for name in pair]
+        for name, code, writable, granted in (("GIVE", GIVE, 0, 0), ("GET", GET, 8, 1)):
+            start = ctx.get(cycle)
+            results = await h.run_commands(ctx, *[(command(code, [h.address(page)]), writable)
+                                                  for page in range(500, 564)])
+            figures[name] = (ctx.get(cycle) - start - 4) / 64
+            assert results == [(writable, granted, writable)] * 64
+
+    h = Harness(22, idle=0, backpressure=0)
+    cycle = Signal(32)
+    h.module.d.sync += cycle.eq(cycle + 1)
+    h.run(testbench)
+    print("clocks per 1-page command:", figures)
+    counts = Counter(name for pair in order for name in pair)
+    assert h.events["cmd_give"] == 1 + counts["GIVE"] + 64
+    assert h.events["cmd_get"] == counts["GET"] + 64
+    assert h.events["cmd_exchange"] == counts["EXCHANGE"]
+    assert h.events["cmd_malformed"] == counts["malformed"] + counts["empty"]
+    assert h.events["pages_entered"] == 64 + counts["GIVE"] + counts["EXCHANGE"] + 64
+    assert h.events["granted"] == 64
+    assert h.events["violation_not_in_balloon"] == counts["EXCHANGE"]
+
+
 @pytest.mark.parametrize("extra_mem", [0, 1])
 def test_extra_memory_is_granted_only_with_extra_mem(extra_mem):
     """C8: pages of the extra range start host-owned; GET grants them only with EXTRA_MEM."""

@@ -52,6 +52,20 @@ def _count(bits):
     return total
 
 
+def _checked_code(code, readable, writable):
+    """Whether a command of this code word and byte counts is well formed (C5), and its
+    payload word count."""
+    count = (readable >> 3) - 1
+    code_get = code == c.GuestCmd.GET_PAGES.value
+    code_give = code == c.GuestCmd.GIVE_PAGES.value
+    code_exchange = code == c.GuestCmd.EXCHANGE_PAGES.value
+    well_formed = ((code_get | code_give | code_exchange) &
+                   (readable[:3] == 0) & (count != 0) &
+                   ~(code_exchange & count[0]) &
+                   Mux(code_get, writable == 8, writable == 0))
+    return well_formed, count[:32]
+
+
 class CommandExecutor(wiring.Component):
     """Executes each todevq command (C5) on the bitmap (C8), two pages a clock.
 
@@ -92,9 +106,10 @@ class CommandExecutor(wiring.Component):
     parameter: ``DeviceParams.get_grant_limit``): a longer GET is a prefix grant.
 
     Every command completes once its last operation has its response, counted a clock
-    after it comes (timing) (GET writes K,
-    le64), and hands its :class:`CommandEffects` to the balloon core with its result:
-    the counters, ``balloon_pages`` and the budget change only when the command commits
+    after it comes (timing) (GET writes K, le64); meanwhile the next command's header and
+    code word are taken and checked ahead, so that its payload follows the result at once
+    (a GET's a clock later: the budget, C10). Each command hands its
+    :class:`CommandEffects` to the balloon core with its result: the counters, ``balloon_pages`` and the budget change only when the command commits
     (C7), and the bitmap's committed copy knows where the command's writes end
     (``effects`` handshake = ``CommittedBitmap.boundary``). A word beat with ``error``
     (its data could not be read, C7) stops the executor without a result until it is
@@ -372,34 +387,89 @@ class CommandExecutor(wiring.Component):
             m.d.comb += getattr(effects, name).eq(getattr(totals, name))
 
         # --- One command after the other ------------------------------------------------------
-        code = beat.data[0]
-        count = (readable >> 3) - 1
-        code_get = code == c.GuestCmd.GET_PAGES.value
-        code_give = code == c.GuestCmd.GIVE_PAGES.value
-        code_exchange = code == c.GuestCmd.EXCHANGE_PAGES.value
-        well_formed = ((code_get | code_give | code_exchange) &
-                       (readable[:3] == 0) & (count != 0) &
-                       ~(code_exchange & count[0]) &
-                       Mux(code_get, writable == 8, writable == 0))
+        # While a command finishes, the next one's header and code word are taken ahead
+        # (unless the core holds commands back), so that its payload follows the result.
+        ahead_header = Signal()             # the next header was taken
+        ahead_readable = Signal(32)
+        ahead_writable = Signal(32)
+        ahead_code = Signal()               # and its code word
+        ahead_well_formed = Signal()
+        ahead_kind = Signal(2)
+        ahead_count = Signal(32)
+        ahead_error = Signal()
+        ahead_last = Signal()
 
         effects_pushed = Signal()           # the effects went to the core a clock ago
         m.d.sync += effects_pushed.eq(self.effects.valid & self.effects.ready)
+
+        def begin_header(readable_bytes, writable_bytes):
+            m.d.sync += [
+                readable.eq(readable_bytes),
+                writable.eq(writable_bytes),
+                malformed.eq(1),
+                granted.eq(0),
+                totals.eq(0),
+            ]
 
         def take_header():
             """Takes the next command's header unless the core holds commands back."""
             m.d.comb += header.ready.eq(~self.hold)
             with m.If(header.valid & ~self.hold):
-                m.d.sync += [
-                    readable.eq(header.payload.readable),
-                    writable.eq(header.payload.writable),
-                    malformed.eq(1),
-                    granted.eq(0),
-                    totals.eq(0),
-                ]
+                begin_header(header.payload.readable, header.payload.writable)
                 with m.If(header.payload.readable == 0):
                     m.next = "Finish"
                 with m.Else():
                     m.next = "Code"
+
+        def begin_code(code_well_formed, code_kind, code_count, code_error, code_last,
+                       payload_state):
+            """Starts the command whose code word was checked (``payload_state`` once it
+            is well formed)."""
+            m.d.sync += [
+                malformed.eq(~code_well_formed),
+                kind.eq(code_kind),
+                addresses.eq(code_count),
+                started.eq(0),
+                wanted_left.eq(code_count[1:]),
+                refused.eq(0),
+            ]
+            with m.If(code_error):
+                m.next = "Faulted"
+            with m.Elif(code_well_formed):
+                m.next = payload_state
+            with m.Elif(code_last):
+                m.next = "Finish"
+            with m.Else():
+                m.next = "Drain"
+
+        def take_budget():
+            """The grants this GET may make: the return budget now, at most the limit."""
+            m.d.sync += grants_left.eq(Mux(self.return_budget < self._grant_limit,
+                                           self.return_budget, self._grant_limit))
+
+        def look_ahead():
+            """Takes the next command's header, then its code word, into ``ahead_*``."""
+            with m.If(~ahead_header):
+                m.d.comb += header.ready.eq(~self.hold)
+                with m.If(header.valid & ~self.hold):
+                    m.d.sync += [
+                        ahead_header.eq(1),
+                        ahead_readable.eq(header.payload.readable),
+                        ahead_writable.eq(header.payload.writable),
+                    ]
+            with m.Elif(~ahead_code & (ahead_readable != 0)):
+                m.d.comb += words.ready.eq(1)
+                code_well_formed, code_count = _checked_code(beat.data[0], ahead_readable,
+                                                             ahead_writable)
+                with m.If(words.valid):
+                    m.d.sync += [
+                        ahead_code.eq(1),
+                        ahead_well_formed.eq(code_well_formed),
+                        ahead_kind.eq(beat.data[0][:2]),
+                        ahead_count.eq(code_count),
+                        ahead_error.eq(error_beat),
+                        ahead_last.eq(beat.last),
+                    ]
 
         with m.FSM():
             with m.State("Header"):
@@ -410,27 +480,20 @@ class CommandExecutor(wiring.Component):
                 # The first beat holds the code word alone (interface.CommandWords). A GET
                 # right after a command's effects went to the core waits a clock: the
                 # core's return budget counts them two clocks after (C10).
-                budget_settling = code_get & effects_pushed
+                code = beat.data[0]
+                code_well_formed, code_count = _checked_code(code, readable, writable)
+                budget_settling = (code == c.GuestCmd.GET_PAGES.value) & effects_pushed
                 m.d.comb += words.ready.eq(~budget_settling)
                 with m.If(words.valid & ~budget_settling):
-                    m.d.sync += [
-                        malformed.eq(~well_formed),
-                        kind.eq(code[:2]),
-                        addresses.eq(count),
-                        started.eq(0),
-                        grants_left.eq(Mux(self.return_budget < self._grant_limit,
-                                           self.return_budget, self._grant_limit)),
-                        wanted_left.eq(count[1:]),
-                        refused.eq(0),
-                    ]
-                    with m.If(error_beat):
-                        m.next = "Faulted"
-                    with m.Elif(well_formed):
-                        m.next = "Payload"
-                    with m.Elif(beat.last):
-                        m.next = "Finish"
-                    with m.Else():
-                        m.next = "Drain"
+                    take_budget()
+                    begin_code(code_well_formed, code[:2], code_count, error_beat,
+                               beat.last, "Payload")
+
+            with m.State("Budget"):
+                # A GET whose code word was taken ahead: the budget as in "Code".
+                with m.If(~effects_pushed):
+                    take_budget()
+                    m.next = "Payload"
 
             with m.State("Payload"):
                 m.d.comb += [
@@ -445,6 +508,7 @@ class CommandExecutor(wiring.Component):
             with m.State("Finish"):
                 # K and the counts are final once the last operation has its response; the
                 # core has room for the effects before the result is offered.
+                look_ahead()
                 with m.If(~first_valid & ~request_valid & (in_flight == 0) &
                           self.effects.ready):
                     m.next = "Result"
@@ -474,7 +538,24 @@ class CommandExecutor(wiring.Component):
                     effects.get_short.eq(~malformed & is_get & (granted < addresses)),
                     effects.granted.eq(granted),
                 ]
-                with m.If(result.ready):
+                with m.If(~result.ready):
+                    look_ahead()
+                with m.Elif(ahead_header):
+                    # The next command was taken ahead: its payload follows at once.
+                    begin_header(ahead_readable, ahead_writable)
+                    m.d.sync += [ahead_header.eq(0), ahead_code.eq(0)]
+                    ahead_get = ahead_kind == c.GuestCmd.GET_PAGES.value
+                    with m.If(ahead_readable == 0):
+                        m.next = "Finish"
+                    with m.Elif(ahead_code & ahead_get):
+                        begin_code(ahead_well_formed, ahead_kind, ahead_count, ahead_error,
+                                   ahead_last, "Budget")
+                    with m.Elif(ahead_code):
+                        begin_code(ahead_well_formed, ahead_kind, ahead_count, ahead_error,
+                                   ahead_last, "Payload")
+                    with m.Else():
+                        m.next = "Code"
+                with m.Else():
                     # The next header in the same clock: commands back to back.
                     m.next = "Header"
                     take_header()
