@@ -31,12 +31,12 @@ class Harness:
     commands summed."""
 
     def __init__(self, seed, page_shift=12, base=0x1_0000_0000, idle=0.3, backpressure=0.3,
-                 pages=PAGES):
+                 pages=PAGES, grant_limit=512):
         self.rng = random.Random(seed)
         self.pages_tracked = pages
         self.page_shift = page_shift
         self.base = base
-        self.executor = CommandExecutor(pages.bit_length() - 1)
+        self.executor = CommandExecutor(pages.bit_length() - 1, grant_limit=grant_limit)
         self.bitmap = Bitmap(pages, OpTag)
         self.module = m = Module()
         m.submodules.executor = self.executor
@@ -227,6 +227,155 @@ def test_get_stops_when_the_return_budget_is_spent(budget, granted):
         assert await h.pages(ctx) == set(pages[granted:])
 
     Harness(budget % 1000).run(testbench)
+
+
+@pytest.mark.parametrize("limit,budget,granted", [
+    (3, 5, 3), (4, 7, 4), (4, 3, 3), (5, c.MGMT_UNLIMITED_BUDGET, 5)],
+    ids=["limit-lane0", "limit-lane1", "budget-first", "limit-unlimited"])
+def test_get_stops_at_the_grant_limit_mid_command(limit, budget, granted):
+    """C5's per-command grant limit (here below the device's minimum, to reach it within
+    a short GET) and the budget, whichever is smaller, cut the prefix in either lane; the
+    next GET has its own limit."""
+    pages = [10, 20, 30, 40, 50, 60, 70]
+
+    async def testbench(ctx, h):
+        await h.setup(ctx, budget=budget)
+        await h.run_commands(ctx, (command(GIVE, [h.address(p) for p in pages]), 0))
+        results = await h.run_commands(
+            ctx, (command(GET, [h.address(p) for p in pages]), 8),
+            (command(GET, [h.address(p) for p in pages[granted:granted + 2]]), 8))
+        assert results == [(8, granted, 8), (8, 2, 8)]
+        assert await h.pages(ctx) == set(pages[granted + 2:])
+
+    Harness(limit, grant_limit=limit).run(testbench)
+
+
+def test_page_size_base_and_extra_range_changed_between_commands():
+    """The decode's registered window bounds (page size, base, extra range) follow
+    settings changed while the executor is idle: each command is decoded with the
+    settings in force when it starts, even when its header is taken at once."""
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        await h.run_commands(ctx, (command(GIVE, [h.address(1), h.address(2)]), 0))
+        h.page_shift, h.base = 21, 0x40_0010_0000      # 2M pages, a base rounded down
+        ctx.set(h.executor.page_shift, h.page_shift)
+        ctx.set(h.executor.window_base, h.base)
+        window = h.base >> 21 << 21
+        results = await h.run_commands(
+            ctx, (command(GIVE, [window + (3 << 21), window + (1 << 21),
+                                 window + (5 << 21) + 4096, window - (1 << 21)]), 0))
+        assert results == [(0, results[0][1], 0)]
+        assert await h.pages(ctx) == {1, 2, 3}
+        # Pages 2 and 3 become extra memory (not grantable without EXTRA_MEM).
+        ctx.set(h.executor.extra_first, 2)
+        ctx.set(h.executor.extra_end, 4)
+        results = await h.run_commands(
+            ctx, (command(GET, [window + (1 << 21), window + (2 << 21)]), 8))
+        assert results == [(8, 1, 8)]
+        ctx.set(h.executor.extra_mem, 1)
+        results = await h.run_commands(
+            ctx, (command(GET, [window + (2 << 21), window + (3 << 21)]), 8))
+        assert results == [(8, 2, 8)]
+        assert await h.pages(ctx) == set()
+
+    h = Harness(7, idle=0, backpressure=0)
+    h.run(testbench)
+    assert h.counted() == {"cmd_give": 2, "cmd_get": 2, "get_short": 1, "pages_entered": 3,
+                           "pages_left": 3, "granted": 3, "violation_double_give": 1,
+                           "violation_misaligned": 1, "violation_out_of_window": 1}
+
+
+@pytest.mark.parametrize("idle", [0, 0.3])
+def test_get_of_pages_just_given(idle):
+    """GIVE, GET of the same pages, GIVE again, back to back (one bitmap row and
+    neighbouring words of both banks): every GET sees the GIVE before it."""
+    pages = [64, 65, 128, 66, 129, 192, 67, 1]
+
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        addresses = [h.address(p) for p in pages]
+        results = await h.run_commands(ctx, *[
+            (command(GIVE, addresses), 0), (command(GET, addresses), 8),
+            (command(GIVE, addresses[:3]), 0), (command(GET, addresses[:5]), 8),
+            (command(EXCHANGE, addresses[:3] + addresses[3:6]), 0),
+            (command(GET, addresses[3:6] + addresses[:1]), 8)])
+        assert [r[1] for r in results if r[0] == 8] == [len(pages), 3, 3]
+        assert await h.pages(ctx) == set()
+
+    h = Harness(8, idle=idle, backpressure=idle)
+    h.run(testbench)
+    assert h.counted()["granted"] == len(pages) + 6
+
+
+@pytest.mark.parametrize("position", ["code", "payload"])
+def test_a_data_fault_in_the_next_command_stops_after_the_one_finishing(position):
+    """C7: the next command's code word is taken while one finishes; when its data fails
+    there (or in its payload), the finishing command still completes, and nothing after
+    it does: the executor waits for the core's abort."""
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        h.engine.submit(command(GIVE, [h.address(3)]), 0)
+        h.engine.submit(command(GIVE, [h.address(4), h.address(5)]), 0,
+                        error_at=0 if position == "code" else 1)
+        h.engine.submit(command(GIVE, [h.address(6)]), 0)
+        await h.engine.wait_results(ctx, 1)
+        await ctx.tick().repeat(200)
+        assert len(h.engine.results) == 1
+        assert not ctx.get(h.executor.idle)
+        assert await h.pages(ctx) == {3}
+
+    h = Harness(21, idle=0, backpressure=0)
+    h.run(testbench)
+    assert h.counted() == {"cmd_give": 1, "pages_entered": 1}
+
+
+def test_commands_of_every_kind_back_to_back():
+    """Each command's header and code word are taken while the one before finishes: every
+    kind after every kind (malformed and empty ones too), each with its own counts; prints
+    the clocks per 1-page command, beats at once and results taken at once."""
+    kinds = {
+        "GIVE": lambda h, p: (command(GIVE, [h.address(p)]), 0),
+        "GET": lambda h, p: (command(GET, [h.address(p - 1)]), 8),
+        "EXCHANGE": lambda h, p: (command(EXCHANGE, [h.address(p - 2), h.address(p)]), 0),
+        "malformed": lambda h, p: (command(GIVE, [h.address(p)]), 8),
+        "empty": lambda h, p: (b"", 0),
+    }
+    order = [(a, b) for a in kinds for b in kinds]
+    figures = {}
+
+    async def testbench(ctx, h):
+        await h.setup(ctx)
+        await h.run_commands(ctx, *[(command(GIVE, [h.address(p) for p in range(64)]), 0)])
+        page = 100
+        commands = []
+        for a, b in order:
+            for name in (a, b):
+                commands.append(kinds[name](h, page))
+                page += 3
+        results = await h.run_commands(ctx, *commands)
+        # A GET asks for page p - 1, which nothing gave: none is granted.
+        assert results == [(8, 0, 8) if name == "GET" else (0, 0, 0)
+                           for pair in order for name in pair]
+        for name, code, writable, granted in (("GIVE", GIVE, 0, 0), ("GET", GET, 8, 1)):
+            start = ctx.get(cycle)
+            results = await h.run_commands(ctx, *[(command(code, [h.address(page)]), writable)
+                                                  for page in range(500, 564)])
+            figures[name] = (ctx.get(cycle) - start - 4) / 64
+            assert results == [(writable, granted, writable)] * 64
+
+    h = Harness(22, idle=0, backpressure=0)
+    cycle = Signal(32)
+    h.module.d.sync += cycle.eq(cycle + 1)
+    h.run(testbench)
+    print("clocks per 1-page command:", figures)
+    counts = Counter(name for pair in order for name in pair)
+    assert h.events["cmd_give"] == 1 + counts["GIVE"] + 64
+    assert h.events["cmd_get"] == counts["GET"] + 64
+    assert h.events["cmd_exchange"] == counts["EXCHANGE"]
+    assert h.events["cmd_malformed"] == counts["malformed"] + counts["empty"]
+    assert h.events["pages_entered"] == 64 + counts["GIVE"] + counts["EXCHANGE"] + 64
+    assert h.events["granted"] == 64
+    assert h.events["violation_not_in_balloon"] == counts["EXCHANGE"]
 
 
 @pytest.mark.parametrize("extra_mem", [0, 1])

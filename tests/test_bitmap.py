@@ -206,6 +206,43 @@ def test_two_operations_per_clock_on_one_word():
     assert [changed for _, changed in answered] == [1] * 2 * count
 
 
+def test_back_to_back_words_on_one_row():
+    """Beats every clock on the words of one row of both banks (words 2r, 2r + 1) and on
+    another row of the same bank, in every order, with a read of the row between: each
+    operation sees the ones before it, whether the last clock wrote the row, left it
+    unchanged or read it (the forwarding compares rows a clock early)."""
+    dut = Bitmap(PAGES, tag_shape=8)
+    model = BitmapModel()
+    answered = []
+    row_words = [6, 7, 8]                   # words 6 and 8: bank 0, rows 3 and 4
+    sequence = [6, 7, 6, 6, 8, 6, 7, 7, 8, 8, 6]
+    requests = []
+    for i, word in enumerate(sequence * 4):
+        page = word * WORD_BITS + i % 5
+        action = SET if (i // len(sequence)) % 2 == 0 else CLEAR
+        partner = row_words[(i + 1) % 3] * WORD_BITS + i % 3
+        requests.append(beat(op(page, action, allowed=i % 7 != 3, tag=i),
+                             op(partner, SET if i % 2 else CLEAR, tag=i)))
+
+    async def testbench(ctx):
+        for index, request in enumerate(requests):
+            await issue_beats(ctx, dut, [request])      # then two idle clocks
+            if index % 3 == 0:
+                assert await read_word(ctx, dut, 6) == model_words[index][6]
+        assert await issue_beats(ctx, dut, requests) >= len(requests)   # back to back
+        assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
+
+    expected, model_words = [], []
+    for request in requests:
+        expected += [model.apply(operation) for operation in request["lanes"]]
+        model_words.append([model.word(i) for i in range(WORDS)])
+    for request in requests:
+        expected += [model.apply(operation) for operation in request["lanes"]]
+    simulate(dut, testbench, processes=[response_monitor(dut, answered)])
+    assert [changed for _, changed in answered] == expected
+    assert any(expected) and not all(expected)
+
+
 # (lane 0, lane 1, clocks): both lanes in one clock unless they are on different words of
 # one bank. Words 1 and 3 share bank 1; words 1 and 2 are in different banks.
 LANE_PAIRS = {

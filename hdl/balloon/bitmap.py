@@ -99,7 +99,10 @@ class Bitmap(wiring.Component):
     request addresses the RAMs, the next one changes the words, writes them back and
     responds. A write is seen by a read of the same row only one edge later, so the modify
     stage takes a bank's word from that bank's previous write when the rows match:
-    back-to-back operations on one word see each other.
+    back-to-back operations on one word see each other. The rows are compared a clock
+    early, when the read is addressed, against the row the modify stage holds whether or
+    not it writes it (its word is that row's either way), so that the comparison stays
+    off the modify path (timing).
 
     A request beat carries up to ``LANES`` operations (lanes with ``enable``), applied in
     lane order. Both lanes go through in one clock when they hit different banks, or the
@@ -215,7 +218,7 @@ class Bitmap(wiring.Component):
             high_bits = Mux(word == last_word, _ONES >> ~target_last[:_OFFSET_BITS], _ONES)
             return Mux(in_range, low_bits & high_bits, 0)
 
-        s1_writes = Signal()
+        s1_may_write = Signal()
         fill_issue = Signal()
         clear_write = Signal()
         live_range_empty = self.extra_end <= self.extra_first
@@ -242,8 +245,9 @@ class Bitmap(wiring.Component):
 
             with m.State("Clear"):
                 # The bits are all rewritten: no read, one row of every bank per clock,
-                # after a write still in the modify stage.
-                m.d.comb += clear_write.eq(~s1_writes)
+                # after an operation in the modify stage that may write (decided on the
+                # stage's registers: timing).
+                m.d.comb += clear_write.eq(~s1_may_write)
                 with m.If(self.clear):
                     start_clear()
                 with m.Elif(clear_write):
@@ -283,7 +287,8 @@ class Bitmap(wiring.Component):
         # stage (decided on the stage's registers, not on whether it writes: timing).
         scan = self.scan.payload
         scan_taken = Signal()
-        s1_may_write = s1_valid & ((s1_access == _Access.PAGE) | (s1_access == _Access.FILL))
+        m.d.comb += s1_may_write.eq(s1_valid & ((s1_access == _Access.PAGE) |
+                                                (s1_access == _Access.FILL)))
         m.d.comb += [
             self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & s1_may_write)),
             scan_taken.eq(self.scan.valid & self.scan.ready),
@@ -300,17 +305,22 @@ class Bitmap(wiring.Component):
         with m.If(self.clear):
             m.d.sync += second_half.eq(0)
 
+        def read_row(bank, compare=None):
+            """The row ``bank`` reads this clock, or with ``compare`` whether it is
+            ``compare(row)`` (each candidate compared beside the selection: timing)."""
+            candidates = [
+                (self.read.valid, row_of(self.read.payload)),
+                (fill_issue, row_of(engine_word)),
+                (scan_taken, scan.row),
+                (issued[1] & (bank_of(lane_word[1]) == bank), row_of(lane_word[1])),
+            ]
+            chosen = compare(row_of(lane_word[0])) if compare else row_of(lane_word[0])
+            for condition, row in reversed(candidates):
+                chosen = Mux(condition, compare(row) if compare else row, chosen)
+            return chosen
+
         for bank, read_port in enumerate(read_ports):
-            with m.If(self.read.valid):
-                m.d.comb += read_port.addr.eq(row_of(self.read.payload))
-            with m.Elif(fill_issue):
-                m.d.comb += read_port.addr.eq(row_of(engine_word))
-            with m.Elif(scan_taken):
-                m.d.comb += read_port.addr.eq(scan.row)
-            with m.Elif(issued[1] & (bank_of(lane_word[1]) == bank)):
-                m.d.comb += read_port.addr.eq(row_of(lane_word[1]))
-            with m.Else():
-                m.d.comb += read_port.addr.eq(row_of(lane_word[0]))
+            m.d.comb += read_port.addr.eq(read_row(bank))
 
         s1_word = Signal.like(engine_word)              # of a read or fill
         s1_mask = Signal(WORD_BITS)
@@ -337,8 +347,10 @@ class Bitmap(wiring.Component):
         bank_words = []
         last_write_kinds = []
         bank_forwarded = []             # (forwarded, last write's word, RAM word) per bank
+        s1_rows, forwardings = [], []
         for bank, (read_port, write_port) in enumerate(zip(read_ports, write_ports)):
             s1_row = Signal.like(read_port.addr, name=f"s1_row{bank}")
+            forwarded = Signal(name=f"forwarded{bank}")
             last_write_valid = Signal(name=f"last_write_valid{bank}")
             last_write_row = Signal.like(write_port.addr, name=f"last_write_row{bank}")
             last_write_data = Signal.like(write_port.data, name=f"last_write_data{bank}")
@@ -357,9 +369,10 @@ class Bitmap(wiring.Component):
                 written.data.eq(last_write_data),
             ]
             last_write_kinds.append(last_write_kind)
-            forwarded = last_write_valid & (last_write_row == s1_row)
             bank_words.append(Mux(forwarded, last_write_data, read_port.data))
             bank_forwarded.append((forwarded, last_write_data, read_port.data))
+            s1_rows.append(s1_row)
+            forwardings.append(forwarded)
 
         page_access = s1_valid & (s1_access == _Access.PAGE)
         s1_lane_word = [lane.page[_OFFSET_BITS:] for lane in s1_lanes]
@@ -388,15 +401,13 @@ class Bitmap(wiring.Component):
         m.d.sync += last_changed.eq(previous_changed)
 
         fill_write = s1_valid & (s1_access == _Access.FILL)
-        bank_writes = []
+        scan_write = scan_taken & scan.write
         for bank, write_port in enumerate(write_ports):
             # The lanes that changed a bit of this bank: both only on one word of it.
             flips = [changed & (bank_of(word) == bank)
                      for changed, word in zip(lane_changed, s1_lane_word)]
             page_write = flips[0] | flips[1]
             this_fill = fill_write & (bank_of(s1_word) == bank)
-            bank_writes.append(page_write | this_fill)
-            scan_write = scan_taken & scan.write
             m.d.comb += write_port.en.eq(page_write | this_fill | clear_write | scan_write)
             kind = last_write_kinds[bank]
             with m.If(page_write):
@@ -405,25 +416,31 @@ class Bitmap(wiring.Component):
                 m.d.sync += kind.eq(_WriteKind.SCAN)
             with m.Else():
                 m.d.sync += kind.eq(_WriteKind.DIRECT)
+            # A page or fill write goes to the row the stage read. Without a write the
+            # word is that row's as it is: the next clock forwards it all the same if it
+            # reads that row (the forwarding does not wait for the modify: timing).
+            flipped = bank_words[bank]
+            for flip, lane in zip(flips, s1_lanes):
+                flipped = flipped ^ (flip << lane.page[:_OFFSET_BITS])[:WORD_BITS]
             with m.If(scan_write):
                 m.d.comb += [write_port.addr.eq(scan.row),
                              write_port.data.eq(scan.data[bank])]
-            with m.Elif(page_write):
-                flipped = bank_words[bank]
-                for flip, lane in zip(flips, s1_lanes):
-                    flipped = flipped ^ (flip << lane.page[:_OFFSET_BITS])[:WORD_BITS]
-                m.d.comb += [
-                    write_port.addr.eq(row_of(Mux(flips[1], s1_lane_word[1],
-                                                  s1_lane_word[0]))),
-                    write_port.data.eq(flipped),
-                ]
-            with m.Elif(this_fill):
-                m.d.comb += [write_port.addr.eq(row_of(s1_word)),
-                             write_port.data.eq(bank_words[bank] | s1_mask)]
-            with m.Else():
+            with m.Elif(clear_write):
                 m.d.comb += [write_port.addr.eq(row_of(engine_word)),
                              write_port.data.eq(range_mask(engine_word + bank))]
-        m.d.comb += s1_writes.eq(bank_writes[0] | bank_writes[1])
+            with m.Elif(this_fill):
+                m.d.comb += [write_port.addr.eq(s1_rows[bank]),
+                             write_port.data.eq(bank_words[bank] | s1_mask)]
+            with m.Else():
+                m.d.comb += [write_port.addr.eq(s1_rows[bank]),
+                             write_port.data.eq(flipped)]
+            # Whether the next clock's word of this bank is this clock's write, compared a
+            # clock early: a scan write reads the row it writes; a clear writes its row;
+            # otherwise the stage's row (written or not) if the stage holds an access.
+            m.d.sync += forwardings[bank].eq(
+                scan_write |
+                Mux(clear_write, read_row(bank, lambda row: row == row_of(engine_word)),
+                    s1_valid & read_row(bank, lambda row: row == s1_rows[bank])))
 
         m.d.comb += self.response.valid.eq(page_access)
         for index, lane in enumerate(s1_lanes):

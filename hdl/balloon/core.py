@@ -172,9 +172,13 @@ class BalloonCore(wiring.Component):
             m.d.sync += budget.eq(Mux(budget > spent, budget - spent, 0))
         with m.If(host.return_budget_write.valid):
             m.d.sync += budget.eq(host.return_budget_write.payload)
+        # The pending grants lose a commit's grants before they gain a new command's, and
+        # not through the reset (it clears them anyway): the late handshakes go through
+        # one adder each (timing).
+        commit_taken = (to_commit != 0) & uncommitted.r_rdy & committed.commit_ready
         m.d.sync += [
-            pending_grants.eq(pending_grants + Mux(pushed, executor.effects.payload.granted, 0)
-                              - spent),
+            pending_grants.eq((pending_grants - Mux(commit_taken, record.granted, 0)) +
+                              Mux(pushed, executor.effects.payload.granted, 0)),
             available.eq(Mux(unlimited, c.MGMT_UNLIMITED_BUDGET,
                              Mux(budget > pending_grants, budget - pending_grants, 0))),
         ]

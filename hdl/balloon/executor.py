@@ -52,6 +52,20 @@ def _count(bits):
     return total
 
 
+def _checked_code(code, readable, writable):
+    """Whether a command of this code word and byte counts is well formed (C5), and its
+    payload word count."""
+    count = (readable >> 3) - 1
+    code_get = code == c.GuestCmd.GET_PAGES.value
+    code_give = code == c.GuestCmd.GIVE_PAGES.value
+    code_exchange = code == c.GuestCmd.EXCHANGE_PAGES.value
+    well_formed = ((code_get | code_give | code_exchange) &
+                   (readable[:3] == 0) & (count != 0) &
+                   ~(code_exchange & count[0]) &
+                   Mux(code_get, writable == 8, writable == 0))
+    return well_formed, count[:32]
+
+
 class CommandExecutor(wiring.Component):
     """Executes each todevq command (C5) on the bitmap (C8), two pages a clock.
 
@@ -61,10 +75,13 @@ class CommandExecutor(wiring.Component):
     GIVE or EXCHANGE) is drained and completed with ``used_len`` 0.
 
     The first beat holds the code alone; each later beat holds up to ``LANES`` payload
-    words (word ``i`` in lane ``i % 2``). Each lane is decoded in the cycle its
-    beat is taken (C4: granularity = the negotiated page size; C8: the window starts at
-    ``window_base`` rounded down to the page size, page = ``(address - base) >>
-    page_shift``) into one lane of a bitmap request, one beat per clock:
+    words (word ``i`` in lane ``i % 2``). Each lane is decoded in the two clocks after
+    its beat is taken (C4: granularity = the negotiated page size; C8: the window starts
+    at ``window_base`` rounded down to the page size, page = ``(address - base) >>
+    page_shift``) into one lane of a bitmap request, one beat per clock. The decode works
+    from registered bounds of the window, without a 64-bit subtraction or comparison
+    (timing): the first clock takes the address's page-number bits and compares its
+    high bits, the second subtracts the base's page number and checks the extra range:
 
     - GIVE and the second half of EXCHANGE: SET. An invalid address is counted by kind
       (misaligned first, then out of window) and its lane left disabled; a refused SET is
@@ -76,8 +93,9 @@ class CommandExecutor(wiring.Component):
     - GET: a chained CLEAR per address, allowed when the address is valid, the page is
       not extra memory without EXTRA_MEM (C8), and the budget covers it. Because grants
       are a prefix, page ``i`` is granted only after ``i`` grants, so the budget check is
-      ``i < budget`` per lane on the budget taken when the GET starts (C10): a host write
-      of the budget takes effect from the next GET. The bitmap's chaining (across lanes
+      ``i < budget`` per lane on the budget taken when the GET starts (C10), kept as the
+      grants left to the command: a host write of the budget takes effect from the next
+      GET. The bitmap's chaining (across lanes
       and beats) stops the prefix at the first page whose bit is clear. An invalid
       address goes to the bitmap too, as an operation that is never allowed: it stops
       the prefix, and its violation is counted only if it is the first refusal (the
@@ -87,9 +105,11 @@ class CommandExecutor(wiring.Component):
     A GET also stops at ``grant_limit`` pages (C5's per-command grant limit, a build
     parameter: ``DeviceParams.get_grant_limit``): a longer GET is a prefix grant.
 
-    Every command completes once its last operation has its response (GET writes K,
-    le64), and hands its :class:`CommandEffects` to the balloon core with its result:
-    the counters, ``balloon_pages`` and the budget change only when the command commits
+    Every command completes once its last operation has its response, counted a clock
+    after it comes (timing) (GET writes K, le64); meanwhile the next command's header and
+    code word are taken and checked ahead, so that its payload follows the result at once
+    (a GET's a clock later: the budget, C10). Each command hands its
+    :class:`CommandEffects` to the balloon core with its result: the counters, ``balloon_pages`` and the budget change only when the command commits
     (C7), and the bitmap's committed copy knows where the command's writes end
     (``effects`` handshake = ``CommittedBitmap.boundary``). A word beat with ``error``
     (its data could not be read, C7) stops the executor without a result until it is
@@ -109,6 +129,9 @@ class CommandExecutor(wiring.Component):
         The extra-memory range: pages ``extra_first`` .. ``extra_end - 1`` (C8).
     extra_mem : In(1)
         VIRTIO_MEMBALLOON_F_EXTRA_MEM was negotiated.
+        The settings above change only between commands (the decode takes them
+        registered: two clocks after a change, at most, no sooner than a payload word
+        of a header taken at once).
     return_budget : In(32)
         Pages GET may still grant, the uncommitted grants deducted; all-ones =
         unlimited (C10).
@@ -150,61 +173,125 @@ class CommandExecutor(wiring.Component):
         writable = Signal(32)
         malformed = Signal()
         kind = Signal(2)                    # a GuestCmd value, once the command is well formed
+        started = Signal()                  # a payload word was taken
+        # Payload words left, signed (they may go below zero): pages GET may still grant
+        # (the return budget when it started and the grant limit), wanted EXCHANGE pages.
+        grants_left = Signal(signed(34))
+        wanted_left = Signal(signed(34))
         addresses = Signal(32)              # payload words: N, or 2N for EXCHANGE
-        index = Signal(32)                  # payload words taken so far
-        budget = Signal(32)                 # the return budget when the GET started
         granted = Signal(32)                # K
         refused = Signal()                  # this GET has had its first refusal
-        # Operations handed to the bitmap without their response yet. A split beat's
-        # first lane may answer before the beat is taken: the count dips below zero then.
-        in_flight = Signal(signed(4))
+        # Operations handed to the bitmap without their response yet.
+        in_flight = Signal(signed(5))
 
         is_get = kind == c.GuestCmd.GET_PAGES.value
         is_give = kind == c.GuestCmd.GIVE_PAGES.value
         is_exchange = kind == c.GuestCmd.EXCHANGE_PAGES.value
-        page_mask = ~(_ADDRESS_ONES << self.page_shift)[:64]
-        window_start = self.window_base & ~page_mask
-        # The offset bits that put a page past the window, as a mask: the window check no
-        # longer waits for the page-number shifter (timing).
-        beyond_window = (_ADDRESS_ONES << (self.page_shift + page_bits))[:64]
-        unlimited = budget == c.MGMT_UNLIMITED_BUDGET
         payload_taken = Signal()
         error_beat = words.valid & words.payload.error
 
-        # --- Decode of the payload words, one per lane (C4, C5, C8) -------------------------
-        decoded = Signal(self.bitmap_request.payload.shape())
-        skipped_misaligned, skipped_out_of_window = [], []
+        # --- The window's bounds, registered (C4, C8) ------------------------------------
+        # They change only between commands (the page size at negotiation, the extra range
+        # while no command runs) and settle two clocks after their inputs; the decode uses
+        # them no earlier than two clocks after it takes a header.
+        page_mask = Signal(64)              # the offset bits within a page
+        window_start = Signal(64)           # window_base rounded down to the page size
+        high_mask = Signal(64)              # the address bits above the window's size
+        base_page = Signal(page_bits)       # window_start's page-number bits
+        # window_start's high bits plus one: the window's second aligned block of its size
+        # (bit 64: there is none, the window ends at 2**64).
+        next_start = Signal(65)
+        # The extra range in raw page bits (base_page + page, modulo the window's pages):
+        # extra_low .. extra_high - 1, or with extra_wraps from extra_low up and below
+        # extra_high (the whole window too: extra_low == extra_high).
+        extra_low = Signal(page_bits)
+        extra_high = Signal(page_bits)
+        extra_some = Signal()
+        extra_wraps = Signal()
+        page_mask_now = ~(_ADDRESS_ONES << self.page_shift)[:64]
+        m.d.sync += [
+            page_mask.eq(page_mask_now),
+            window_start.eq(self.window_base & ~page_mask_now),
+            high_mask.eq((_ADDRESS_ONES << (self.page_shift + page_bits))[:64]),
+            base_page.eq((self.window_base >> self.page_shift)[:page_bits]),
+            next_start.eq((window_start | ~high_mask) + 1),
+            extra_low.eq(base_page + self.extra_first),
+            extra_high.eq(base_page + self.extra_end),
+            extra_some.eq(self.extra_end > self.extra_first),
+            extra_wraps.eq((base_page + self.extra_first)[page_bits] !=
+                           (base_page + self.extra_end)[page_bits]),
+        ]
+
+        # --- Decode, first stage: a payload word's raw page bits and where it lies ---------
+        # (C4 granularity = the negotiated page size; C8: page = (address - window_start)
+        # >> page_shift.) For an aligned address the page is its raw page bits less
+        # base_page, modulo the window, and the address is in the window if its bits above
+        # the window's size are window_start's (no borrow) or next_start's (a borrow): no
+        # 64-bit subtraction or comparison.
+        word_layout = data.StructLayout({
+            "present": 1,
+            "misaligned": 1,
+            "in_first": 1,                  # high bits those of window_start
+            "in_second": 1,                 # of next_start
+            "raw": page_bits,
+            "grant_room": 1,                # the budget and the grant limit cover it (GET)
+            "wanted": 1,                    # the first half of EXCHANGE
+            "chained": 1,                   # not the command's first payload word
+        })
+        first = Signal(data.ArrayLayout(word_layout, LANES))
+        first_valid = Signal()
+        first_decoded = Signal.like(first)
         for lane in range(LANES):
             address = beat.data[lane]
-            position = index + lane         # the payload word's index in the command
-            present = lane < beat.count
-            misaligned = (address & page_mask).any()
-            offset = address - window_start                 # bit 64 set: below the window
-            page_number = offset[:64] >> self.page_shift
-            in_window = ~offset[64] & ~(offset[:64] & beyond_window).any()
-            valid = ~misaligned & in_window
-            page = page_number[:page_bits]
-            in_extra = (page >= self.extra_first) & (page < self.extra_end)
-            grantable = ~in_extra | self.extra_mem
-            wanted = is_exchange & (position < addresses[1:])
+            word = first_decoded[lane]
+            m.d.comb += [
+                word.present.eq(lane < beat.count),
+                word.misaligned.eq((address & page_mask).any()),
+                word.in_first.eq(~((address ^ window_start) & high_mask).any()),
+                word.in_second.eq(~next_start[64] &
+                                  ~((address ^ next_start[:64]) & high_mask).any()),
+                word.raw.eq((address >> self.page_shift)[:page_bits]),
+                word.grant_room.eq(grants_left > lane),
+                word.wanted.eq(is_exchange & (wanted_left > lane)),
+                word.chained.eq(started | (lane != 0)),
+            ]
 
+        # --- Decode, second stage: one lane of a bitmap request per word --------------------
+        # - GIVE and the second half of EXCHANGE: SET. An invalid address is counted by kind
+        #   (misaligned first, then out of window) and its lane left disabled.
+        # - the first half of EXCHANGE: CLEAR, refused for extra memory without EXTRA_MEM.
+        # - GET: a chained CLEAR, allowed when valid, grantable and within grants_left; an
+        #   invalid one is never allowed and tagged with its kind.
+        decoded = Signal(self.bitmap_request.payload.shape())
+        skipped_misaligned = Signal(LANES)
+        skipped_out_of_window = Signal(LANES)
+        skipped = Signal(data.ArrayLayout(2, LANES))    # misaligned, out of window
+        for lane in range(LANES):
+            word = first[lane]
+            page = Signal(page_bits + 1, name=f"page{lane}")
+            m.d.comb += page.eq(word.raw - base_page)
+            in_window = Mux(page[page_bits], word.in_second, word.in_first)
+            valid = ~word.misaligned & in_window
+            above_low = word.raw >= extra_low
+            below_high = word.raw < extra_high
+            in_extra = extra_some & Mux(extra_wraps, above_low | below_high,
+                                        above_low & below_high)
+            grantable = ~in_extra | self.extra_mem
             operation = decoded.lanes[lane]
             m.d.comb += [
-                operation.page.eq(page),
-                operation.enable.eq(present & (is_get | valid)),
+                operation.page.eq(page[:page_bits]),
+                operation.enable.eq(word.present & (is_get | valid)),
             ]
             with m.If(is_get):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
-                    operation.allowed.eq(valid & grantable &
-                                         (unlimited | (position < budget)) &
-                                         (position < self._grant_limit)),
-                    operation.chained.eq(position != 0),
+                    operation.allowed.eq(valid & grantable & word.grant_room),
+                    operation.chained.eq(word.chained),
                     operation.tag.eq(Mux(valid, OpTag.GRANT,
-                                         Mux(misaligned, OpTag.GRANT_MISALIGNED,
+                                         Mux(word.misaligned, OpTag.GRANT_MISALIGNED,
                                              OpTag.GRANT_OUT_OF_WINDOW))),
                 ]
-            with m.Elif(wanted):
+            with m.Elif(word.wanted):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
                     operation.allowed.eq(grantable),
@@ -216,10 +303,10 @@ class CommandExecutor(wiring.Component):
                     operation.allowed.eq(1),
                     operation.tag.eq(OpTag.ENTER),
                 ]
-            # GIVE/EXCHANGE: an invalid address is counted and skipped.
-            skipped = payload_taken & present & ~is_get & ~valid
-            skipped_misaligned.append(skipped & misaligned)
-            skipped_out_of_window.append(skipped & ~misaligned)
+            # GIVE/EXCHANGE: an invalid address is counted (a clock later) and skipped.
+            skip = first_valid & word.present & ~is_get & ~valid
+            m.d.comb += [skipped[lane][0].eq(skip & word.misaligned),
+                         skipped[lane][1].eq(skip & ~word.misaligned)]
 
         # --- The decoded request waits here while the bitmap is busy ------------------------
         request_valid = Signal()
@@ -229,21 +316,34 @@ class CommandExecutor(wiring.Component):
             self.bitmap_request.payload.eq(request),
         ]
         issued = self.bitmap_request.valid & self.bitmap_request.ready
-        with m.If(self.bitmap_request.ready):
-            m.d.sync += request_valid.eq(0)
+        advance = ~request_valid | self.bitmap_request.ready
+        m.d.sync += [skipped_misaligned.eq(0), skipped_out_of_window.eq(0)]
+        with m.If(advance):
+            m.d.sync += [
+                request_valid.eq(first_valid & Cat(lane.enable for lane in decoded.lanes).any()),
+                request.eq(decoded),
+                first_valid.eq(payload_taken),
+                skipped_misaligned.eq(Cat(lane[0] for lane in skipped)),
+                skipped_out_of_window.eq(Cat(lane[1] for lane in skipped)),
+            ]
         with m.If(payload_taken):
             m.d.sync += [
-                request_valid.eq(Cat(lane.enable for lane in decoded.lanes).any()),
-                request.eq(decoded),
+                first.eq(first_decoded),
+                started.eq(1),
+                grants_left.eq(grants_left - beat.count),
+                wanted_left.eq(wanted_left - beat.count),
             ]
 
-        # --- Responses ------------------------------------------------------------------------
-        response = self.bitmap_response
-        answered, entered, double_give, left, not_in_balloon, grants = [], [], [], [], [], []
+        # --- Responses, counted a clock after they come (timing) ----------------------------
+        response = Signal.like(self.bitmap_response.payload)
+        response_valid = Signal()
+        m.d.sync += [response.eq(self.bitmap_response.payload),
+                     response_valid.eq(self.bitmap_response.valid)]
+        entered, double_give, left, not_in_balloon, grants = [], [], [], [], []
         refusals = {OpTag.GRANT_MISALIGNED: [], OpTag.GRANT_OUT_OF_WINDOW: []}
         refused_before = refused
-        for lane in response.payload.lanes:
-            valid = response.valid & lane.enable
+        for lane in response.lanes:
+            valid = response_valid & lane.enable
             tag, changed = lane.tag, lane.changed
             grant_tag = (tag == OpTag.GRANT) | (tag == OpTag.GRANT_MISALIGNED) | \
                 (tag == OpTag.GRANT_OUT_OF_WINDOW)
@@ -252,22 +352,25 @@ class CommandExecutor(wiring.Component):
             refused_before = refused_before | refusal
             for refusal_tag, firsts in refusals.items():
                 firsts.append(first_refusal & (tag == refusal_tag))
-            answered.append(valid)
             entered.append(valid & (tag == OpTag.ENTER) & changed)
             double_give.append(valid & (tag == OpTag.ENTER) & ~changed)
             left.append(valid & (tag != OpTag.ENTER) & changed)
             not_in_balloon.append(valid & (tag == OpTag.LEAVE) & ~changed)
             grants.append(valid & (tag == OpTag.GRANT) & changed)
         m.d.sync += refused.eq(refused_before)
+        # In flight until the response comes: it is counted in the next clock, before the
+        # result can be offered. (Which lanes answer is known early, from the bitmap's
+        # registers.)
         handed_over = _count([issued & lane.enable for lane in request.lanes])
-        m.d.sync += in_flight.eq(in_flight + handed_over - _count(answered))
-        # A GET has all its responses before the next command's words are taken, so the
-        # skipped addresses and a first refusal never add up in one cycle.
+        coming = self.bitmap_response
+        m.d.sync += in_flight.eq(in_flight + handed_over -
+                                 _count([coming.valid & lane.enable
+                                         for lane in coming.payload.lanes]))
         m.d.comb += [
             events.violation_misaligned.eq(
-                _count(skipped_misaligned + refusals[OpTag.GRANT_MISALIGNED])),
+                _count(list(skipped_misaligned) + refusals[OpTag.GRANT_MISALIGNED])),
             events.violation_out_of_window.eq(
-                _count(skipped_out_of_window + refusals[OpTag.GRANT_OUT_OF_WINDOW])),
+                _count(list(skipped_out_of_window) + refusals[OpTag.GRANT_OUT_OF_WINDOW])),
             events.pages_entered.eq(_count(entered)),
             events.violation_double_give.eq(_count(double_give)),
             events.pages_left.eq(_count(left)),
@@ -275,46 +378,98 @@ class CommandExecutor(wiring.Component):
             events.granted.eq(_count(grants)),
         ]
         m.d.sync += granted.eq(granted + events.granted)
-        # The command's totals, a clock behind its responses (timing): what a cycle adds
-        # is registered first.
+        # The command's totals: every event is in them by the time the result is offered.
         totals = Signal(CommandEffects)
-        late = Signal(CommandEffects)
-        m.d.sync += late.eq(events)
         for name in _PAGE_COUNTS:
-            m.d.sync += getattr(totals, name).eq(getattr(totals, name) + getattr(late, name))
+            m.d.sync += getattr(totals, name).eq(getattr(totals, name) + getattr(events, name))
         effects = self.effects.payload
         for name in _PAGE_COUNTS:
-            m.d.comb += getattr(effects, name).eq(getattr(totals, name) + getattr(late, name))
+            m.d.comb += getattr(effects, name).eq(getattr(totals, name))
 
         # --- One command after the other ------------------------------------------------------
-        code = beat.data[0]
-        count = (readable >> 3) - 1
-        code_get = code == c.GuestCmd.GET_PAGES.value
-        code_give = code == c.GuestCmd.GIVE_PAGES.value
-        code_exchange = code == c.GuestCmd.EXCHANGE_PAGES.value
-        well_formed = ((code_get | code_give | code_exchange) &
-                       (readable[:3] == 0) & (count != 0) &
-                       ~(code_exchange & count[0]) &
-                       Mux(code_get, writable == 8, writable == 0))
+        # While a command finishes, the next one's header and code word are taken ahead
+        # (unless the core holds commands back), so that its payload follows the result.
+        ahead_header = Signal()             # the next header was taken
+        ahead_readable = Signal(32)
+        ahead_writable = Signal(32)
+        ahead_code = Signal()               # and its code word
+        ahead_well_formed = Signal()
+        ahead_kind = Signal(2)
+        ahead_count = Signal(32)
+        ahead_error = Signal()
+        ahead_last = Signal()
 
         effects_pushed = Signal()           # the effects went to the core a clock ago
         m.d.sync += effects_pushed.eq(self.effects.valid & self.effects.ready)
+
+        def begin_header(readable_bytes, writable_bytes):
+            m.d.sync += [
+                readable.eq(readable_bytes),
+                writable.eq(writable_bytes),
+                malformed.eq(1),
+                granted.eq(0),
+                totals.eq(0),
+            ]
 
         def take_header():
             """Takes the next command's header unless the core holds commands back."""
             m.d.comb += header.ready.eq(~self.hold)
             with m.If(header.valid & ~self.hold):
-                m.d.sync += [
-                    readable.eq(header.payload.readable),
-                    writable.eq(header.payload.writable),
-                    malformed.eq(1),
-                    granted.eq(0),
-                    totals.eq(0),
-                ]
+                begin_header(header.payload.readable, header.payload.writable)
                 with m.If(header.payload.readable == 0):
                     m.next = "Finish"
                 with m.Else():
                     m.next = "Code"
+
+        def begin_code(code_well_formed, code_kind, code_count, code_error, code_last,
+                       payload_state):
+            """Starts the command whose code word was checked (``payload_state`` once it
+            is well formed)."""
+            m.d.sync += [
+                malformed.eq(~code_well_formed),
+                kind.eq(code_kind),
+                addresses.eq(code_count),
+                started.eq(0),
+                wanted_left.eq(code_count[1:]),
+                refused.eq(0),
+            ]
+            with m.If(code_error):
+                m.next = "Faulted"
+            with m.Elif(code_well_formed):
+                m.next = payload_state
+            with m.Elif(code_last):
+                m.next = "Finish"
+            with m.Else():
+                m.next = "Drain"
+
+        def take_budget():
+            """The grants this GET may make: the return budget now, at most the limit."""
+            m.d.sync += grants_left.eq(Mux(self.return_budget < self._grant_limit,
+                                           self.return_budget, self._grant_limit))
+
+        def look_ahead():
+            """Takes the next command's header, then its code word, into ``ahead_*``."""
+            with m.If(~ahead_header):
+                m.d.comb += header.ready.eq(~self.hold)
+                with m.If(header.valid & ~self.hold):
+                    m.d.sync += [
+                        ahead_header.eq(1),
+                        ahead_readable.eq(header.payload.readable),
+                        ahead_writable.eq(header.payload.writable),
+                    ]
+            with m.Elif(~ahead_code & (ahead_readable != 0)):
+                m.d.comb += words.ready.eq(1)
+                code_well_formed, code_count = _checked_code(beat.data[0], ahead_readable,
+                                                             ahead_writable)
+                with m.If(words.valid):
+                    m.d.sync += [
+                        ahead_code.eq(1),
+                        ahead_well_formed.eq(code_well_formed),
+                        ahead_kind.eq(beat.data[0][:2]),
+                        ahead_count.eq(code_count),
+                        ahead_error.eq(error_beat),
+                        ahead_last.eq(beat.last),
+                    ]
 
         with m.FSM():
             with m.State("Header"):
@@ -325,42 +480,37 @@ class CommandExecutor(wiring.Component):
                 # The first beat holds the code word alone (interface.CommandWords). A GET
                 # right after a command's effects went to the core waits a clock: the
                 # core's return budget counts them two clocks after (C10).
-                budget_settling = code_get & effects_pushed
+                code = beat.data[0]
+                code_well_formed, code_count = _checked_code(code, readable, writable)
+                budget_settling = (code == c.GuestCmd.GET_PAGES.value) & effects_pushed
                 m.d.comb += words.ready.eq(~budget_settling)
                 with m.If(words.valid & ~budget_settling):
-                    m.d.sync += [
-                        malformed.eq(~well_formed),
-                        kind.eq(code[:2]),
-                        addresses.eq(count),
-                        index.eq(0),
-                        refused.eq(0),
-                        budget.eq(self.return_budget),
-                    ]
-                    with m.If(error_beat):
-                        m.next = "Faulted"
-                    with m.Elif(well_formed):
-                        m.next = "Payload"
-                    with m.Elif(beat.last):
-                        m.next = "Finish"
-                    with m.Else():
-                        m.next = "Drain"
+                    take_budget()
+                    begin_code(code_well_formed, code[:2], code_count, error_beat,
+                               beat.last, "Payload")
+
+            with m.State("Budget"):
+                # A GET whose code word was taken ahead: the budget as in "Code".
+                with m.If(~effects_pushed):
+                    take_budget()
+                    m.next = "Payload"
 
             with m.State("Payload"):
                 m.d.comb += [
-                    words.ready.eq(~request_valid | self.bitmap_request.ready),
+                    words.ready.eq(advance),
                     payload_taken.eq(words.valid & words.ready & ~words.payload.error),
                 ]
                 with m.If(error_beat & words.ready):
                     m.next = "Faulted"
-                with m.Elif(payload_taken):
-                    m.d.sync += index.eq(index + beat.count)
-                    with m.If(beat.last):
-                        m.next = "Finish"
+                with m.Elif(payload_taken & beat.last):
+                    m.next = "Finish"
 
             with m.State("Finish"):
                 # K and the counts are final once the last operation has its response; the
                 # core has room for the effects before the result is offered.
-                with m.If(~request_valid & (in_flight == 0) & self.effects.ready):
+                look_ahead()
+                with m.If(~first_valid & ~request_valid & (in_flight == 0) &
+                          self.effects.ready):
                     m.next = "Result"
 
             with m.State("Drain"):
@@ -388,7 +538,24 @@ class CommandExecutor(wiring.Component):
                     effects.get_short.eq(~malformed & is_get & (granted < addresses)),
                     effects.granted.eq(granted),
                 ]
-                with m.If(result.ready):
+                with m.If(~result.ready):
+                    look_ahead()
+                with m.Elif(ahead_header):
+                    # The next command was taken ahead: its payload follows at once.
+                    begin_header(ahead_readable, ahead_writable)
+                    m.d.sync += [ahead_header.eq(0), ahead_code.eq(0)]
+                    ahead_get = ahead_kind == c.GuestCmd.GET_PAGES.value
+                    with m.If(ahead_readable == 0):
+                        m.next = "Finish"
+                    with m.Elif(ahead_code & ahead_get):
+                        begin_code(ahead_well_formed, ahead_kind, ahead_count, ahead_error,
+                                   ahead_last, "Budget")
+                    with m.Elif(ahead_code):
+                        begin_code(ahead_well_formed, ahead_kind, ahead_count, ahead_error,
+                                   ahead_last, "Payload")
+                    with m.Else():
+                        m.next = "Code"
+                with m.Else():
                     # The next header in the same clock: commands back to back.
                     m.next = "Header"
                     take_header()
