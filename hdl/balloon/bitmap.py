@@ -305,14 +305,23 @@ class Bitmap(wiring.Component):
         with m.If(self.clear):
             m.d.sync += second_half.eq(0)
 
+        in_fill = fsm.ongoing("Fill")
+
         def read_row(bank, compare=None):
             """The row ``bank`` reads this clock, or with ``compare`` whether it is
-            ``compare(row)`` (each candidate compared beside the selection: timing)."""
+            ``compare(row)`` (each candidate compared beside the selection: timing).
+
+            Chosen on registers and the request's lanes, not on what is issued (timing):
+            only the access that is issued uses the row. A fill runs alone; a scan only
+            while ``hold`` keeps page requests out; lane 1's row when it is on this bank
+            and lane 0 is not (or is, on another word: the split beat's second clock)."""
+            on_bank = [lane.enable & (bank_of(word) == bank)
+                       for lane, word in zip(lanes, lane_word)]
             candidates = [
                 (self.read.valid, row_of(self.read.payload)),
-                (fill_issue, row_of(engine_word)),
-                (scan_taken, scan.row),
-                (issued[1] & (bank_of(lane_word[1]) == bank), row_of(lane_word[1])),
+                (in_fill, row_of(engine_word)),
+                (self.hold, scan.row),
+                (on_bank[1] & (~on_bank[0] | second_half), row_of(lane_word[1])),
             ]
             chosen = compare(row_of(lane_word[0])) if compare else row_of(lane_word[0])
             for condition, row in reversed(candidates):

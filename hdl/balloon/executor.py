@@ -52,18 +52,38 @@ def _count(bits):
     return total
 
 
-def _checked_code(code, readable, writable):
-    """Whether a command of this code word and byte counts is well formed (C5), and its
-    payload word count."""
-    count = (readable >> 3) - 1
+class _Sizes(data.Struct):
+    """What the executor checks of a command's byte counts (C5), taken with its header so
+    that the code word's check is a few registered bits (timing)."""
+    count: 29               # payload words: readable / 8 - 1
+    empty: 1                # no readable bytes: no code word follows
+    sized: 1                # readable a multiple of 8, with at least one payload word
+    even: 1                 # an even payload count
+    writes_8: 1             # exactly 8 writable bytes (GET's K)
+    writes_none: 1
+
+
+def _sizes(readable, writable):
+    """The :class:`_Sizes` of a header's byte counts, as a value of its layout."""
+    words = readable[3:]
+    return _Sizes(Cat(
+        (words - 1)[:29],                                   # count
+        readable == 0,                                      # empty
+        (readable[:3] == 0) & (words > 1),                  # sized
+        words[0],                                           # even
+        writable == 8,                                      # writes_8
+        writable == 0,                                      # writes_none
+    ))
+
+
+def _checked_code(code, sizes):
+    """Whether a command of this code word and :class:`_Sizes` is well formed (C5)."""
     code_get = code == c.GuestCmd.GET_PAGES.value
     code_give = code == c.GuestCmd.GIVE_PAGES.value
     code_exchange = code == c.GuestCmd.EXCHANGE_PAGES.value
-    well_formed = ((code_get | code_give | code_exchange) &
-                   (readable[:3] == 0) & (count != 0) &
-                   ~(code_exchange & count[0]) &
-                   Mux(code_get, writable == 8, writable == 0))
-    return well_formed, count[:32]
+    return ((code_get | code_give | code_exchange) & sizes.sized &
+            ~(code_exchange & ~sizes.even) &
+            Mux(code_get, sizes.writes_8, sizes.writes_none))
 
 
 class CommandExecutor(wiring.Component):
@@ -169,8 +189,7 @@ class CommandExecutor(wiring.Component):
         beat = words.payload
         events = Signal(CommandEffects)     # this cycle's responses and skipped words
 
-        readable = Signal(32)
-        writable = Signal(32)
+        sizes = Signal(_Sizes)
         malformed = Signal()
         kind = Signal(2)                    # a GuestCmd value, once the command is well formed
         started = Signal()                  # a payload word was taken
@@ -390,22 +409,19 @@ class CommandExecutor(wiring.Component):
         # While a command finishes, the next one's header and code word are taken ahead
         # (unless the core holds commands back), so that its payload follows the result.
         ahead_header = Signal()             # the next header was taken
-        ahead_readable = Signal(32)
-        ahead_writable = Signal(32)
+        ahead_sizes = Signal(_Sizes)
         ahead_code = Signal()               # and its code word
         ahead_well_formed = Signal()
         ahead_kind = Signal(2)
-        ahead_count = Signal(32)
         ahead_error = Signal()
         ahead_last = Signal()
 
         effects_pushed = Signal()           # the effects went to the core a clock ago
         m.d.sync += effects_pushed.eq(self.effects.valid & self.effects.ready)
 
-        def begin_header(readable_bytes, writable_bytes):
+        def begin_header(header_sizes):
             m.d.sync += [
-                readable.eq(readable_bytes),
-                writable.eq(writable_bytes),
+                sizes.eq(header_sizes),
                 malformed.eq(1),
                 granted.eq(0),
                 totals.eq(0),
@@ -415,7 +431,7 @@ class CommandExecutor(wiring.Component):
             """Takes the next command's header unless the core holds commands back."""
             m.d.comb += header.ready.eq(~self.hold)
             with m.If(header.valid & ~self.hold):
-                begin_header(header.payload.readable, header.payload.writable)
+                begin_header(_sizes(header.payload.readable, header.payload.writable))
                 with m.If(header.payload.readable == 0):
                     m.next = "Finish"
                 with m.Else():
@@ -454,19 +470,17 @@ class CommandExecutor(wiring.Component):
                 with m.If(header.valid & ~self.hold):
                     m.d.sync += [
                         ahead_header.eq(1),
-                        ahead_readable.eq(header.payload.readable),
-                        ahead_writable.eq(header.payload.writable),
+                        ahead_sizes.eq(_sizes(header.payload.readable,
+                                              header.payload.writable)),
                     ]
-            with m.Elif(~ahead_code & (ahead_readable != 0)):
+            with m.Elif(~ahead_code & ~ahead_sizes.empty):
                 m.d.comb += words.ready.eq(1)
-                code_well_formed, code_count = _checked_code(beat.data[0], ahead_readable,
-                                                             ahead_writable)
+                code_well_formed = _checked_code(beat.data[0], ahead_sizes)
                 with m.If(words.valid):
                     m.d.sync += [
                         ahead_code.eq(1),
                         ahead_well_formed.eq(code_well_formed),
                         ahead_kind.eq(beat.data[0][:2]),
-                        ahead_count.eq(code_count),
                         ahead_error.eq(error_beat),
                         ahead_last.eq(beat.last),
                     ]
@@ -481,12 +495,12 @@ class CommandExecutor(wiring.Component):
                 # right after a command's effects went to the core waits a clock: the
                 # core's return budget counts them two clocks after (C10).
                 code = beat.data[0]
-                code_well_formed, code_count = _checked_code(code, readable, writable)
+                code_well_formed = _checked_code(code, sizes)
                 budget_settling = (code == c.GuestCmd.GET_PAGES.value) & effects_pushed
                 m.d.comb += words.ready.eq(~budget_settling)
                 with m.If(words.valid & ~budget_settling):
                     take_budget()
-                    begin_code(code_well_formed, code[:2], code_count, error_beat,
+                    begin_code(code_well_formed, code[:2], sizes.count, error_beat,
                                beat.last, "Payload")
 
             with m.State("Budget"):
@@ -542,16 +556,16 @@ class CommandExecutor(wiring.Component):
                     look_ahead()
                 with m.Elif(ahead_header):
                     # The next command was taken ahead: its payload follows at once.
-                    begin_header(ahead_readable, ahead_writable)
+                    begin_header(ahead_sizes)
                     m.d.sync += [ahead_header.eq(0), ahead_code.eq(0)]
                     ahead_get = ahead_kind == c.GuestCmd.GET_PAGES.value
-                    with m.If(ahead_readable == 0):
+                    with m.If(ahead_sizes.empty):
                         m.next = "Finish"
                     with m.Elif(ahead_code & ahead_get):
-                        begin_code(ahead_well_formed, ahead_kind, ahead_count, ahead_error,
+                        begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
                                    ahead_last, "Budget")
                     with m.Elif(ahead_code):
-                        begin_code(ahead_well_formed, ahead_kind, ahead_count, ahead_error,
+                        begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
                                    ahead_last, "Payload")
                     with m.Else():
                         m.next = "Code"
