@@ -195,11 +195,12 @@ def test_open_paths_guard_catches_a_new_slow_path():
 
 
 def test_make_synth_small_core_within_the_budget(tmp_path):
-    """``make synth``'s command on the smallest device, every block in it: it prints the
+    """``make synth``'s command on the small device, every block in it: it prints the
     table, and no path is over the 250 MHz budget (``LEVEL_BUDGET``, ``DELAY_BUDGET_PS``)
     beyond the ones issue 11 still has open (``OPEN_PATHS``). A structural check: levels
-    and ABC9 delays, not a timed run. The small RAMs and queues shorten only address and
-    level arithmetic; README lists the paths of the reference configuration."""
+    and ABC9 delays, not a timed run. Its queues of 16 shorten only address and level
+    arithmetic, and its bitmap RAMs map to block RAM as the reference's map to UltraRAM
+    (``small_parameters``); README lists the paths of the reference configuration."""
     report = tmp_path / "paths.json"
     result = subprocess.run([sys.executable, "-m", "memballoon.hdl.synth", "--small",
                              "-o", str(tmp_path), "--json", str(report)],
