@@ -376,14 +376,31 @@ def synthesize(component, name, label, directory, resources=True) -> SynthResult
 
 
 def uram_output_registers(netlist, top):
-    """(URAMs with their output register on, URAMs) in module ``top``: a URAM read
-    without it costs about 1.5 ns more of the clock."""
-    urams = [cell for cell in netlist["modules"][top]["cells"].values()
-             if cell["type"] == "URAM288"]
-    registered = sum(1 for cell in urams
-                     if all(str(cell["parameters"].get(f"OREG_{port}", "FALSE")).strip()
-                            in ("TRUE", "\"TRUE\"", "1") for port in "AB"))
-    return registered, len(urams)
+    """(URAMs whose read data is registered at once, URAMs) in module ``top``: their
+    ``OREG_A/B`` on, or every used ``DOUT_A/B`` bit driving only flip-flop ``D`` pins,
+    the register Vivado packs into the URAM's output register. (Yosys' URAM mapping
+    never sets ``OREG``: the register stays a fabric flip-flop in its netlist.) A URAM
+    read without it costs about 1.5 ns more of the clock; logic between the URAM and the
+    register (a read mux of URAMs in fabric) keeps Vivado from packing it."""
+    cells = netlist["modules"][top]["cells"]
+    sinks = {}                          # bit -> [(cell type, port)] of the inputs it drives
+    for cell in cells.values():
+        directions = cell.get("port_directions", {})
+        for port, bits in cell["connections"].items():
+            if directions.get(port) == "input":
+                for bit in bits:
+                    sinks.setdefault(bit, []).append((cell["type"], port))
+    urams = [cell for cell in cells.values() if cell["type"] == "URAM288"]
+
+    def registered(cell):
+        if all(str(cell["parameters"].get(f"OREG_{port}", "FALSE")).strip()
+               in ("TRUE", "\"TRUE\"", "1") for port in "AB"):
+            return True
+        used = [sinks[bit] for port in ("DOUT_A", "DOUT_B")
+                for bit in cell["connections"].get(port, []) if bit in sinks]
+        return bool(used) and all(kind in _FF and port == "D"
+                                  for drives in used for kind, port in drives)
+    return sum(1 for cell in urams if registered(cell)), len(urams)
 
 
 def device_configuration(params: DeviceParams, label):

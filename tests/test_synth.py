@@ -10,8 +10,9 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from memballoon.hdl.synth import (DELAY_BUDGET_PS, LEVEL_BUDGET, Path, SynthResult, longest_path, pin_delays, register_paths,
-                                  synthesize, table)
+from memballoon.hdl.synth import (DELAY_BUDGET_PS, LEVEL_BUDGET, Path, SynthResult,
+                                  longest_path, pin_delays, register_paths, synthesize, table,
+                                  uram_output_registers)
 
 
 def cell(cell_type, inputs, outputs):
@@ -115,6 +116,29 @@ def test_a_combinational_loop_is_reported():
     cells = [cell("LUT1", {"I0": [2]}, {"O": [3]}), cell("LUT1", {"I0": [3]}, {"O": [2]})]
     with pytest.raises(ValueError, match="loop"):
         longest_path(netlist(cells, {}), "top")
+
+
+def test_a_uram_read_is_registered_by_oreg_or_a_flip_flop_right_after_it():
+    """A URAM counts as using its output register with OREG_A/B on, or when its used data
+    outputs drive flip-flop D pins and nothing else (Vivado packs that register); a LUT
+    after it (a fabric read mux) does not count."""
+    def uram(dout, oreg="FALSE"):
+        ram = cell("URAM288", {"ADDR_A": [1]}, {"DOUT_A": dout, "DOUT_B": [90]})
+        ram["parameters"] = {"OREG_A": oreg, "OREG_B": oreg}
+        return ram
+    cells = [
+        uram([10, 11]),                                          # into flip-flops
+        cell("FDRE", {"D": [10], "C": [2]}, {"Q": [20]}),
+        cell("FDRE", {"D": [11], "C": [2]}, {"Q": [21]}),
+        uram([12, 13]),                                          # one bit through a LUT
+        cell("FDRE", {"D": [12], "C": [2]}, {"Q": [22]}),
+        cell("LUT2", {"I0": [13], "I1": [20]}, {"O": [14]}),
+        uram([15], oreg="TRUE"),                                 # its own register
+        cell("LUT1", {"I0": [15]}, {"O": [16]}),
+        uram([17]),                                              # into a clock pin
+        cell("FDRE", {"D": [20], "C": [17]}, {"Q": [23]}),
+    ]
+    assert uram_output_registers(netlist(cells, {}), "top") == (2, 4)
 
 
 def test_table_has_one_row_per_result():
