@@ -192,6 +192,9 @@ class CommandExecutor(wiring.Component):
         sizes = Signal(_Sizes)
         malformed = Signal()
         kind = Signal(2)                    # a GuestCmd value, once the command is well formed
+        # The decode's side of the command whose payload is being taken (set with its code
+        # word, which may be a clock or more before the command before has its result):
+        decode_kind = Signal(2)
         started = Signal()                  # a payload word was taken
         # Payload words left, signed (they may go below zero): pages GET may still grant
         # (the return budget when it started and the grant limit), wanted EXCHANGE pages.
@@ -208,6 +211,11 @@ class CommandExecutor(wiring.Component):
         is_exchange = kind == c.GuestCmd.EXCHANGE_PAGES.value
         payload_taken = Signal()
         error_beat = words.valid & words.payload.error
+        # The payload beat in the first decode stage is the next command's, taken ahead:
+        # it goes on once the command before has its result (first_waits_now: in that clock).
+        first_waits = Signal()
+        first_waits_now = Signal()
+        m.d.comb += first_waits_now.eq(first_waits)
 
         # --- The window's bounds, registered (C4, C8) ------------------------------------
         # They change only between commands (the page size at negotiation, the extra range
@@ -259,6 +267,7 @@ class CommandExecutor(wiring.Component):
         })
         first = Signal(data.ArrayLayout(word_layout, LANES))
         first_valid = Signal()
+        first_get = Signal()                # the words in the first stage are a GET's
         first_decoded = Signal.like(first)
         for lane in range(LANES):
             address = beat.data[lane]
@@ -271,7 +280,8 @@ class CommandExecutor(wiring.Component):
                                   ~((address ^ next_start[:64]) & high_mask).any()),
                 word.raw.eq((address >> self.page_shift)[:page_bits]),
                 word.grant_room.eq(grants_left > lane),
-                word.wanted.eq(is_exchange & (wanted_left > lane)),
+                word.wanted.eq((decode_kind == c.GuestCmd.EXCHANGE_PAGES.value) &
+                               (wanted_left > lane)),
                 word.chained.eq(started | (lane != 0)),
             ]
 
@@ -299,9 +309,9 @@ class CommandExecutor(wiring.Component):
             operation = decoded.lanes[lane]
             m.d.comb += [
                 operation.page.eq(page[:page_bits]),
-                operation.enable.eq(word.present & (is_get | valid)),
+                operation.enable.eq(word.present & (first_get | valid)),
             ]
-            with m.If(is_get):
+            with m.If(first_get):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
                     operation.allowed.eq(valid & grantable & word.grant_room),
@@ -323,7 +333,7 @@ class CommandExecutor(wiring.Component):
                     operation.tag.eq(OpTag.ENTER),
                 ]
             # GIVE/EXCHANGE: an invalid address is counted (a clock later) and skipped.
-            skip = first_valid & word.present & ~is_get & ~valid
+            skip = first_valid & word.present & ~first_get & ~valid
             m.d.comb += [skipped[lane][0].eq(skip & word.misaligned),
                          skipped[lane][1].eq(skip & ~word.misaligned)]
 
@@ -336,8 +346,9 @@ class CommandExecutor(wiring.Component):
         ]
         issued = self.bitmap_request.valid & self.bitmap_request.ready
         advance = ~request_valid | self.bitmap_request.ready
+        load_request = advance & ~first_waits_now
         m.d.sync += [skipped_misaligned.eq(0), skipped_out_of_window.eq(0)]
-        with m.If(advance):
+        with m.If(load_request):
             m.d.sync += [
                 request_valid.eq(first_valid & Cat(lane.enable for lane in decoded.lanes).any()),
                 request.eq(decoded),
@@ -345,9 +356,12 @@ class CommandExecutor(wiring.Component):
                 skipped_misaligned.eq(Cat(lane[0] for lane in skipped)),
                 skipped_out_of_window.eq(Cat(lane[1] for lane in skipped)),
             ]
+        with m.Elif(advance):
+            m.d.sync += request_valid.eq(0)     # issued; the first stage's beat waits
         with m.If(payload_taken):
             m.d.sync += [
                 first.eq(first_decoded),
+                first_get.eq(decode_kind == c.GuestCmd.GET_PAGES.value),
                 started.eq(1),
                 grants_left.eq(grants_left - beat.count),
                 wanted_left.eq(wanted_left - beat.count),
@@ -407,7 +421,10 @@ class CommandExecutor(wiring.Component):
 
         # --- One command after the other ------------------------------------------------------
         # While a command finishes, the next one's header and code word are taken ahead
-        # (unless the core holds commands back), so that its payload follows the result.
+        # (unless the core holds commands back), and for a GIVE or EXCHANGE its first
+        # payload beat into the first decode stage, so that its operations follow the
+        # result at once. They reach the bitmap only after the result: the committed
+        # copy's boundary (the effects) falls between two commands' writes (C7).
         ahead_header = Signal()             # the next header was taken
         ahead_sizes = Signal(_Sizes)
         ahead_code = Signal()               # and its code word
@@ -415,6 +432,7 @@ class CommandExecutor(wiring.Component):
         ahead_kind = Signal(2)
         ahead_error = Signal()
         ahead_last = Signal()
+        first_last = Signal()               # the beat taken ahead was the payload's last
 
         effects_pushed = Signal()           # the effects went to the core a clock ago
         m.d.sync += effects_pushed.eq(self.effects.valid & self.effects.ready)
@@ -437,16 +455,22 @@ class CommandExecutor(wiring.Component):
                 with m.Else():
                     m.next = "Code"
 
+        def begin_decode(code_kind, code_count):
+            """The decode's side of a command whose code word is taken."""
+            m.d.sync += [
+                decode_kind.eq(code_kind),
+                started.eq(0),
+                wanted_left.eq(code_count[1:]),
+            ]
+
         def begin_code(code_well_formed, code_kind, code_count, code_error, code_last,
                        payload_state):
             """Starts the command whose code word was checked (``payload_state`` once it
-            is well formed)."""
+            is well formed): its result's side."""
             m.d.sync += [
                 malformed.eq(~code_well_formed),
                 kind.eq(code_kind),
                 addresses.eq(code_count),
-                started.eq(0),
-                wanted_left.eq(code_count[1:]),
                 refused.eq(0),
             ]
             with m.If(code_error):
@@ -464,7 +488,8 @@ class CommandExecutor(wiring.Component):
                                            self.return_budget, self._grant_limit))
 
         def look_ahead():
-            """Takes the next command's header, then its code word, into ``ahead_*``."""
+            """Takes the next command's header, then its code word, into ``ahead_*``, then
+            a GIVE's or EXCHANGE's first payload beat into the first decode stage."""
             with m.If(~ahead_header):
                 m.d.comb += header.ready.eq(~self.hold)
                 with m.If(header.valid & ~self.hold):
@@ -484,6 +509,16 @@ class CommandExecutor(wiring.Component):
                         ahead_error.eq(error_beat),
                         ahead_last.eq(beat.last),
                     ]
+                    begin_decode(beat.data[0][:2], ahead_sizes.count)
+            with m.Elif(ahead_code & ahead_well_formed & ~ahead_error & ~first_waits &
+                        (ahead_kind != c.GuestCmd.GET_PAGES.value)):
+                # A beat with a data fault is left for "Payload" to see (C7).
+                m.d.comb += [
+                    words.ready.eq(advance & ~words.payload.error),
+                    payload_taken.eq(words.valid & words.ready),
+                ]
+                with m.If(payload_taken):
+                    m.d.sync += [first_waits.eq(1), first_last.eq(beat.last)]
 
         with m.FSM():
             with m.State("Header"):
@@ -500,6 +535,7 @@ class CommandExecutor(wiring.Component):
                 m.d.comb += words.ready.eq(~budget_settling)
                 with m.If(words.valid & ~budget_settling):
                     take_budget()
+                    begin_decode(code[:2], sizes.count)
                     begin_code(code_well_formed, code[:2], sizes.count, error_beat,
                                beat.last, "Payload")
 
@@ -523,7 +559,7 @@ class CommandExecutor(wiring.Component):
                 # K and the counts are final once the last operation has its response; the
                 # core has room for the effects before the result is offered.
                 look_ahead()
-                with m.If(~first_valid & ~request_valid & (in_flight == 0) &
+                with m.If((~first_valid | first_waits) & ~request_valid & (in_flight == 0) &
                           self.effects.ready):
                     m.next = "Result"
 
@@ -559,8 +595,13 @@ class CommandExecutor(wiring.Component):
                     begin_header(ahead_sizes)
                     m.d.sync += [ahead_header.eq(0), ahead_code.eq(0)]
                     ahead_get = ahead_kind == c.GuestCmd.GET_PAGES.value
+                    m.d.comb += first_waits_now.eq(0)
+                    m.d.sync += first_waits.eq(0)
                     with m.If(ahead_sizes.empty):
                         m.next = "Finish"
+                    with m.Elif(first_waits & first_last):
+                        begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
+                                   ahead_last, "Finish")
                     with m.Elif(ahead_code & ahead_get):
                         begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
                                    ahead_last, "Budget")
