@@ -10,6 +10,7 @@ from amaranth.lib import data
 
 from balloon_sim import EngineModel, ParkingEngineModel, command_payloads, wait_until_clear
 from memballoon import constants as c
+from memballoon.hdl.balloon.bitmap import READ_LATENCY
 from memballoon.hdl.balloon.core import BalloonCore
 from memballoon.hdl.balloon.interface import BalloonCounters
 from memballoon.hdl.virtqueue.split.engine import USED_BATCH
@@ -208,17 +209,18 @@ class CoreBench:
 
     async def reset(self, ctx):
         """C9: a reset pulse; busy rises in the next cycle and stays up until the clear is
-        done, pages / 128 cycles (a 64-bit word of each bank a clock), and two more while
-        the last words reach the committed copy."""
+        done, pages / 128 cycles (a 64-bit word of each bank a clock), and
+        ``READ_LATENCY + 1`` more while the last words reach the committed copy."""
         ctx.set(self.dut.reset, 1)
         await ctx.tick()
         ctx.set(self.dut.reset, 0)
+        clear_cycles = self.pages // 128 + READ_LATENCY + 1
         cycles = 0
         while ctx.get(self.dut.busy):
-            assert ctx.get(self.dut.host.busy) and cycles < self.pages // 128 + 2
+            assert ctx.get(self.dut.host.busy) and cycles < clear_cycles
             await ctx.tick()
             cycles += 1
-        assert cycles == self.pages // 128 + 2
+        assert cycles == clear_cycles
         self.model.reset()
 
     async def write_budget(self, ctx, budget):

@@ -10,7 +10,7 @@ from amaranth.lib import wiring
 
 from balloon_sim import EngineModel, wait_until_clear
 from memballoon import constants as c
-from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap
+from memballoon.hdl.balloon.bitmap import READ_LATENCY, WORD_BITS, Bitmap
 from memballoon.hdl.balloon.executor import CommandExecutor, OpTag
 from sim_util import simulate
 
@@ -81,6 +81,7 @@ class Harness:
             ctx.set(self.bitmap.read.payload, index)
             await ctx.tick()
             ctx.set(self.bitmap.read.valid, 0)
+            await ctx.tick().repeat(READ_LATENCY - 1)
             word = ctx.get(self.bitmap.read_data.payload)
             pages |= {index * WORD_BITS + i for i in range(WORD_BITS) if word >> i & 1}
         return pages

@@ -11,7 +11,7 @@ from amaranth.hdl import Fragment, Module, UnusedElaboratable
 from amaranth.hdl._ir import build_netlist
 
 from balloon_sim import wait_until_clear
-from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap, BitmapAction
+from memballoon.hdl.balloon.bitmap import READ_LATENCY, WORD_BITS, Bitmap, BitmapAction
 from memballoon.tb.seed import new_seed
 from sim_util import simulate, stream_put
 
@@ -76,11 +76,12 @@ def random_beat(rng, tag, hot_words):
 
 
 async def read_word(ctx, dut, index):
-    """One management read; its data comes in the next cycle."""
+    """One management read; its data comes ``READ_LATENCY`` cycles later."""
     ctx.set(dut.read.valid, 1)
     ctx.set(dut.read.payload, index)
     await ctx.tick()
     ctx.set(dut.read.valid, 0)
+    await ctx.tick().repeat(READ_LATENCY - 1)
     assert ctx.get(dut.read_data.valid)
     return ctx.get(dut.read_data.payload)
 
@@ -156,16 +157,17 @@ def test_random_beats_and_reads_match_the_model(index):
             ctx.set(dut.read.valid, 0)
 
     async def monitor(ctx):
-        read_index = None
+        read_indices = deque([None] * READ_LATENCY)   # of the reads on their way
         async for _, _, read_valid, index_, response_valid, response, data_valid, data in \
                 ctx.tick().sample(dut.read.valid, dut.read.payload, dut.response.valid,
                                   dut.response.payload, dut.read_data.valid,
                                   dut.read_data.payload):
+            read_index = read_indices.popleft()
             if data_valid:
                 assert read_index is not None
                 assert data == model.word(read_index), f"seed {seed}: read of {read_index}"
                 reads_checked.append(read_index)
-            read_index = index_ if read_valid else None
+            read_indices.append(index_ if read_valid else None)
             if not response_valid:
                 continue
             for lane in response.lanes:
@@ -371,12 +373,14 @@ def test_clear_leaves_only_the_range_and_is_busy_until_done(first, end):
         await ctx.tick()
         ctx.set(dut.clear, 0)
         ctx.set(dut.request.valid, 0)
+        # A word of each bank a clock, once the beat taken last has left the pipeline.
+        clear_cycles = WORDS // 2 + READ_LATENCY - 1
         busy_cycles = 0
         while ctx.get(dut.busy):
-            assert not ctx.get(dut.request.ready) and busy_cycles < WORDS // 2
+            assert not ctx.get(dut.request.ready) and busy_cycles < clear_cycles
             await ctx.tick()
             busy_cycles += 1
-        assert busy_cycles == WORDS // 2            # a word of each bank a clock
+        assert busy_cycles == clear_cycles
         model.fill(first, end)
         assert await read_all(ctx, dut) == [model.word(i) for i in range(WORDS)]
 
@@ -420,6 +424,43 @@ def test_elaborates_at_the_largest_size_and_refuses_bad_sizes():
             with pytest.raises(ValueError):
                 Bitmap(pages, tag_shape=2)
         gc.collect()
+
+
+@pytest.mark.parametrize("gap", range(1, READ_LATENCY + 1))
+def test_a_read_on_its_way_sees_a_scan_write_of_its_row(gap):
+    """A read's word is its row as it leaves the pipeline: a scan write of the row taken
+    ``gap`` clocks after the read (its RAM access already made) is in the read's data if
+    it comes before the data does; a later read sees it from the RAM. Restoring the
+    committed copy (C7) writes rows this way while reads go on."""
+    dut = Bitmap(PAGES, tag_shape=8)
+    old, new = 0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210
+    word = 6                            # row 3 of bank 0
+
+    def offer_scan_write(ctx, data):
+        ctx.set(dut.scan.valid, 1)
+        ctx.set(dut.scan.payload, {"row": word // 2, "write": 1, "data": [data, 0]})
+
+    async def testbench(ctx):
+        ctx.set(dut.hold, 1)
+        offer_scan_write(ctx, old)
+        await ctx.tick()
+        ctx.set(dut.scan.valid, 0)
+        ctx.set(dut.read.valid, 1)
+        ctx.set(dut.read.payload, word)
+        for clock in range(1, READ_LATENCY + 1):
+            await ctx.tick()
+            ctx.set(dut.read.valid, 0)
+            ctx.set(dut.scan.valid, 0)
+            if clock == gap:
+                assert ctx.get(dut.scan.ready)
+                offer_scan_write(ctx, new)
+        assert ctx.get(dut.read_data.valid)
+        assert ctx.get(dut.read_data.payload) == (new if gap < READ_LATENCY else old)
+        await ctx.tick()
+        ctx.set(dut.scan.valid, 0)
+        assert await read_word(ctx, dut, word) == new
+
+    simulate(dut, testbench)
 
 
 def test_written_mirrors_every_write_and_scans_take_whole_rows():
@@ -467,6 +508,7 @@ def test_written_mirrors_every_write_and_scans_take_whole_rows():
             ctx.set(dut.scan.payload, {"row": row, "write": 0})
             await ctx.tick().until(dut.scan.ready)
             ctx.set(dut.scan.valid, 0)
+            await ctx.tick().repeat(READ_LATENCY - 1)
             assert ctx.get(dut.scan_data.valid)
             got = ctx.get(dut.scan_data.payload)
             assert [got[0], got[1]] == words[2 * row:2 * row + 2]

@@ -7,7 +7,7 @@ import pytest
 from amaranth.hdl import Module, ResetInserter, Signal
 from amaranth.lib import wiring
 
-from memballoon.hdl.balloon.bitmap import WORD_BITS, Bitmap, BitmapAction
+from memballoon.hdl.balloon.bitmap import READ_LATENCY, WORD_BITS, Bitmap, BitmapAction
 from memballoon.hdl.balloon.committed import CommittedBitmap
 from memballoon.tb.seed import new_seed
 from sim_util import simulate, stream_put, wait_until
@@ -94,7 +94,7 @@ def test_commits_and_aborts_match_the_model(journal_depth):
                         {"enable": 1, "page": page, "action": action, "allowed": 1}]},
                         rng, idle=0.3)
                     (working.add if action == BitmapAction.SET else working.discard)(page)
-                await ctx.tick().repeat(2)              # the last write is journaled
+                await ctx.tick().repeat(READ_LATENCY + 1)   # the last write is journaled
                 await wait_until(ctx, lambda: ctx.get(committed.boundary_ready), "room")
                 await pulse(ctx, committed.boundary)
                 states.append(set(working))
@@ -112,6 +112,7 @@ def test_commits_and_aborts_match_the_model(journal_depth):
                 ctx.set(bitmap.read.payload, word)
                 await ctx.tick()
                 ctx.set(bitmap.read.valid, 0)
+                await ctx.tick().repeat(READ_LATENCY - 1)
                 assert ctx.get(bitmap.read_data.payload) == value, f"seed {seed}: word {word}"
         assert bool(overflows) == (journal_depth < 16), "the journal overflowed as sized"
 

@@ -14,6 +14,9 @@ _ONES = Const(2 ** WORD_BITS - 1, WORD_BITS)
 MAX_PAGES = 2 ** 24
 #: Page operations per request beat: one per command word lane.
 LANES = COMMAND_LANES
+#: Clocks from a request beat, read or scan taken to its response or data: the RAMs' read
+#: and their output registers.
+READ_LATENCY = 2
 #: RAM banks, interleaved on the word address: word ``w`` is row ``w // BANKS`` of bank
 #: ``w % BANKS``. The logic pairs lane 0 with lane 1 and bank 0 with bank 1: two of each.
 BANKS = 2
@@ -95,14 +98,16 @@ class Bitmap(wiring.Component):
     """``pages`` bits in ``BANKS`` ``lib.memory.Memory`` banks of ``WORD_BITS``-bit words,
     interleaved on the word address; bit set = the host owns the page (C8).
 
-    Each bank is a read-modify-write pipeline of two stages: the cycle that accepts a
-    request addresses the RAMs, the next one changes the words, writes them back and
-    responds. A write is seen by a read of the same row only one edge later, so the modify
-    stage takes a bank's word from that bank's previous write when the rows match:
-    back-to-back operations on one word see each other. The rows are compared a clock
-    early, when the read is addressed, against the row the modify stage holds whether or
-    not it writes it (its word is that row's either way), so that the comparison stays
-    off the modify path (timing).
+    Each bank is a read-modify-write pipeline of three stages (``READ_LATENCY``): the
+    cycle that accepts a request addresses the RAMs, the next one registers their words
+    (the RAM's output register: an UltraRAM or block RAM read without it costs about
+    1.5 ns of the clock), the third changes the words, writes them back and responds. A
+    write is seen by a read of the same row only one edge later, so the modify stage
+    takes a bank's word from that bank's write of the clock before, or else of the one
+    before that, when its row was written: back-to-back operations on one word see each
+    other. Each comparison is made a clock or two early, against the row the modify
+    stage holds whether or not it writes it (its word is that row's either way), so
+    that it stays off the modify path (timing).
 
     A request beat carries up to ``LANES`` operations (lanes with ``enable``), applied in
     lane order. Both lanes go through in one clock when they hit different banks, or the
@@ -128,12 +133,12 @@ class Bitmap(wiring.Component):
         without an enabled lane is taken and dropped. ``ready`` depends on the payload
         (a conflicting beat is taken in its second clock).
     response : Out(stream.Signature(bitmap_response_layout(tag_shape), always_ready=True))
-        The enabled lanes, in request order, in the cycle after they were issued:
+        The enabled lanes, in request order, ``READ_LATENCY`` cycles after they were issued:
         ``changed`` if the operation took effect. A split beat's lanes come in two beats.
     read : In(stream.Signature(word_bits))
         Read a RAM word (management, C10); always ready.
     read_data : Out(stream.Signature(WORD_BITS, always_ready=True))
-        The word, in the cycle after the read was accepted; bit ``i`` = page
+        The word, ``READ_LATENCY`` cycles after the read was accepted; bit ``i`` = page
         ``WORD_BITS * word + i``.
     extra_first, extra_end : In(page_bits + 1)
         The extra-memory range: pages ``extra_first`` .. ``extra_end - 1``.
@@ -153,7 +158,7 @@ class Bitmap(wiring.Component):
         Whole-row reads and writes of every bank, taken only while ``hold`` is high and
         no page operation is left in the pipeline; host reads go first.
     scan_data : Out(stream.Signature(data.ArrayLayout(WORD_BITS, BANKS), always_ready=True))
-        The row a scan read asked for, in the cycle after it was taken.
+        The row a scan read asked for, ``READ_LATENCY`` cycles after it was taken.
     """
 
     def __init__(self, pages, tag_shape):
@@ -218,7 +223,7 @@ class Bitmap(wiring.Component):
             high_bits = Mux(word == last_word, _ONES >> ~target_last[:_OFFSET_BITS], _ONES)
             return Mux(in_range, low_bits & high_bits, 0)
 
-        s1_may_write = Signal()
+        may_write = Signal()            # a page or fill operation is in stage 1 or 2
         fill_issue = Signal()
         clear_write = Signal()
         live_range_empty = self.extra_end <= self.extra_first
@@ -247,7 +252,7 @@ class Bitmap(wiring.Component):
                 # The bits are all rewritten: no read, one row of every bank per clock,
                 # after an operation in the modify stage that may write (decided on the
                 # stage's registers: timing).
-                m.d.comb += clear_write.eq(~s1_may_write)
+                m.d.comb += clear_write.eq(~may_write)
                 with m.If(self.clear):
                     start_clear()
                 with m.Elif(clear_write):
@@ -280,17 +285,22 @@ class Bitmap(wiring.Component):
         second_half = Signal()          # lane 0 of the conflicting beat offered was issued
         s1_valid = Signal()
         s1_access = Signal(_Access)
+        s2_valid = Signal()
+        s2_access = Signal(_Access)
         engines_idle = fsm.ongoing("Ready") & ~fill_pending & ~self.clear & ~self.read.valid
         pages_open = engines_idle & ~self.hold
         issue_pages = self.request.valid & pages_open
-        # A scan write goes to the RAMs at once: not while an operation is in the modify
-        # stage (decided on the stage's registers, not on whether it writes: timing).
+        # A scan write goes to the RAMs at once: not while an operation that may write is
+        # in the pipeline (decided on the stages' registers, not on whether it writes:
+        # timing).
         scan = self.scan.payload
         scan_taken = Signal()
-        m.d.comb += s1_may_write.eq(s1_valid & ((s1_access == _Access.PAGE) |
-                                                (s1_access == _Access.FILL)))
+        writing = (_Access.PAGE, _Access.FILL)
+        m.d.comb += may_write.eq(
+            s1_valid & ((s1_access == writing[0]) | (s1_access == writing[1])) |
+            s2_valid & ((s2_access == writing[0]) | (s2_access == writing[1])))
         m.d.comb += [
-            self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & s1_may_write)),
+            self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & may_write)),
             scan_taken.eq(self.scan.valid & self.scan.ready),
         ]
         issued = Signal(LANES)
@@ -352,23 +362,50 @@ class Bitmap(wiring.Component):
         with m.Else():
             m.d.sync += s1_access.eq(_Access.PAGE)
 
-        # --- Stage 1: modify, write back, respond --------------------------------------------
+        # --- Stage 1: the RAMs' words come out and are registered -----------------------------
+        # (the RAMs' output registers: UltraRAM's OREG, block RAM's DOB_REG)
+        s2_word = Signal.like(s1_word)
+        s2_mask = Signal.like(s1_mask)
+        s2_issued = Signal.like(s1_issued)
+        s2_lanes = Signal.like(s1_lanes)
+        m.d.sync += [
+            s2_valid.eq(s1_valid),
+            s2_access.eq(s1_access),
+            s2_word.eq(s1_word),
+            s2_mask.eq(s1_mask),
+            s2_issued.eq(s1_issued),
+            s2_lanes.eq(s1_lanes),
+        ]
+
+        # --- Stage 2: modify, write back, respond --------------------------------------------
+        # A stage-2 word misses the writes of the two clocks before (its read was addressed
+        # two clocks earlier): it is the last write's word if that was its row, else the
+        # one before's if that was, else the RAM's; both decided a clock or two early.
         bank_words = []
         last_write_kinds = []
-        bank_forwarded = []             # (forwarded, last write's word, RAM word) per bank
-        s1_rows, forwardings = [], []
+        bank_sources = []               # (last, before last, RAM word) per bank, chosen
+        s1_rows, s2_rows, hits_before, hits_last = [], [], [], []
         for bank, (read_port, write_port) in enumerate(zip(read_ports, write_ports)):
             s1_row = Signal.like(read_port.addr, name=f"s1_row{bank}")
-            forwarded = Signal(name=f"forwarded{bank}")
+            s2_row = Signal.like(read_port.addr, name=f"s2_row{bank}")
+            ram_word = Signal.like(read_port.data, name=f"ram_word{bank}")
+            hit_before = Signal(name=f"hit_before{bank}")   # in stage 1: the write at issue
+            hit_before2 = Signal(name=f"hit_before2_{bank}")  # the same, in stage 2
+            hit_last = Signal(name=f"hit_last{bank}")       # in stage 2: the write a clock ago
             last_write_valid = Signal(name=f"last_write_valid{bank}")
             last_write_row = Signal.like(write_port.addr, name=f"last_write_row{bank}")
             last_write_data = Signal.like(write_port.data, name=f"last_write_data{bank}")
+            before_write_data = Signal.like(write_port.data, name=f"before_write_data{bank}")
             last_write_kind = Signal(_WriteKind, name=f"last_write_kind{bank}")
             m.d.sync += [
                 s1_row.eq(read_port.addr),
+                s2_row.eq(s1_row),
+                ram_word.eq(read_port.data),
+                hit_before2.eq(hit_before),
                 last_write_valid.eq(write_port.en),
                 last_write_row.eq(write_port.addr),
                 last_write_data.eq(write_port.data),
+                before_write_data.eq(last_write_data),
             ]
             written = self.written[bank]
             m.d.comb += [
@@ -378,26 +415,31 @@ class Bitmap(wiring.Component):
                 written.data.eq(last_write_data),
             ]
             last_write_kinds.append(last_write_kind)
-            bank_words.append(Mux(forwarded, last_write_data, read_port.data))
-            bank_forwarded.append((forwarded, last_write_data, read_port.data))
+            bank_words.append(Mux(hit_last, last_write_data,
+                                  Mux(hit_before2, before_write_data, ram_word)))
+            bank_sources.append((hit_last, last_write_data, hit_before2, before_write_data,
+                                 ram_word))
             s1_rows.append(s1_row)
-            forwardings.append(forwarded)
+            s2_rows.append(s2_row)
+            hits_before.append(hit_before)
+            hits_last.append(hit_last)
 
-        page_access = s1_valid & (s1_access == _Access.PAGE)
-        s1_lane_word = [lane.page[_OFFSET_BITS:] for lane in s1_lanes]
-        same_page = s1_lanes[0].page == s1_lanes[1].page
+        page_access = s2_valid & (s2_access == _Access.PAGE)
+        s2_lane_word = [lane.page[_OFFSET_BITS:] for lane in s2_lanes]
+        same_page = s2_lanes[0].page == s2_lanes[1].page
         last_changed = Signal()             # of the last enabled operation so far
         previous_changed = last_changed
         lane_changed = []
-        for index, lane in enumerate(s1_lanes):
-            enabled = page_access & s1_issued[index]
-            # The page's bit picked from each source word first and chosen last: the row
-            # comparison of the forwarding runs beside the 128-bit selection (timing).
+        for index, lane in enumerate(s2_lanes):
+            enabled = page_access & s2_issued[index]
+            # The page's bit picked from each source word first and chosen last: the
+            # forwarding's choice runs beside the 192-bit selection (timing).
             offset = lane.page[:_OFFSET_BITS]
-            bank_bits = [Mux(forwarded, last_word.bit_select(offset, 1),
-                             ram_word.bit_select(offset, 1))
-                         for forwarded, last_word, ram_word in bank_forwarded]
-            bit = Mux(bank_of(s1_lane_word[index]), bank_bits[1], bank_bits[0])
+            bank_bits = [Mux(last_hit, last_word.bit_select(offset, 1),
+                             Mux(before_hit, before_word.bit_select(offset, 1),
+                                 ram.bit_select(offset, 1)))
+                         for last_hit, last_word, before_hit, before_word, ram in bank_sources]
+            bit = Mux(bank_of(s2_lane_word[index]), bank_bits[1], bank_bits[0])
             if index:
                 # Lane 1 on lane 0's page sees lane 0's change.
                 bit = bit ^ (lane_changed[0] & same_page)
@@ -409,14 +451,14 @@ class Bitmap(wiring.Component):
             previous_changed = Mux(enabled, changed, previous_changed)
         m.d.sync += last_changed.eq(previous_changed)
 
-        fill_write = s1_valid & (s1_access == _Access.FILL)
+        fill_write = s2_valid & (s2_access == _Access.FILL)
         scan_write = scan_taken & scan.write
         for bank, write_port in enumerate(write_ports):
             # The lanes that changed a bit of this bank: both only on one word of it.
             flips = [changed & (bank_of(word) == bank)
-                     for changed, word in zip(lane_changed, s1_lane_word)]
+                     for changed, word in zip(lane_changed, s2_lane_word)]
             page_write = flips[0] | flips[1]
-            this_fill = fill_write & (bank_of(s1_word) == bank)
+            this_fill = fill_write & (bank_of(s2_word) == bank)
             m.d.comb += write_port.en.eq(page_write | this_fill | clear_write | scan_write)
             kind = last_write_kinds[bank]
             with m.If(page_write):
@@ -426,10 +468,10 @@ class Bitmap(wiring.Component):
             with m.Else():
                 m.d.sync += kind.eq(_WriteKind.DIRECT)
             # A page or fill write goes to the row the stage read. Without a write the
-            # word is that row's as it is: the next clock forwards it all the same if it
-            # reads that row (the forwarding does not wait for the modify: timing).
+            # word is that row's as it is: later stages forward it all the same if they
+            # read that row (the forwarding does not wait for the modify: timing).
             flipped = bank_words[bank]
-            for flip, lane in zip(flips, s1_lanes):
+            for flip, lane in zip(flips, s2_lanes):
                 flipped = flipped ^ (flip << lane.page[:_OFFSET_BITS])[:WORD_BITS]
             with m.If(scan_write):
                 m.d.comb += [write_port.addr.eq(scan.row),
@@ -438,31 +480,37 @@ class Bitmap(wiring.Component):
                 m.d.comb += [write_port.addr.eq(row_of(engine_word)),
                              write_port.data.eq(range_mask(engine_word + bank))]
             with m.Elif(this_fill):
-                m.d.comb += [write_port.addr.eq(s1_rows[bank]),
-                             write_port.data.eq(bank_words[bank] | s1_mask)]
+                m.d.comb += [write_port.addr.eq(s2_rows[bank]),
+                             write_port.data.eq(bank_words[bank] | s2_mask)]
             with m.Else():
-                m.d.comb += [write_port.addr.eq(s1_rows[bank]),
+                m.d.comb += [write_port.addr.eq(s2_rows[bank]),
                              write_port.data.eq(flipped)]
-            # Whether the next clock's word of this bank is this clock's write, compared a
-            # clock early: a scan write reads the row it writes; a clear writes its row;
-            # otherwise the stage's row (written or not) if the stage holds an access.
-            m.d.sync += forwardings[bank].eq(
-                scan_write |
-                Mux(clear_write, read_row(bank, lambda row: row == row_of(engine_word)),
-                    s1_valid & read_row(bank, lambda row: row == s1_rows[bank])))
+            # Whether a row read now, or in stage 1 now, is the row written now: a scan
+            # write reads the row it writes; a clear writes its row; otherwise stage 2's
+            # row (written or not) if stage 2 holds an access.
+            m.d.sync += [
+                hits_before[bank].eq(
+                    scan_write |
+                    Mux(clear_write, read_row(bank, lambda row: row == row_of(engine_word)),
+                        s2_valid & read_row(bank, lambda row: row == s2_rows[bank]))),
+                hits_last[bank].eq(
+                    Mux(scan_write, scan.row == s1_rows[bank],
+                        Mux(clear_write, row_of(engine_word) == s1_rows[bank],
+                            s2_valid & (s2_rows[bank] == s1_rows[bank])))),
+            ]
 
         m.d.comb += self.response.valid.eq(page_access)
-        for index, lane in enumerate(s1_lanes):
+        for index, lane in enumerate(s2_lanes):
             m.d.comb += [
-                self.response.payload.lanes[index].enable.eq(s1_issued[index]),
+                self.response.payload.lanes[index].enable.eq(s2_issued[index]),
                 self.response.payload.lanes[index].tag.eq(lane.tag),
                 self.response.payload.lanes[index].changed.eq(lane_changed[index]),
             ]
         m.d.comb += [
-            self.scan_data.valid.eq(s1_valid & (s1_access == _Access.SCAN)),
+            self.scan_data.valid.eq(s2_valid & (s2_access == _Access.SCAN)),
             self.scan_data.payload[0].eq(bank_words[0]),
             self.scan_data.payload[1].eq(bank_words[1]),
-            self.read_data.valid.eq(s1_valid & (s1_access == _Access.READ)),
-            self.read_data.payload.eq(Mux(bank_of(s1_word), bank_words[1], bank_words[0])),
+            self.read_data.valid.eq(s2_valid & (s2_access == _Access.READ)),
+            self.read_data.payload.eq(Mux(bank_of(s2_word), bank_words[1], bank_words[0])),
         ]
         return m

@@ -7,7 +7,8 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .bitmap import BANKS, WORD_BITS, row_bits_of, scan_request_layout, written_layout
+from .bitmap import (BANKS, READ_LATENCY, WORD_BITS, row_bits_of, scan_request_layout,
+                     written_layout)
 
 #: Journal entries per bank: the rows the uncommitted commands wrote (a run of writes to
 #: one row is one entry). 512 x (row + 64 bits) is two BRAM36 per bank.
@@ -107,8 +108,13 @@ class CommittedBitmap(wiring.Component):
         scan_copy = Signal()                # the whole working bitmap goes into the copy
         forget = Signal()                   # the copy is back in the working bitmap
         scan_row = Signal(row_bits)         # the next row to request
-        data_row = Signal(row_bits)         # the row of the scan data arriving
-        m.d.sync += data_row.eq(scan_row)
+        # The row of the scan data arriving: scan_row as it was READ_LATENCY clocks ago.
+        requested_rows = [scan_row]
+        for age in range(READ_LATENCY):
+            requested_rows.append(Signal(row_bits, name=f"requested_row{age}"))
+            m.d.sync += requested_rows[-1].eq(requested_rows[-2])
+        data_row = requested_rows[-1]
+        last_arriving = Signal(range(READ_LATENCY))  # clocks left in "Copy-Last"
 
         # --- Command boundaries: each bank's journal write pointer after the command ------
         mark = data.StructLayout({"ends": data.ArrayLayout(pointer_bits, BANKS),
@@ -240,14 +246,16 @@ class CommittedBitmap(wiring.Component):
                     self.scan.payload.write.eq(0),
                 ]
                 with m.If(scan_taken):
-                    m.d.sync += scan_row.eq(scan_row + 1)
+                    m.d.sync += [scan_row.eq(scan_row + 1), last_arriving.eq(READ_LATENCY - 1)]
                     with m.If(scan_row == rows - 1):
                         m.next = "Copy-Last"
 
             with m.State("Copy-Last"):
-                m.d.comb += scan_copy.eq(1)         # the last row's words arrive
-                m.d.sync += overflow_held.eq(0)
-                m.next = "Run"
+                m.d.comb += scan_copy.eq(1)         # the last rows' words arrive
+                m.d.sync += last_arriving.eq(last_arriving - 1)
+                with m.If(last_arriving == 0):
+                    m.d.sync += overflow_held.eq(0)
+                    m.next = "Run"
 
             with m.State("Restore-Read"):
                 m.next = "Restore-Write"            # the committed row is read

@@ -9,7 +9,7 @@ from memballoon import constants as c
 
 from ..virtqueue.interface import CommandSignature
 from ..virtqueue.split.engine import USED_BATCH
-from .bitmap import Bitmap
+from .bitmap import READ_LATENCY, Bitmap
 from .committed import JOURNAL_DEPTH, MAX_UNCOMMITTED, CommittedBitmap
 from .executor import CommandEffects, CommandExecutor, OpTag
 from .fromdevq import MinBalloonSender
@@ -217,10 +217,10 @@ class BalloonCore(wiring.Component):
             read_past_end.eq(read.valid & ~read_in_bitmap),
         ]
         # The committed copy is what the host reads (C7: the bitmap changes as commands
-        # commit). A clear or fill reaches it two clocks after the working bitmap: reads
-        # wait for that.
-        bitmap_settling = Signal(2)
-        m.d.sync += bitmap_settling.eq(Cat(bitmap.busy, bitmap_settling[0]))
+        # commit). A fill's last word is written READ_LATENCY clocks after the bitmap's
+        # busy falls, and reaches the copy a clock later: reads wait for that.
+        bitmap_settling = Signal(READ_LATENCY + 1)
+        m.d.sync += bitmap_settling.eq(Cat(bitmap.busy, bitmap_settling[:-1]))
         bitmap_quiet = ~bitmap.busy & ~bitmap_settling.any()
         m.d.comb += [
             read.ready.eq(~read_in_bitmap | (committed.read.ready & bitmap_quiet)),

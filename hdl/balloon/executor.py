@@ -129,8 +129,8 @@ class CommandExecutor(wiring.Component):
     after it comes (timing) (GET writes K, le64); meanwhile the next command's header and
     code word are taken and checked ahead, so that its payload follows the result at once
     (a GET's a clock later: the budget, C10). Each command hands its
-    :class:`CommandEffects` to the balloon core with its result: the counters, ``balloon_pages`` and the budget change only when the command commits
-    (C7), and the bitmap's committed copy knows where the command's writes end
+    :class:`CommandEffects` to the balloon core with its result: the counters,
+    ``balloon_pages`` and the budget change only when the command commits (C7), and the bitmap's committed copy knows where the command's writes end
     (``effects`` handshake = ``CommittedBitmap.boundary``). A word beat with ``error``
     (its data could not be read, C7) stops the executor without a result until it is
     reset (the core's abort restores what the command changed).
