@@ -126,14 +126,16 @@ class CommandExecutor(wiring.Component):
     parameter: ``DeviceParams.get_grant_limit``): a longer GET is a prefix grant.
 
     Every command completes once its last operation has its response, counted a clock
-    after it comes (timing) (GET writes K, le64); meanwhile the next command's header and
-    code word are taken and checked ahead, so that its payload follows the result at once
-    (a GET's a clock later: the budget, C10). Each command hands its
+    after it comes (timing) (GET writes K, le64). Meanwhile the next command's header and
+    code word are taken and checked ahead, and for a GIVE or EXCHANGE its first payload
+    beat decoded, so that its operations reach the bitmap in the clock of the result (a
+    GET starts a clock or two later: the budget, C10). Each command hands its
     :class:`CommandEffects` to the balloon core with its result: the counters,
-    ``balloon_pages`` and the budget change only when the command commits (C7), and the bitmap's committed copy knows where the command's writes end
-    (``effects`` handshake = ``CommittedBitmap.boundary``). A word beat with ``error``
-    (its data could not be read, C7) stops the executor without a result until it is
-    reset (the core's abort restores what the command changed).
+    ``balloon_pages`` and the budget change only when the command commits (C7), and the
+    bitmap's committed copy knows where the command's writes end (``effects`` handshake
+    = ``CommittedBitmap.boundary``, before the next command's first write). A word beat
+    with ``error`` (its data could not be read, C7) stops the executor without a result
+    until it is reset (the core's abort restores what the command changed).
 
     Attributes
     ----------
