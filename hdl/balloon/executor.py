@@ -270,6 +270,11 @@ class CommandExecutor(wiring.Component):
         first = Signal(data.ArrayLayout(word_layout, LANES))
         first_valid = Signal()
         first_get = Signal()                # the words in the first stage are a GET's
+        # A GET's first beat taken ahead has its grant room from the budget as it goes on
+        # (the first words of a command: word i is granted if the budget is above i).
+        budget_room_now = Signal()
+        budget_room = Cat((self.return_budget > lane) & (self._grant_limit > lane)
+                          for lane in range(LANES))
         first_decoded = Signal.like(first)
         for lane in range(LANES):
             address = beat.data[lane]
@@ -316,7 +321,9 @@ class CommandExecutor(wiring.Component):
             with m.If(first_get):
                 m.d.comb += [
                     operation.action.eq(BitmapAction.CLEAR),
-                    operation.allowed.eq(valid & grantable & word.grant_room),
+                    operation.allowed.eq(valid & grantable &
+                                         Mux(budget_room_now, budget_room[lane],
+                                             word.grant_room)),
                     operation.chained.eq(word.chained),
                     operation.tag.eq(Mux(valid, OpTag.GRANT,
                                          Mux(word.misaligned, OpTag.GRANT_MISALIGNED,
@@ -435,6 +442,7 @@ class CommandExecutor(wiring.Component):
         ahead_error = Signal()
         ahead_last = Signal()
         first_last = Signal()               # the beat taken ahead was the payload's last
+        first_count = Signal.like(beat.count)   # and held these words
 
         effects_pushed = Signal()           # the effects went to the core a clock ago
         m.d.sync += effects_pushed.eq(self.effects.valid & self.effects.ready)
@@ -484,6 +492,11 @@ class CommandExecutor(wiring.Component):
             with m.Else():
                 m.next = "Drain"
 
+        def release_first():
+            """The beat taken ahead goes on to the bitmap in this clock."""
+            m.d.comb += first_waits_now.eq(0)
+            m.d.sync += first_waits.eq(0)
+
         def take_budget():
             """The grants this GET may make: the return budget now, at most the limit."""
             m.d.sync += grants_left.eq(Mux(self.return_budget < self._grant_limit,
@@ -512,15 +525,15 @@ class CommandExecutor(wiring.Component):
                         ahead_last.eq(beat.last),
                     ]
                     begin_decode(beat.data[0][:2], ahead_sizes.count)
-            with m.Elif(ahead_code & ahead_well_formed & ~ahead_error & ~first_waits &
-                        (ahead_kind != c.GuestCmd.GET_PAGES.value)):
+            with m.Elif(ahead_code & ahead_well_formed & ~ahead_error & ~first_waits):
                 # A beat with a data fault is left for "Payload" to see (C7).
                 m.d.comb += [
                     words.ready.eq(advance & ~words.payload.error),
                     payload_taken.eq(words.valid & words.ready),
                 ]
                 with m.If(payload_taken):
-                    m.d.sync += [first_waits.eq(1), first_last.eq(beat.last)]
+                    m.d.sync += [first_waits.eq(1), first_last.eq(beat.last),
+                                 first_count.eq(beat.count)]
 
         with m.FSM():
             with m.State("Header"):
@@ -542,8 +555,19 @@ class CommandExecutor(wiring.Component):
                                beat.last, "Payload")
 
             with m.State("Budget"):
-                # A GET whose code word was taken ahead: the budget as in "Code".
-                with m.If(~effects_pushed):
+                # A GET whose code word was taken ahead: the budget as in "Code". A first
+                # beat taken ahead goes on now, its lanes' grant room from the budget.
+                with m.If(~effects_pushed & first_waits):
+                    m.d.sync += grants_left.eq(Mux(self.return_budget < self._grant_limit,
+                                                   self.return_budget, self._grant_limit) -
+                                               first_count)
+                    m.d.comb += budget_room_now.eq(1)
+                    release_first()
+                    with m.If(first_last):
+                        m.next = "Finish"
+                    with m.Else():
+                        m.next = "Payload"
+                with m.Elif(~effects_pushed):
                     take_budget()
                     m.next = "Payload"
 
@@ -597,16 +621,19 @@ class CommandExecutor(wiring.Component):
                     begin_header(ahead_sizes)
                     m.d.sync += [ahead_header.eq(0), ahead_code.eq(0)]
                     ahead_get = ahead_kind == c.GuestCmd.GET_PAGES.value
-                    m.d.comb += first_waits_now.eq(0)
-                    m.d.sync += first_waits.eq(0)
                     with m.If(ahead_sizes.empty):
                         m.next = "Finish"
-                    with m.Elif(first_waits & first_last):
-                        begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
-                                   ahead_last, "Finish")
                     with m.Elif(ahead_code & ahead_get):
                         begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
                                    ahead_last, "Budget")
+                    with m.Elif(first_waits):
+                        release_first()
+                        with m.If(first_last):
+                            begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count,
+                                       ahead_error, ahead_last, "Finish")
+                        with m.Else():
+                            begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count,
+                                       ahead_error, ahead_last, "Payload")
                     with m.Elif(ahead_code):
                         begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
                                    ahead_last, "Payload")
