@@ -124,17 +124,17 @@ class AvailFetcher(wiring.Component):
         caught_up = Signal()
         pending = Signal(16)
         position = Signal(16)
-        in_ring = Signal(16)            # pending entries before the ring's end
-        batch = Signal(range(self._max_heads + 1))
-        ring_batch = Signal.like(batch)  # entries of the ring read being issued
+        # Pending entries before the ring's end, registered: taken in "Batch", a clock
+        # after "Check" (timing).
+        in_ring = Signal(16)
+        ring_batch = Signal(range(self._max_heads + 1))  # entries of the ring read issued
         to_ring_end = config.size - position
         free = self._max_heads - queue.level
         m.d.comb += [
             pending.eq(avail_idx - last_avail),
             position.eq(last_avail & (config.size - 1)),
-            in_ring.eq(Mux(pending < to_ring_end, pending, to_ring_end)),
-            batch.eq(Mux(free < in_ring, free, in_ring)),
         ]
+        m.d.sync += in_ring.eq(Mux(pending < to_ring_end, pending, to_ring_end))
 
         # --- The next index read, with the entries in its cache line ----------------------
         # The read starts at avail->idx: ring[i] is its le16 word i + 1.
@@ -214,15 +214,20 @@ class AvailFetcher(wiring.Component):
                 with m.If(pending > config.size):
                     fail(c.RingFault.AVAIL_AHEAD)
                 with m.Elif(pending != 0):
-                    # batch != 0: with pending <= size there is ring up to its end, so
-                    # only the head queue's room decides (not the min() chain; timing).
+                    # The batch is not 0: with pending <= size there is ring up to its
+                    # end, so only the head queue's room decides (not the min() chain;
+                    # timing).
                     with m.If(free != 0):
-                        m.d.sync += ring_batch.eq(batch)
-                        m.next = "Read-Ring"
+                        m.next = "Batch"
                 with m.Elif(self.event_idx & ~(event_valid & (event_written == last_avail))):
                     m.next = "Write-Event"
                 with m.Else():
                     m.next = "Idle"
+
+            with m.State("Batch"):
+                # in_ring is this index's now; the room only grows (the queue empties).
+                m.d.sync += ring_batch.eq(Mux(free < in_ring, free, in_ring))
+                m.next = "Read-Ring"
 
             with m.State("Read-Ring"):
                 m.d.comb += [
