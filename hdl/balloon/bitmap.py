@@ -1,6 +1,6 @@
 """The balloon bitmap (C8): one bit per page of the tracked window, in on-chip RAM."""
 
-from amaranth.hdl import Const, Module, Mux, Signal
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -295,10 +295,9 @@ class Bitmap(wiring.Component):
         # timing).
         scan = self.scan.payload
         scan_taken = Signal()
-        writing = (_Access.PAGE, _Access.FILL)
-        m.d.comb += may_write.eq(
-            s1_valid & ((s1_access == writing[0]) | (s1_access == writing[1])) |
-            s2_valid & ((s2_access == writing[0]) | (s2_access == writing[1])))
+        m.d.comb += may_write.eq(Cat(
+            valid & ((access == _Access.PAGE) | (access == _Access.FILL))
+            for valid, access in ((s1_valid, s1_access), (s2_valid, s2_access))).any())
         m.d.comb += [
             self.scan.ready.eq(engines_idle & self.hold & ~(scan.write & may_write)),
             scan_taken.eq(self.scan.valid & self.scan.ready),

@@ -63,19 +63,6 @@ class _Sizes(data.Struct):
     writes_none: 1
 
 
-def _sizes(readable, writable):
-    """The :class:`_Sizes` of a header's byte counts, as a value of its layout."""
-    words = readable[3:]
-    return _Sizes(Cat(
-        (words - 1)[:29],                                   # count
-        readable == 0,                                      # empty
-        (readable[:3] == 0) & (words > 1),                  # sized
-        words[0],                                           # even
-        writable == 8,                                      # writes_8
-        writable == 0,                                      # writes_none
-    ))
-
-
 def _checked_code(code, sizes):
     """Whether a command of this code word and :class:`_Sizes` is well formed (C5)."""
     code_get = code == c.GuestCmd.GET_PAGES.value
@@ -127,9 +114,9 @@ class CommandExecutor(wiring.Component):
 
     Every command completes once its last operation has its response, counted a clock
     after it comes (timing) (GET writes K, le64). Meanwhile the next command's header and
-    code word are taken and checked ahead, and for a GIVE or EXCHANGE its first payload
-    beat decoded, so that its operations reach the bitmap in the clock of the result (a
-    GET starts a clock or two later: the budget, C10). Each command hands its
+    code word are taken and checked ahead and its first payload beat decoded, so that
+    its operations reach the bitmap in the clock of the result (a GET's a clock or two
+    later, once the budget counts the command before, C10). Each command hands its
     :class:`CommandEffects` to the balloon core with its result: the counters,
     ``balloon_pages`` and the budget change only when the command commits (C7), and the
     bitmap's committed copy knows where the command's writes end (``effects`` handshake
@@ -429,11 +416,22 @@ class CommandExecutor(wiring.Component):
             m.d.comb += getattr(effects, name).eq(getattr(totals, name))
 
         # --- One command after the other ------------------------------------------------------
+        header_sizes = Signal(_Sizes)       # of the header offered
+        readable, writable = header.payload.readable, header.payload.writable
+        m.d.comb += [
+            header_sizes.count.eq(readable[3:] - 1),
+            header_sizes.empty.eq(readable == 0),
+            header_sizes.sized.eq((readable[:3] == 0) & (readable[3:] > 1)),
+            header_sizes.even.eq(readable[3]),
+            header_sizes.writes_8.eq(writable == 8),
+            header_sizes.writes_none.eq(writable == 0),
+        ]
         # While a command finishes, the next one's header and code word are taken ahead
-        # (unless the core holds commands back), and for a GIVE or EXCHANGE its first
-        # payload beat into the first decode stage, so that its operations follow the
-        # result at once. They reach the bitmap only after the result: the committed
-        # copy's boundary (the effects) falls between two commands' writes (C7).
+        # (unless the core holds commands back), then its first payload beat into the
+        # first decode stage, so that its operations follow the result at once (a GET's
+        # once the budget counts the command before, C10). They reach the bitmap only
+        # after the result: the committed copy's boundary (the effects) falls between two
+        # commands' writes (C7).
         ahead_header = Signal()             # the next header was taken
         ahead_sizes = Signal(_Sizes)
         ahead_code = Signal()               # and its code word
@@ -459,8 +457,8 @@ class CommandExecutor(wiring.Component):
             """Takes the next command's header unless the core holds commands back."""
             m.d.comb += header.ready.eq(~self.hold)
             with m.If(header.valid & ~self.hold):
-                begin_header(_sizes(header.payload.readable, header.payload.writable))
-                with m.If(header.payload.readable == 0):
+                begin_header(header_sizes)
+                with m.If(header_sizes.empty):
                     m.next = "Finish"
                 with m.Else():
                     m.next = "Code"
@@ -492,26 +490,31 @@ class CommandExecutor(wiring.Component):
             with m.Else():
                 m.next = "Drain"
 
+        def begin_ahead(payload_state):
+            """Starts the command whose code word was taken ahead."""
+            begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
+                       ahead_last, payload_state)
+
         def release_first():
             """The beat taken ahead goes on to the bitmap in this clock."""
             m.d.comb += first_waits_now.eq(0)
             m.d.sync += first_waits.eq(0)
 
-        def take_budget():
-            """The grants this GET may make: the return budget now, at most the limit."""
+        def take_budget(taken=0):
+            """The grants this GET may make: the return budget now, at most the limit,
+            less the ``taken`` words of a beat taken ahead."""
             m.d.sync += grants_left.eq(Mux(self.return_budget < self._grant_limit,
-                                           self.return_budget, self._grant_limit))
+                                           self.return_budget, self._grant_limit) - taken)
 
         def look_ahead():
             """Takes the next command's header, then its code word, into ``ahead_*``, then
-            a GIVE's or EXCHANGE's first payload beat into the first decode stage."""
+            its first payload beat into the first decode stage."""
             with m.If(~ahead_header):
                 m.d.comb += header.ready.eq(~self.hold)
                 with m.If(header.valid & ~self.hold):
                     m.d.sync += [
                         ahead_header.eq(1),
-                        ahead_sizes.eq(_sizes(header.payload.readable,
-                                              header.payload.writable)),
+                        ahead_sizes.eq(header_sizes),
                     ]
             with m.Elif(~ahead_code & ~ahead_sizes.empty):
                 m.d.comb += words.ready.eq(1)
@@ -558,9 +561,7 @@ class CommandExecutor(wiring.Component):
                 # A GET whose code word was taken ahead: the budget as in "Code". A first
                 # beat taken ahead goes on now, its lanes' grant room from the budget.
                 with m.If(~effects_pushed & first_waits):
-                    m.d.sync += grants_left.eq(Mux(self.return_budget < self._grant_limit,
-                                                   self.return_budget, self._grant_limit) -
-                                               first_count)
+                    take_budget(first_count)
                     m.d.comb += budget_room_now.eq(1)
                     release_first()
                     with m.If(first_last):
@@ -624,19 +625,15 @@ class CommandExecutor(wiring.Component):
                     with m.If(ahead_sizes.empty):
                         m.next = "Finish"
                     with m.Elif(ahead_code & ahead_get):
-                        begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
-                                   ahead_last, "Budget")
+                        begin_ahead("Budget")
                     with m.Elif(first_waits):
                         release_first()
                         with m.If(first_last):
-                            begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count,
-                                       ahead_error, ahead_last, "Finish")
+                            begin_ahead("Finish")
                         with m.Else():
-                            begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count,
-                                       ahead_error, ahead_last, "Payload")
+                            begin_ahead("Payload")
                     with m.Elif(ahead_code):
-                        begin_code(ahead_well_formed, ahead_kind, ahead_sizes.count, ahead_error,
-                                   ahead_last, "Payload")
+                        begin_ahead("Payload")
                     with m.Else():
                         m.next = "Code"
                 with m.Else():
