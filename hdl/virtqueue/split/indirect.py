@@ -7,6 +7,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .... import constants as c
+from ...stream_slice import StreamSlice
 from ..read_port import ReadRequest, ReadResponse
 from .chain import PrefetchedWalk
 
@@ -23,6 +24,15 @@ class _HeldWalk(data.Struct):
     beats: range(1 << 4)
 
 
+class _Incoming(data.Struct):
+    """A walk come in, with whether its table is read ahead and how many beats of it,
+    decided before its register (timing: the DescriptorPrefetcher's queue output, and
+    its ready, no longer run through the decision)."""
+    walk: PrefetchedWalk
+    ahead: 1
+    table_beats: range(1 << 4)
+
+
 class TablePrefetcher(wiring.Component):
     """Reads the start of each indirect table ahead of the ChainWalker, so that a chain
     behind an indirect descriptor (Linux puts every chain of more than one buffer there)
@@ -31,8 +41,8 @@ class TablePrefetcher(wiring.Component):
     A walk whose read-ahead head descriptor (``DescriptorPrefetcher``) is INDIRECT, with
     VIRTIO_F_INDIRECT_DESC negotiated and a table length the walker accepts (a non-zero
     multiple of 16), has the read the walker would make first issued when the walk comes
-    in: ``table_window`` descriptors from the table's start, or the whole table if it is
-    shorter. The table was written before the head was made available, so the read is
+    in (a clock after, through a register slice): ``table_window`` descriptors from the
+    table's start, or the whole table if it is shorter. The table was written before the head was made available, so the read is
     never early. Its beats are kept in a buffer (a read is issued only with room for all
     of its beats, so beats never wait) and the walk goes on once they are in.
 
@@ -92,28 +102,38 @@ class TablePrefetcher(wiring.Component):
         buffer_read = buffer.read_port()
 
         # --- Walks in: the table's first read issued on the way --------------------------
-        incoming = self.walks_in.payload
-        head_descriptor = incoming.window[0]
+        walk_in = self.walks_in.payload
+        head_descriptor = walk_in.window[0]
         entries = head_descriptor.length[4:]
-        table_beats = Mux(entries < self._table_window, entries, self._table_window)
-        ahead = (self.indirect & (incoming.filled != 0) &
-                 (incoming.walk.head < self.size) &
-                 (head_descriptor.flags & c.VRING_DESC_F_INDIRECT).any() &
-                 (head_descriptor.length[:4] == 0) & (entries != 0))
+        m.submodules.incoming = incoming = StreamSlice(_Incoming)
+        m.d.comb += [
+            incoming.input.payload.walk.eq(walk_in),
+            incoming.input.payload.ahead.eq(
+                self.indirect & (walk_in.filled != 0) & (walk_in.walk.head < self.size) &
+                (head_descriptor.flags & c.VRING_DESC_F_INDIRECT).any() &
+                (head_descriptor.length[:4] == 0) & (entries != 0)),
+            incoming.input.payload.table_beats.eq(
+                Mux(entries < self._table_window, entries, self._table_window)),
+            incoming.input.valid.eq(self.walks_in.valid),
+            self.walks_in.ready.eq(incoming.input.ready),
+        ]
+        walk = incoming.output.payload.walk
+        ahead = incoming.output.payload.ahead
+        table_beats = incoming.output.payload.table_beats
         reserved = Signal(pointer)              # buffer beats reserved by reads issued
         released = Signal(pointer)              # ... no longer needed
         room = (reserved - released)[:len(reserved)] + table_beats <= depth
         held = Signal(_HeldWalk)
         m.d.comb += [
-            held.walk.eq(incoming),
+            held.walk.eq(walk),
             held.start.eq(reserved),
             held.beats.eq(Mux(ahead, table_beats, 0)),
             walks.w_data.eq(held),
-            self.read.valid.eq(self.walks_in.valid & ahead & walks.w_rdy & room),
-            self.read.payload.command.address.eq(head_descriptor.address),
+            self.read.valid.eq(incoming.output.valid & ahead & walks.w_rdy & room),
+            self.read.payload.command.address.eq(walk.window[0].address),
             self.read.payload.command.length.eq(c.VRING_DESC_SIZE * table_beats),
-            self.walks_in.ready.eq(walks.w_rdy & (~ahead | room & self.read.ready)),
-            walks.w_en.eq(self.walks_in.valid & self.walks_in.ready),
+            incoming.output.ready.eq(walks.w_rdy & (~ahead | room & self.read.ready)),
+            walks.w_en.eq(incoming.output.valid & incoming.output.ready),
         ]
         with m.If(self.read.valid & self.read.ready):
             m.d.sync += reserved.eq(reserved + table_beats)
@@ -151,7 +171,7 @@ class TablePrefetcher(wiring.Component):
             self.walks_out.payload.eq(front.walk),
             self.walks_out.valid.eq(walks.r_rdy & (~front_ahead | (reads_in != 0))),
             walks.r_en.eq(self.walks_out.ready & self.walks_out.valid),
-            self.idle.eq((walks.level == 0) & ~serving),
+            self.idle.eq((walks.level == 0) & ~serving & ~incoming.output.valid),
         ]
         out = self.walks_out.valid & self.walks_out.ready
         read_done = self.response.valid & self.response.payload.last
