@@ -163,6 +163,20 @@ class AvailFetcher(wiring.Component):
         with m.If(self.kick):
             m.d.sync += kick_pending.eq(1)
 
+        # Addresses from the configuration (set before the queue is enabled) a clock
+        # ahead, and the ring read's in "Batch": no request's address is an add in the
+        # clock it goes out (timing).
+        index_address = Signal(64)
+        event_address = Signal(64)
+        ring_start = Signal(64)
+        ring_address = Signal(64)
+        m.d.sync += [
+            index_address.eq(config.driver + c.VRING_AVAIL_IDX),
+            ring_start.eq(config.driver + c.VRING_AVAIL_RING),
+            event_address.eq(config.device + c.VRING_USED_RING +
+                             c.VRING_USED_ELEM_SIZE * config.size),
+        ]
+
         def fail(kind):
             m.d.comb += [self.fault.eq(1), self.fault_kind.eq(kind)]
             m.next = "Faulted"
@@ -178,7 +192,7 @@ class AvailFetcher(wiring.Component):
             with m.State("Read-Index"):
                 m.d.comb += [
                     self.read.valid.eq(1),
-                    self.read.payload.command.address.eq(config.driver + c.VRING_AVAIL_IDX),
+                    self.read.payload.command.address.eq(index_address),
                     self.read.payload.command.length.eq(
                         Mux(line_read, _ENTRY_BYTES * (line_stop + 1), _ENTRY_BYTES)),
                 ]
@@ -226,14 +240,16 @@ class AvailFetcher(wiring.Component):
 
             with m.State("Batch"):
                 # in_ring is this index's now; the room only grows (the queue empties).
-                m.d.sync += ring_batch.eq(Mux(free < in_ring, free, in_ring))
+                m.d.sync += [
+                    ring_batch.eq(Mux(free < in_ring, free, in_ring)),
+                    ring_address.eq(ring_start + _ENTRY_BYTES * position),
+                ]
                 m.next = "Read-Ring"
 
             with m.State("Read-Ring"):
                 m.d.comb += [
                     self.read.valid.eq(1),
-                    self.read.payload.command.address.eq(
-                        config.driver + c.VRING_AVAIL_RING + _ENTRY_BYTES * position),
+                    self.read.payload.command.address.eq(ring_address),
                     self.read.payload.command.length.eq(_ENTRY_BYTES * ring_batch),
                 ]
                 m.d.sync += caught_up.eq(pending == 0)
@@ -268,8 +284,7 @@ class AvailFetcher(wiring.Component):
             with m.State("Write-Event"):
                 m.d.comb += [
                     self.write.valid.eq(1),
-                    self.write.payload.address.eq(
-                        config.device + c.VRING_USED_RING + c.VRING_USED_ELEM_SIZE * config.size),
+                    self.write.payload.address.eq(event_address),
                     self.write.payload.length.eq(_ENTRY_BYTES),
                     self.write.payload.data.eq(last_avail),
                 ]

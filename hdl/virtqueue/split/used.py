@@ -125,6 +125,25 @@ class UsedWriter(wiring.Component):
         distance = Signal(16)                           # new - used_event - 1
         suppressed = Signal()                           # VRING_AVAIL_F_NO_INTERRUPT
 
+        # The ring's addresses, from the queue's configuration (set before the queue is
+        # enabled, virtio 1.2 4.1.4.3.2) a clock ahead, so that no request's address is
+        # an add of the configuration in the clock it goes out (timing); the next used
+        # element's offset in the ring registered with ``used_idx``.
+        used_ring = Signal(64)
+        used_index_address = Signal(64)
+        check_address = Signal(64)
+        m.d.sync += [
+            used_ring.eq(config.device + c.VRING_USED_RING),
+            used_index_address.eq(config.device + c.VRING_USED_IDX),
+            check_address.eq(Mux(self.event_idx,
+                                 config.driver + c.VRING_AVAIL_RING + _INDEX_BYTES * config.size,
+                                 config.driver + c.VRING_AVAIL_FLAGS)),
+        ]
+        next_used_idx = Signal(16)
+        element_offset = Signal(range(c.VRING_USED_ELEM_SIZE << 16))
+        m.d.comb += next_used_idx.eq(used_idx)
+        m.d.sync += element_offset.eq(c.VRING_USED_ELEM_SIZE * (next_used_idx & (config.size - 1)))
+
         result = self.results.payload
         completion = self.completions.payload
         segment = self.segments.payload
@@ -195,15 +214,14 @@ class UsedWriter(wiring.Component):
                 m.d.comb += [
                     element.eq(head | (used_len << 32)),
                     self.write.valid.eq(1),
-                    self.write.payload.address.eq(
-                        config.device + c.VRING_USED_RING +
-                        c.VRING_USED_ELEM_SIZE * (used_idx & (config.size - 1))),
+                    self.write.payload.address.eq(used_ring + element_offset),
                     self.write.payload.length.eq(c.VRING_USED_ELEM_SIZE),
                     self.write.payload.data.eq(element),
                 ]
                 with m.If(self.write.ready):
+                    m.d.comb += next_used_idx.eq(used_idx + 1)
                     m.d.sync += [
-                        used_idx.eq(used_idx + 1),
+                        used_idx.eq(next_used_idx),
                         unpublished.eq(unpublished + 1),
                     ]
                     with m.If(unpublished + 1 == self._max_batch):
@@ -227,7 +245,7 @@ class UsedWriter(wiring.Component):
                 # ``handing`` only falls here: ``valid`` stays up once raised.
                 m.d.comb += [
                     self.write.valid.eq(~handing),
-                    self.write.payload.address.eq(config.device + c.VRING_USED_IDX),
+                    self.write.payload.address.eq(used_index_address),
                     self.write.payload.length.eq(_INDEX_BYTES),
                     self.write.payload.data.eq(used_idx),
                     self.write.payload.publish.eq(1),
@@ -268,10 +286,7 @@ class UsedWriter(wiring.Component):
 
         m.d.comb += [
             self.read.valid.eq(requesting),
-            self.read.payload.command.address.eq(
-                Mux(self.event_idx,
-                    config.driver + c.VRING_AVAIL_RING + _INDEX_BYTES * config.size,
-                    config.driver + c.VRING_AVAIL_FLAGS)),
+            self.read.payload.command.address.eq(check_address),
             self.read.payload.command.length.eq(_INDEX_BYTES),
             # Only this block's reads come here; the ReadPort needs them taken at once.
             self.response.ready.eq(1),
